@@ -1,0 +1,1 @@
+"""Liandong node: federated, signed exchange between enforcement agencies."""

@@ -1,0 +1,90 @@
+"""Client of the local admin API, for the CLI and the demo (never touches the database)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc
+
+
+class AdminError(Exception):
+    pass
+
+
+class AdminClient:
+    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self._stub = admin_pb2_grpc.LocalAdminStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: object) -> object:
+        if not self.socket_path.exists():
+            raise AdminError(
+                f"no node is running with admin socket {self.socket_path} "
+                "(start it with: liandong serve --config FILE)"
+            )
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise AdminError(f"{error.code().name}: {error.details()}") from None
+
+    def submit(
+        self,
+        *,
+        family: str,
+        recipients: Sequence[str],
+        body_json: str,
+        body_type: str = "",
+        case_ref: str = "",
+        in_reply_to: str = "",
+        confidentiality: int = 0,
+        attachment_paths: Sequence[str] = (),
+        client_key: str = "",
+    ) -> str:
+        request = admin_pb2.SubmitRequest(
+            family=family,
+            recipients=list(recipients),
+            body_json=body_json,
+            body_type=body_type,
+            case_ref=case_ref,
+            in_reply_to=in_reply_to,
+            confidentiality=confidentiality,  # type: ignore[arg-type]
+            attachment_paths=list(attachment_paths),
+            client_key=client_key,
+        )
+        response = self._call("Submit", request)
+        assert isinstance(response, admin_pb2.SubmitResponse)
+        return response.message_id
+
+    def list_items(self, direction: str, limit: int = 100) -> list[admin_pb2.Item]:
+        value = (
+            admin_pb2.ListItemsRequest.DIRECTION_OUTBOX
+            if direction == "outbox"
+            else admin_pb2.ListItemsRequest.DIRECTION_INBOX
+        )
+        response = self._call("ListItems", admin_pb2.ListItemsRequest(direction=value, limit=limit))
+        assert isinstance(response, admin_pb2.ListItemsResponse)
+        return list(response.items)
+
+    def get_item(self, message_id: str) -> admin_pb2.Item:
+        response = self._call("GetItem", admin_pb2.GetItemRequest(message_id=message_id))
+        assert isinstance(response, admin_pb2.Item)
+        return response
+
+    def node_info(self) -> admin_pb2.NodeInfoResponse:
+        response = self._call("NodeInfo", admin_pb2.NodeInfoRequest())
+        assert isinstance(response, admin_pb2.NodeInfoResponse)
+        return response

@@ -1,0 +1,108 @@
+"""Audit entries: what happened, as self-contained deterministic bytes.
+
+An entry is canonical JSON (UTF-8, keys sorted, no insignificant white space,
+absent fields omitted, no floats) so that anyone can re-encode the fields and
+get the same bytes. The entry does not contain its own index: its position in
+the log is the index, as for the leaves of an RFC 6962 Merkle tree.
+
+Indices are assigned only inside a BatchWriter transaction (the sequencer),
+so they are dense and follow commit order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.store.models import AuditEntryRecord
+from node.store.writer import AUDIT_NEXT_INDEX
+
+ENTRY_VERSION = 1
+
+
+class AuditEvent(StrEnum):
+    SENT = "sent"
+    RECEIPT_RECEIVED = "receipt_received"
+    RECEIVED = "received"
+    REJECTED = "rejected"
+    ATTACHMENT_STORED = "attachment_stored"
+    HANDED_OFF = "handed_off"
+    REGISTRY_ACCEPTED = "registry_accepted"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    index: int
+    event: str
+    fields: dict[str, str | int]
+    raw: bytes
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with microseconds, e.g. 2026-11-23T10:00:00.000000Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_entry(fields: dict[str, str | int]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def append(
+    session: Session,
+    event: AuditEvent,
+    *,
+    node: str,
+    at: datetime | None = None,
+    message_id: str | None = None,
+    envelope_sha256: str | None = None,
+    peer: str | None = None,
+    family: str | None = None,
+    detail: str | None = None,
+) -> int:
+    """Append one entry inside the writer's transaction; return its index."""
+    if AUDIT_NEXT_INDEX not in session.info:
+        raise RuntimeError("audit entries are appended only through the BatchWriter")
+    moment = at or datetime.now(UTC)
+    fields: dict[str, str | int] = {"v": ENTRY_VERSION, "event": str(event), "node": node}
+    fields["time"] = format_time(moment)
+    optional = {
+        "message_id": message_id,
+        "envelope_sha256": envelope_sha256,
+        "peer": peer,
+        "family": family,
+        "detail": detail,
+    }
+    fields.update({key: value for key, value in optional.items() if value})
+    index: int = session.info[AUDIT_NEXT_INDEX]
+    session.add(
+        AuditEntryRecord(
+            idx=index,
+            event=str(event),
+            message_id=message_id,
+            envelope_sha256=envelope_sha256,
+            recorded_at=moment,
+            entry=encode_entry(fields),
+        )
+    )
+    session.info[AUDIT_NEXT_INDEX] = index + 1
+    return index
+
+
+def entries(session: Session, *, start: int = 0, limit: int = 1000) -> list[AuditEntry]:
+    rows = session.scalars(
+        select(AuditEntryRecord)
+        .where(AuditEntryRecord.idx >= start)
+        .order_by(AuditEntryRecord.idx)
+        .limit(limit)
+    )
+    return [AuditEntry(r.idx, r.event, json.loads(r.entry), r.entry) for r in rows]
+
+
+def size(session: Session) -> int:
+    last = session.scalar(select(func.max(AuditEntryRecord.idx)))
+    return 0 if last is None else last + 1

@@ -1,0 +1,385 @@
+"""The `liandong` command: set up a federation and nodes, run a node, send and read.
+
+Commands that work with a running node (send, inbox, outbox, show) talk to its
+local admin API on a unix socket; none of them opens the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from google.protobuf import json_format
+
+from node._pb.liandong.v1 import admin_pb2
+from node.admin_client import AdminClient, AdminError
+from node.config import CONFIG_FILE_NAME, ConfigError, load_config, render_config
+from node.exchange.families import CLI_FAMILIES, FAMILY_BODIES
+from node.exchange.messages import CONFIDENTIALITY_NAMES
+from node.federation import RegistryError
+from node.identity import IdentityError
+from node.textable import render_table
+
+T = TypeVar("T")
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if not hasattr(options, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        result: int = options.handler(options)
+        return result
+    except (CommandError, ConfigError, IdentityError, RegistryError, AdminError) as error:
+        print(f"liandong: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liandong",
+        description="Liandong (联动): signed, audited exchange between enforcement agencies.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    federation = commands.add_parser(
+        "federation", help="operator: create the federation, admit members, publish the registry"
+    )
+    fed_commands = federation.add_subparsers(title="federation commands", metavar="COMMAND")
+    fed_init = fed_commands.add_parser("init", help="create the federation CA and registry key")
+    fed_init.add_argument("--dir", type=Path, required=True, help="operator directory to create")
+    fed_init.add_argument("--name", required=True, help="federation name, e.g. changzhi-env")
+    fed_init.set_defaults(handler=cmd_federation_init)
+    fed_add = fed_commands.add_parser(
+        "add-member", help="issue a TLS certificate for an agency's request and record it"
+    )
+    fed_add.add_argument("request", type=Path, help="request.json written by `liandong init`")
+    fed_add.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
+    fed_add.add_argument("--valid-days", type=int, default=365, help="certificate validity")
+    fed_add.set_defaults(handler=cmd_federation_add_member)
+    fed_publish = fed_commands.add_parser("publish", help="sign and write the member registry")
+    fed_publish.add_argument("--out", type=Path, required=True, help="registry file to write")
+    fed_publish.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
+    fed_publish.add_argument("--valid-days", type=int, default=30, help="registry validity")
+    fed_publish.set_defaults(handler=cmd_federation_publish)
+
+    init = commands.add_parser("init", help="agency: create a node's keys, config and request")
+    init.add_argument("--agency", required=True, help="agency id, e.g. 140400/ecology")
+    init.add_argument("--endpoint", required=True, help="HOST:PORT peers will connect to")
+    init.add_argument("--data-dir", type=Path, required=True, help="node directory to create")
+    init.add_argument("--name", help="display name, e.g. 长治市生态环境局")
+    init.add_argument("--database-url", default="", help="default: SQLite in the data directory")
+    init.set_defaults(handler=cmd_init)
+
+    serve = commands.add_parser("serve", help="run a node")
+    serve.add_argument("--config", type=Path, required=True, help="the node's node.toml")
+    serve.set_defaults(handler=cmd_serve)
+
+    send = commands.add_parser("send", help="send a message through the running node")
+    send.add_argument("family", choices=sorted(CLI_FAMILIES), help="exchange family")
+    send.add_argument(
+        "--to", action="append", required=True, metavar="ID", help="recipient (repeat)"
+    )
+    send.add_argument("--body", type=Path, required=True, help="JSON file with the body")
+    send.add_argument("--attach", action="append", type=Path, default=[], metavar="FILE")
+    send.add_argument(
+        "--body-type",
+        default="",
+        choices=["", *FAMILY_BODIES["reply"]],
+        help="for reply: evidence_response, recommendation_reply or feedback",
+    )
+    send.add_argument("--case-ref", default="", help="case reference (thread)")
+    send.add_argument("--in-reply-to", default="", help="message id answered")
+    send.add_argument(
+        "--confidentiality", default="internal", choices=sorted(CONFIDENTIALITY_NAMES)
+    )
+    _client_options(send)
+    send.set_defaults(handler=cmd_send)
+
+    for name, help_text in (("inbox", "messages received"), ("outbox", "messages sent")):
+        listing = commands.add_parser(name, help=help_text)
+        listing.add_argument("--limit", type=int, default=50)
+        _client_options(listing)
+        listing.set_defaults(handler=cmd_list, direction=name)
+
+    show = commands.add_parser("show", help="one message in full, with its deliveries")
+    show.add_argument("message_id")
+    _client_options(show)
+    show.set_defaults(handler=cmd_show)
+
+    demo = commands.add_parser(
+        "demo", help="run three agencies' nodes on loopback through a full scenario"
+    )
+    demo.add_argument("--workdir", type=Path, help="keep every node's files here")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("LIANDONG_CONFIG", CONFIG_FILE_NAME)),
+        help="the node's node.toml (default: $LIANDONG_CONFIG or ./node.toml)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+# -- operator and agency set-up ---------------------------------------------------------
+
+
+def cmd_federation_init(options: argparse.Namespace) -> int:
+    from node import pki
+
+    _setup(lambda: pki.init_federation(options.dir, options.name))
+    print(f"federation '{options.name}' created in {options.dir}")
+    print(f"  CA certificate:      {options.dir / 'ca.crt'}   (give to every member)")
+    print(f"  registry public key: {options.dir / 'operator.pub'}   (give to every member)")
+    return 0
+
+
+def cmd_federation_add_member(options: argparse.Namespace) -> int:
+    from node import pki
+
+    cert = _setup(
+        lambda: pki.add_member(options.dir, options.request, valid_days=options.valid_days)
+    )
+    print(f"issued TLS certificate {cert}")
+    print("send it to the agency as tls.crt, then run: liandong federation publish --out FILE")
+    return 0
+
+
+def cmd_federation_publish(options: argparse.Namespace) -> int:
+    from node import pki
+
+    registry = _setup(lambda: pki.publish(options.dir, options.out, valid_days=options.valid_days))
+    print(
+        f"registry serial {registry.serial} with {len(registry.members)} members written to "
+        f"{options.out} (expires {registry.expires_at.isoformat()})"
+    )
+    return 0
+
+
+def cmd_init(options: argparse.Namespace) -> int:
+    from node import pki
+
+    request = _setup(
+        lambda: pki.init_agency(options.agency, options.endpoint, options.data_dir, options.name)
+    )
+    config_path = options.data_dir / CONFIG_FILE_NAME
+    if not config_path.exists():
+        config_path.write_text(
+            render_config(
+                agency=options.agency, listen=options.endpoint, database_url=options.database_url
+            ),
+            encoding="utf-8",
+        )
+    print(f"node for {options.agency} initialised in {options.data_dir}")
+    print(
+        f"  send {request} to the federation operator; put what comes back in {options.data_dir}:"
+    )
+    print("  tls.crt, ca.crt, operator.pub, registry.json; then run:")
+    print(f"  liandong serve --config {config_path}")
+    return 0
+
+
+def _setup(action: Callable[[], T]) -> T:
+    from node.pki import SetupError
+
+    try:
+        return action()
+    except SetupError as error:
+        raise CommandError(str(error)) from None
+
+
+# -- running a node ---------------------------------------------------------------------
+
+
+def cmd_serve(options: argparse.Namespace) -> int:
+    from node.logging import configure_logging
+    from node.runtime import Node, StartupError
+    from node.server import ServerBuildError
+
+    config = load_config(options.config)
+    configure_logging(config.log_format, config.log_level)
+    try:
+        node = Node(config)
+    except StartupError as error:
+        raise CommandError(str(error)) from None
+
+    async def run() -> None:
+        await node.start()
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        await node.stop()
+
+    try:
+        asyncio.run(run())
+    except ServerBuildError as error:
+        raise CommandError(str(error)) from None
+    return 0
+
+
+# -- talking to a running node ----------------------------------------------------------
+
+
+def _client(options: argparse.Namespace) -> AdminClient:
+    config = load_config(options.config)
+    return AdminClient(config.admin_socket)
+
+
+def cmd_send(options: argparse.Namespace) -> int:
+    try:
+        body_text = options.body.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CommandError(f"body {options.body}: {error.strerror}") from None
+    try:
+        json.loads(body_text)
+    except json.JSONDecodeError as error:
+        raise CommandError(f"body {options.body}: not valid JSON: {error}") from None
+    for path in options.attach:
+        if not path.is_file():
+            raise CommandError(f"attachment {path}: no such file")
+    with _client(options) as client:
+        message_id = client.submit(
+            family=CLI_FAMILIES[options.family],
+            recipients=options.to,
+            body_json=body_text,
+            body_type=options.body_type,
+            case_ref=options.case_ref,
+            in_reply_to=options.in_reply_to,
+            confidentiality=CONFIDENTIALITY_NAMES[options.confidentiality],
+            attachment_paths=[str(p.resolve()) for p in options.attach],
+        )
+    if options.json:
+        print(json.dumps({"message_id": message_id}))
+    else:
+        print(f"queued {message_id} ({options.family} to {', '.join(options.to)})")
+    return 0
+
+
+def _delivery_summary(item: admin_pb2.Item) -> str:
+    states = [f"{d.recipient}:{d.state}" for d in item.deliveries]
+    return " ".join(states)
+
+
+def cmd_list(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        items = client.list_items(options.direction, options.limit)
+    if options.json:
+        print(json.dumps([_item_dict(i) for i in items], ensure_ascii=False, indent=2))
+        return 0
+    if not items:
+        print(f"{options.direction} is empty")
+        return 0
+    if options.direction == "outbox":
+        headers = ["created", "message id", "family", "to", "marking", "deliveries"]
+        rows = [
+            [
+                i.created_at[:19],
+                i.message_id,
+                i.body_type,
+                ",".join(i.recipients),
+                i.confidentiality,
+                _delivery_summary(i),
+            ]
+            for i in items
+        ]
+    else:
+        headers = ["received", "message id", "family", "from", "marking", "local system"]
+        rows = [
+            [
+                i.received_at[:19],
+                i.message_id,
+                i.body_type,
+                i.sender,
+                i.confidentiality,
+                i.handed_off or "-",
+            ]
+            for i in items
+        ]
+    print(render_table(headers, rows))
+    return 0
+
+
+def cmd_show(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        item = client.get_item(options.message_id)
+    data = _item_dict(item)
+    if options.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+        return 0
+    print(f"message      {item.message_id}  [{item.confidentiality.upper()}]")
+    print(f"direction    {item.direction}")
+    print(f"family       {item.family} ({item.body_type})")
+    print(f"from         {item.sender}")
+    print(f"to           {', '.join(item.recipients)}")
+    print(f"created      {item.created_at}")
+    if item.received_at:
+        print(f"received     {item.received_at}")
+    if item.case_ref:
+        print(f"case         {item.case_ref}")
+    if item.in_reply_to:
+        print(f"in reply to  {item.in_reply_to}")
+    print(f"envelope     sha256:{item.envelope_sha256}")
+    print("body")
+    for key, value in json.loads(item.body_json).items():
+        print(f"  {key}: {value}")
+    for ref in item.attachments:
+        print(f"attachment   {ref.file_name} ({ref.size} bytes, sha256:{ref.sha256.hex()})")
+    for d in item.deliveries:
+        line = f"delivery     {d.recipient}: {d.state}, {d.attempts} attempt(s)"
+        if d.delivered_at:
+            line += f", receipt at {d.delivered_at}, their log index {d.receiver_log_index}"
+        if d.last_error and d.state != "delivered":
+            line += f", last error: {d.last_error}"
+        print(line)
+    if item.handed_off:
+        print(f"local system {item.handed_off}")
+    return 0
+
+
+def _item_dict(item: admin_pb2.Item) -> dict[str, object]:
+    data: dict[str, object] = json_format.MessageToDict(item, preserving_proto_field_name=True)
+    data["body"] = json.loads(item.body_json)
+    data.pop("body_json", None)
+    data["attachments"] = [
+        {
+            "file_name": a.file_name,
+            "size": a.size,
+            "media_type": a.media_type,
+            "sha256": a.sha256.hex(),
+        }
+        for a in item.attachments
+    ]
+    return data
+
+
+def cmd_demo(options: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(options.workdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

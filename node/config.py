@@ -1,0 +1,223 @@
+"""The node's TOML configuration, read into typed dataclasses.
+
+Every error names the file and the key, so a deployment mistake is one line to
+fix. Relative paths resolve against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.identity import IdentityError, agency_kind, validate_agency_id
+
+CONFIG_FILE_NAME = "node.toml"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    clock_skew_seconds: float = 300.0
+    # Deliveries are retried for as long as a peer is down, so old messages are normal;
+    # the skew window bounds clocks running ahead, this bounds how stale a message may be.
+    max_message_age_seconds: float = 30 * 86400.0
+    max_envelope_bytes: int = 4 * 1024 * 1024
+    max_attachment_bytes: int = 4 * 1024 * 1024 * 1024
+    max_recipients: int = 32
+
+
+@dataclass(frozen=True)
+class Delivery:
+    initial_backoff_seconds: float = 0.5
+    max_backoff_seconds: float = 300.0
+    concurrency: int = 64
+    rpc_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: Path
+    agency: str
+    listen: str
+    data_dir: Path
+    admin_socket: Path
+    signing_key: Path
+    tls_key: Path
+    tls_cert: Path
+    ca_cert: Path
+    operator_key: Path
+    registry: Path
+    registry_grace_seconds: float
+    database_url: str
+    limits: Limits = field(default_factory=Limits)
+    delivery: Delivery = field(default_factory=Delivery)
+    poll_seconds: float = 1.0
+    log_format: str = "auto"
+    log_level: str = "info"
+    plugins_enabled: tuple[str, ...] | None = None
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+_KNOWN = {
+    "node": {"agency", "listen", "data_dir", "admin_socket", "poll_seconds"},
+    "keys": {"signing_key", "tls_key", "tls_cert"},
+    "federation": {"ca_cert", "operator_key", "registry", "expiry_grace_seconds"},
+    "storage": {"url"},
+    "limits": set(Limits.__dataclass_fields__),
+    "delivery": set(Delivery.__dataclass_fields__),
+    "logging": {"format", "level"},
+}
+
+
+def load_config(path: Path) -> NodeConfig:
+    path = path.resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config {path}: not valid TOML: {error}") from None
+    reader = _Reader(path, raw)
+    base = path.parent
+    for section in raw:
+        if section not in _KNOWN and section != "plugins":
+            raise ConfigError(f"config {path}: unknown section [{section}]")
+    for section, keys in _KNOWN.items():
+        for key in reader.table(section):
+            if key not in keys:
+                raise ConfigError(f"config {path}: unknown key '{section}.{key}'")
+
+    agency = reader.string("node", "agency")
+    try:
+        validate_agency_id(agency)
+    except IdentityError as error:
+        raise ConfigError(f"config {path}: key 'node.agency': {error}") from None
+    data_dir = base / reader.string("node", "data_dir", ".")
+    url = reader.string("storage", "url", "")
+    if not url:
+        url = f"sqlite:///{(data_dir / 'node.db').resolve()}"
+    log_format = reader.string("logging", "format", "auto")
+    if log_format not in {"auto", "json", "console"}:
+        raise ConfigError(f"config {path}: key 'logging.format' must be auto, json or console")
+
+    plugins = reader.table("plugins")
+    enabled: tuple[str, ...] | None
+    if "enabled" in plugins:
+        value = plugins["enabled"]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config {path}: key 'plugins.enabled' must be a list of names")
+        enabled = tuple(value)
+    else:
+        enabled = None
+    settings = {k: v for k, v in plugins.items() if isinstance(v, dict)}
+
+    limits = Limits(
+        **{k: reader.number("limits", k, getattr(Limits(), k)) for k in _KNOWN["limits"]}
+    )
+    delivery = Delivery(
+        **{k: reader.number("delivery", k, getattr(Delivery(), k)) for k in _KNOWN["delivery"]}
+    )
+    return NodeConfig(
+        path=path,
+        agency=agency,
+        listen=_endpoint(path, reader.string("node", "listen")),
+        data_dir=data_dir,
+        admin_socket=data_dir / reader.string("node", "admin_socket", "admin.sock"),
+        signing_key=base / reader.string("keys", "signing_key", "keys/signing.key"),
+        tls_key=base / reader.string("keys", "tls_key", "keys/tls.key"),
+        tls_cert=base / reader.string("keys", "tls_cert", "tls.crt"),
+        ca_cert=base / reader.string("federation", "ca_cert", "ca.crt"),
+        operator_key=base / reader.string("federation", "operator_key", "operator.pub"),
+        registry=base / reader.string("federation", "registry", "registry.json"),
+        registry_grace_seconds=reader.number("federation", "expiry_grace_seconds", 0.0),
+        database_url=url,
+        limits=limits,
+        delivery=delivery,
+        poll_seconds=reader.number("node", "poll_seconds", 1.0),
+        log_format=log_format,
+        log_level=reader.string("logging", "level", "info"),
+        plugins_enabled=enabled,
+        plugin_settings=settings,
+    )
+
+
+def default_plugins(config: NodeConfig) -> tuple[str, ...] | None:
+    """Plugins to enable: as configured, else the one named after the agency's kind."""
+    if config.plugins_enabled is not None:
+        return config.plugins_enabled
+    return (agency_kind(config.agency),)
+
+
+def render_config(
+    *,
+    agency: str,
+    listen: str,
+    database_url: str = "",
+    plugins: tuple[str, ...] | None = None,
+    extra: str = "",
+) -> str:
+    """A starting config for `liandong init`, with every path at its default."""
+    plugin_line = "" if plugins is None else f"enabled = {list(plugins)!r}\n".replace("'", '"')
+    return (
+        "# Liandong node configuration. Relative paths are relative to this file.\n"
+        "[node]\n"
+        f'agency = "{agency}"\n'
+        f'listen = "{listen}"        # TLS endpoint peers connect to\n'
+        'data_dir = "."\n'
+        'admin_socket = "admin.sock"    # local admin API (unix socket)\n\n'
+        "[keys]\n"
+        'signing_key = "keys/signing.key"\n'
+        'tls_key = "keys/tls.key"\n'
+        'tls_cert = "tls.crt"           # issued by the federation operator\n\n'
+        "[federation]\n"
+        'ca_cert = "ca.crt"             # from the federation operator\n'
+        'operator_key = "operator.pub"  # from the federation operator\n'
+        'registry = "registry.json"     # the signed registry the operator publishes\n'
+        "expiry_grace_seconds = 0\n\n"
+        "[storage]\n"
+        f'url = "{database_url}"        # empty: SQLite in data_dir\n\n'
+        "[logging]\n"
+        'format = "auto"                # auto: JSON unless stderr is a terminal\n\n'
+        "[plugins]\n"
+        f"{plugin_line}{extra}"
+    )
+
+
+def _endpoint(path: Path, value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"config {path}: key 'node.listen': '{value}' is not HOST:PORT")
+    return value
+
+
+class _Reader:
+    def __init__(self, path: Path, raw: dict[str, Any]) -> None:
+        self.path = path
+        self.raw = raw
+
+    def table(self, section: str) -> dict[str, Any]:
+        value = self.raw.get(section, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"config {self.path}: '{section}' must be a table")
+        return value
+
+    def string(self, section: str, key: str, default: str | None = None) -> str:
+        value = self.table(section).get(key, default)
+        if value is None:
+            raise ConfigError(f"config {self.path}: missing key '{section}.{key}'")
+        if not isinstance(value, str):
+            raise ConfigError(f"config {self.path}: key '{section}.{key}' must be a string")
+        return value
+
+    def number(self, section: str, key: str, default: float) -> Any:
+        value = self.table(section).get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config {self.path}: key '{section}.{key}' must be a number")
+        if value < 0:
+            raise ConfigError(f"config {self.path}: key '{section}.{key}' must not be negative")
+        return type(default)(value)

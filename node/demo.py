@@ -1,0 +1,298 @@
+"""`liandong demo`: three agencies of Changzhi exchange a case, end to end, on loopback.
+
+Three nodes run as separate processes with mutual TLS. The scenario follows
+长环发〔2024〕75号 and the procuratorate cooperation rules: ecology transfers a
+suspected pollution crime to the police (copied to the procuratorate) with an
+evidence file, and a public-interest-litigation clue to the procuratorate; the
+police answer with feedback; the procuratorate asks ecology for evidence, which
+answers with results and a file; ecology's case system drops a major-incident
+notice for both others into its drop folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from node._pb.liandong.v1 import admin_pb2
+from node.admin_client import AdminClient, AdminError
+from node.federation_setup import NodeSetup, create_federation
+
+ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
+NAMES = {
+    ECOLOGY: "长治市生态环境局",
+    POLICE: "长治市公安局",
+    PROCURATORATE: "长治市人民检察院",
+}
+SHORT = {ECOLOGY: "ecology", POLICE: "police", PROCURATORATE: "procuratorate"}
+STARTUP_SECONDS = 60.0
+DELIVERY_SECONDS = 60.0
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(workdir: Path | None) -> int:
+    started = time.monotonic()
+    keep = workdir is not None
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="liandong-demo-"))
+    if keep and root.exists() and any(root.iterdir()):
+        say(f"liandong: error: --workdir {root} is not empty; give a new or empty directory")
+        return 1
+    root.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        say(f"Setting up a federation of three agencies in {root}")
+        nodes = {n.agency: n for n in create_federation(root, list(NAMES), names=NAMES)}
+        for node in nodes.values():
+            processes[node.agency] = start_node(node)
+            say(f"  started {node.agency:<22} {NAMES[node.agency]}  on {node.endpoint} (mTLS)")
+        clients = {agency: AdminClient(node.admin_socket) for agency, node in nodes.items()}
+        for agency, client in clients.items():
+            wait_until(lambda c=client: _serving(c), STARTUP_SECONDS, f"{agency} did not start", nodes[agency])
+        say("Running the scenario")
+        run_scenario(root, nodes, clients)
+        say("")
+        print_timeline(clients)
+        say("")
+        summarize(clients)
+        for client in clients.values():
+            client.close()
+    except (DemoFailed, AdminError) as error:
+        say(f"liandong demo: FAILED: {error}")
+        return 1
+    finally:
+        stop_nodes(processes)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    say(f"Demo finished in {time.monotonic() - started:.1f} s; nodes stopped.")
+    if keep:
+        say(f"Every node's files are kept in {root} (node.toml, node.db, local/, node.log).")
+    return 0
+
+
+def start_node(node: NodeSetup) -> subprocess.Popen[bytes]:
+    log = (node.directory / "node.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(node.config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def stop_nodes(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes.values():
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _serving(client: AdminClient) -> bool:
+    try:
+        client.node_info()
+    except AdminError:
+        return False
+    return True
+
+
+def wait_until(
+    condition: Callable[[], bool], seconds: float, failure: str, node: NodeSetup | None = None
+) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    if node is not None:
+        tail = (node.directory / "node.log").read_text(errors="replace").splitlines()[-5:]
+        failure += " — last log lines:\n    " + "\n    ".join(tail)
+    raise DemoFailed(failure)
+
+
+def _delivered(client: AdminClient, message_id: str) -> bool:
+    item = client.get_item(message_id)
+    return all(d.state == "delivered" for d in item.deliveries)
+
+
+def _send(
+    client: AdminClient, what: str, family: str, to: list[str], body: dict[str, object], **extra: object
+) -> str:
+    message_id = client.submit(
+        family=family, recipients=to, body_json=json.dumps(body, ensure_ascii=False), **extra  # type: ignore[arg-type]
+    )
+    wait_until(lambda: _delivered(client, message_id), DELIVERY_SECONDS, f"{what} was not delivered")
+    say(f"  ✓ {what}")
+    return message_id
+
+
+def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]) -> None:
+    evidence = root / "evidence"
+    evidence.mkdir()
+    report = evidence / "监测报告-2026-118.csv"
+    report.write_text(
+        "采样时间,点位,污染物,浓度(mg/L),排放标准(mg/L),倍数\n"
+        "2026-11-02 09:40,暗管出口,总铬,4.62,1.5,3.08\n"
+        "2026-11-02 10:15,暗管出口,六价铬,1.71,0.5,3.42\n",
+        encoding="utf-8",
+    )
+    case = "长环罚〔2026〕118号"
+    crime = _send(
+        clients[ECOLOGY],
+        "ecology → police (cc procuratorate): suspected pollution crime, with test report",
+        "crime_transfer",
+        [POLICE, PROCURATORATE],
+        {
+            "title": "某电镀厂通过暗管排放含铬废水涉嫌污染环境罪",
+            "facts": "2026年11月2日现场检查发现暗管排放，总铬超标3.08倍，六价铬超标3.42倍。",
+            "suspect": "长治市某电镀有限公司",
+            "location": "长治市潞州区",
+            "suspected_offence": "污染环境罪",
+            "transfer_letter_no": "长环移〔2026〕7号",
+            "approved_by": "局长",
+            "evidence": ["现场检查笔录", "采样监测报告"],
+        },
+        case_ref=case,
+        attachment_paths=[str(report)],
+        confidentiality=admin_pb2.SubmitRequest.DESCRIPTOR.fields_by_name["confidentiality"].enum_type.values_by_name["CONFIDENTIALITY_CONFIDENTIAL"].number,
+    )
+    _send(
+        clients[ECOLOGY],
+        "ecology → procuratorate: public-interest-litigation clue",
+        "clue",
+        [PROCURATORATE],
+        {
+            "title": "漳河支流生态环境损害线索",
+            "facts": "电镀废水长期排入漳河支流，下游河段生态环境受损，损害公共利益。",
+            "subject": "长治市某电镀有限公司",
+            "location": "漳河支流潞州段",
+        },
+        case_ref=case,
+    )
+    _send(
+        clients[POLICE],
+        "police → ecology: feedback on the transfer (received, filing under review)",
+        "reply",
+        [ECOLOGY],
+        {"status": "received", "text": "已接收移送案件，出具回执，正在进行立案审查。"},
+        body_type="feedback",
+        in_reply_to=crime,
+        case_ref=case,
+    )
+    request = _send(
+        clients[PROCURATORATE],
+        "procuratorate → ecology: evidence-assistance request",
+        "evidence_request",
+        [ECOLOGY],
+        {
+            "title": "协助调查取证函",
+            "matters": "请对漳河支流受损河段开展补充采样监测，并评估生态环境损害范围。",
+            "legal_basis": "《人民检察院公益诉讼办案规则》",
+            "contact": "公益诉讼检察部 联络员",
+        },
+        case_ref=case,
+    )
+    results = evidence / "补充监测结果.csv"
+    results.write_text("点位,六价铬(mg/L)\n下游500米,0.92\n下游2公里,0.41\n", encoding="utf-8")
+    _send(
+        clients[ECOLOGY],
+        "ecology → procuratorate: evidence results, with data file",
+        "reply",
+        [PROCURATORATE],
+        {"summary": "补充监测完成", "findings": "下游2公里内六价铬仍超标，损害范围约2公里河段。"},
+        body_type="evidence_response",
+        in_reply_to=request,
+        case_ref=case,
+        attachment_paths=[str(results)],
+    )
+    # The notice comes from ecology's own case system, through its drop folder.
+    drafts = nodes[ECOLOGY].local_folder / "drafts"
+    draft = {
+        "family": "notice",
+        "to": [POLICE, PROCURATORATE],
+        "body": {
+            "kind": "KIND_MAJOR_INCIDENT",
+            "title": "重大舆情通报：漳河支流水体异常",
+            "text": "网络出现漳河支流水体变色报道，已派员核查，请各单位知悉。",
+        },
+        "case_ref": case,
+        "confidentiality": "public",
+    }
+    temp = drafts / ".notice.json.tmp"
+    temp.write_text(json.dumps(draft, ensure_ascii=False), encoding="utf-8")
+    temp.rename(drafts / "notice.json")
+    wait_until(
+        lambda: (drafts / "processed" / "notice.json").exists(),
+        DELIVERY_SECONDS,
+        "the drop-folder notice draft was not picked up",
+    )
+    notice = next(i for i in clients[ECOLOGY].list_items("outbox", 10) if i.family == "notice")
+    wait_until(lambda: _delivered(clients[ECOLOGY], notice.message_id), DELIVERY_SECONDS, "notice not delivered")
+    say("  ✓ ecology → police, procuratorate: major-incident notice (from the drop folder)")
+    # Every inbound message must reach the receiving agency's local system.
+    for agency, client in clients.items():
+        wait_until(
+            lambda c=client: all(i.handed_off for i in c.list_items("inbox", 100)),
+            DELIVERY_SECONDS,
+            f"{agency}: inbound messages not handed to the local system",
+        )
+
+
+def print_timeline(clients: dict[str, AdminClient]) -> None:
+    rows = []
+    for client in clients.values():
+        for item in client.list_items("outbox", 100):
+            title = json.loads(item.body_json).get("title") or json.loads(item.body_json).get(
+                "summary"
+            ) or json.loads(item.body_json).get("status", "")
+            for d in item.deliveries:
+                rows.append((item.created_at, item, d, title))
+    rows.sort(key=lambda row: (row[0], row[2].recipient))
+    say("Timeline (every line is a signed message and a signed receipt)")
+    say(f"  {'time (UTC)':<12} {'from → to':<32} {'what':<22} {'receipt'}")
+    for created, item, d, title in rows:
+        route = f"{SHORT.get(item.sender, item.sender)} → {SHORT.get(d.recipient, d.recipient)}"
+        receipt = f"#{d.receiver_log_index} in their log, sha256:{d.receipt_sha256[:12]}"
+        marking = " [confidential]" if item.confidentiality == "confidential" else ""
+        say(f"  {created[11:23]:<12} {route:<32} {item.body_type + marking:<22} {receipt}")
+        say(f"  {'':<12} {'':<32} {title}")
+
+
+def summarize(clients: dict[str, AdminClient]) -> None:
+    for agency, client in clients.items():
+        info = client.node_info()
+        inbox = client.list_items("inbox", 100)
+        say(
+            f"  {agency:<22} audit entries: {info.audit_entries:<3} inbox: {len(inbox)}  "
+            f"pending deliveries: {info.pending_deliveries}"
+        )
+    # Both sides must hold the same envelope digest for every delivered message.
+    mismatches = 0
+    for client in clients.values():
+        for item in client.list_items("outbox", 100):
+            for d in item.deliveries:
+                theirs = clients[d.recipient].get_item(item.message_id)
+                if theirs.envelope_sha256 != item.envelope_sha256:
+                    mismatches += 1
+    if mismatches:
+        raise DemoFailed(f"{mismatches} message(s) differ between sender and receiver")
+    say("  sender and receiver hold the same envelope digest for every message: ok")

@@ -1,0 +1,31 @@
+"""What the domain needs to know about this node: who it is, its key, its trust."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from node.config import Limits
+from node.exchange.errors import ExchangeError, Reason
+from node.federation import Registry
+from node.identity import SigningKey
+
+
+@dataclass
+class NodeContext:
+    agency: str
+    signing_key: SigningKey
+    registry: Registry
+    registry_grace: timedelta
+    limits: Limits
+
+    def usable_registry(self, now: datetime) -> Registry:
+        """The registry, unless it has expired past the grace period (fail closed)."""
+        if now > self.registry.expires_at + self.registry_grace:
+            raise ExchangeError(
+                Reason.PRECONDITION,
+                f"federation registry serial {self.registry.serial} expired at "
+                f"{self.registry.expires_at.isoformat()}; the node refuses exchanges until the "
+                "operator publishes a newer registry",
+            )
+        return self.registry

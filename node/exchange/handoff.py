@@ -1,0 +1,149 @@
+"""Handing stored inbound messages to the agency's local system, exactly once per message.
+
+A message is offered to the plugins only after it is durably stored and its
+receipt signed. The plugin's hook must be idempotent: after a crash between the
+plugin's write and our record of it, the same message is offered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node._pb.liandong.v1 import envelope_pb2
+from node.audit import log as audit
+from node.audit.log import AuditEvent
+from node.exchange.attachments import BlobStore
+from node.exchange.messages import body_dict
+from node.plugin_api import AttachmentFile, Confidentiality, InboundItem
+from node.store.models import MessageRecord
+from node.store.writer import BatchWriter
+
+log = structlog.get_logger(__name__)
+
+NOT_TAKEN = ""  # handed_off value when no plugin took the message
+
+
+def inbound_item(record: MessageRecord, blobs: BlobStore) -> InboundItem:
+    envelope = envelope_pb2.Envelope.FromString(record.envelope)
+    message = envelope_pb2.Message.FromString(envelope.payload)
+    attachments = tuple(
+        AttachmentFile(
+            file_name=ref.file_name,
+            sha256=ref.sha256.hex(),
+            size=ref.size,
+            media_type=ref.media_type
+            or mimetypes.guess_type(ref.file_name)[0]
+            or "application/octet-stream",
+            path=blobs.path_for(ref.sha256.hex()),
+        )
+        for ref in message.attachments
+    )
+    confidentiality: Confidentiality = record.confidentiality  # type: ignore[assignment]
+    return InboundItem(
+        message_id=record.message_id,
+        family=record.family,
+        body_type=record.body_type,
+        sender=record.sender,
+        recipients=tuple(json.loads(record.recipients)),
+        created_at=record.created_at,
+        received_at=record.stored_at,
+        case_ref=record.case_ref,
+        in_reply_to=record.in_reply_to,
+        confidentiality=confidentiality,
+        body=body_dict(message),
+        attachments=attachments,
+        envelope_sha256=record.envelope_sha256,
+    )
+
+
+class HandOffWorker:
+    def __init__(
+        self,
+        agency: str,
+        writer: BatchWriter,
+        sessions: sessionmaker[Session],
+        blobs: BlobStore,
+        hand_off: Callable[[InboundItem], str | None],
+        retry_seconds: float = 5.0,
+    ) -> None:
+        self.agency = agency
+        self.writer = writer
+        self.sessions = sessions
+        self.blobs = blobs
+        self.hand_off = hand_off
+        self.retry_seconds = retry_seconds
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        failed: set[str] = set()
+        while not self._stopping:
+            self._wake.clear()
+            items = await asyncio.to_thread(self._pending)
+            progressed = False
+            for item in items:
+                if self._stopping:
+                    break
+                if item.message_id in failed:
+                    continue
+                try:
+                    reference = await asyncio.to_thread(self.hand_off, item)
+                except Exception as error:  # a plugin's failure must not stop the node
+                    log.error(
+                        "hand-off failed; will retry", message_id=item.message_id, error=str(error)
+                    )
+                    failed.add(item.message_id)
+                    continue
+                await self.writer.run(partial(self._record, item, reference))
+                progressed = True
+            if not progressed:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.retry_seconds)
+                except TimeoutError:
+                    failed.clear()
+
+    def _pending(self) -> list[InboundItem]:
+        with self.sessions() as session:
+            records = session.scalars(
+                select(MessageRecord)
+                .where(MessageRecord.direction == "in", MessageRecord.handed_off.is_(None))
+                .order_by(MessageRecord.id)
+                .limit(100)
+            ).all()
+            return [inbound_item(record, self.blobs) for record in records]
+
+    def _record(self, item: InboundItem, reference: str | None, session: Session) -> None:
+        record = session.scalar(
+            select(MessageRecord).where(
+                MessageRecord.message_id == item.message_id, MessageRecord.direction == "in"
+            )
+        )
+        if record is None or record.handed_off is not None:
+            return
+        record.handed_off = reference if reference is not None else NOT_TAKEN
+        if reference is not None:
+            audit.append(
+                session,
+                AuditEvent.HANDED_OFF,
+                node=self.agency,
+                at=datetime.now(UTC),
+                message_id=item.message_id,
+                envelope_sha256=item.envelope_sha256,
+                detail=reference,
+            )

@@ -1,0 +1,320 @@
+"""Receiving: verify every inbound envelope before anything else, store it, sign a receipt.
+
+The order of checks is part of the protocol (docs/protocol.md): nothing of an
+envelope is parsed before its signature has been verified with the keys of the
+agency that the TLS peer certificate names. A refusal is written to the audit
+log and leaves nothing else behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node._pb.liandong.v1 import envelope_pb2
+from node.audit import log as audit
+from node.audit.log import AuditEvent
+from node.envelope import (
+    MESSAGE_PAYLOAD_TYPE,
+    RECEIPT_PAYLOAD_TYPE,
+    EnvelopeError,
+    envelope_digest,
+    sign_envelope,
+    verify_envelope,
+)
+from node.exchange.attachments import BlobStore
+from node.exchange.context import NodeContext
+from node.exchange.errors import ExchangeError, Reason
+from node.exchange.messages import (
+    body_type_of,
+    confidentiality_label,
+    family_of,
+    parse_message,
+)
+from node.federation import Registry
+from node.store.models import AttachmentRecord, MessageRecord
+from node.store.writer import BatchWriter
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who the TLS layer says is calling: the agency in its certificate, and the cert digest."""
+
+    agency_id: str
+    certificate_sha256: str
+
+
+@dataclass(frozen=True)
+class VerifiedMessage:
+    envelope: envelope_pb2.Envelope
+    message: envelope_pb2.Message
+    digest: bytes
+    family: str
+
+
+class Receiver:
+    def __init__(
+        self,
+        context: NodeContext,
+        writer: BatchWriter,
+        blobs: BlobStore,
+        on_stored: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.context = context
+        self.writer = writer
+        self.blobs = blobs
+        self.on_stored = on_stored
+
+    # -- verification -----------------------------------------------------------------
+
+    def authenticate_peer(self, peer: PeerIdentity, now: datetime) -> Registry:
+        registry = self.context.usable_registry(now)
+        member = registry.member(peer.agency_id)
+        if member is None:
+            raise ExchangeError(
+                Reason.UNAUTHENTICATED,
+                f"TLS peer '{peer.agency_id}' is not a member of federation registry "
+                f"serial {registry.serial}",
+            )
+        if peer.certificate_sha256 not in member.tls_fingerprints:
+            raise ExchangeError(
+                Reason.UNAUTHENTICATED,
+                f"TLS certificate {peer.certificate_sha256[:16]}… is not registered for "
+                f"'{peer.agency_id}' in registry serial {registry.serial}",
+            )
+        return registry
+
+    def verify(
+        self,
+        envelope: envelope_pb2.Envelope,
+        peer: PeerIdentity,
+        expected_family: str | None,
+        now: datetime,
+    ) -> VerifiedMessage:
+        limits = self.context.limits
+        size = envelope.ByteSize()
+        if size > limits.max_envelope_bytes:
+            raise ExchangeError(
+                Reason.TOO_LARGE,
+                f"envelope of {size} bytes exceeds this node's limit of "
+                f"{limits.max_envelope_bytes}; send large content as attachments",
+            )
+        registry = self.authenticate_peer(peer, now)
+        try:
+            key_id = verify_envelope(
+                envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(peer.agency_id)
+            )
+        except EnvelopeError as error:
+            raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+        message = parse_message(envelope.payload)
+        if message.sender != peer.agency_id:
+            raise ExchangeError(
+                Reason.UNAUTHENTICATED,
+                f"message sender '{message.sender}' is not the TLS peer '{peer.agency_id}'",
+            )
+        created = message.created_at.ToDatetime(tzinfo=UTC)
+        if not registry.key_valid_at(peer.agency_id, key_id, created):
+            raise ExchangeError(
+                Reason.UNAUTHENTICATED,
+                f"signing key '{key_id}' of '{peer.agency_id}' was not valid at "
+                f"{created.isoformat()}",
+            )
+        if self.context.agency not in message.recipients:
+            raise ExchangeError(
+                Reason.PRECONDITION,
+                f"this node is '{self.context.agency}', not a recipient of message "
+                f"{message.message_id} (recipients: {', '.join(message.recipients)})",
+            )
+        if len(message.recipients) > limits.max_recipients:
+            raise ExchangeError(Reason.TOO_LARGE, f"more than {limits.max_recipients} recipients")
+        family = family_of(message)
+        if not registry.is_permitted(family, peer.agency_id, self.context.agency):
+            raise ExchangeError(
+                Reason.PERMISSION_DENIED,
+                f"registry serial {registry.serial} does not permit '{peer.agency_id}' to send "
+                f"{family} to '{self.context.agency}'",
+            )
+        if created - now > timedelta(seconds=limits.clock_skew_seconds):
+            raise ExchangeError(
+                Reason.INVALID,
+                f"created_at {created.isoformat()} is more than {limits.clock_skew_seconds:g} s "
+                f"ahead of this node's clock ({now.isoformat()}); check the sender's clock (NTP)",
+            )
+        if now - created > timedelta(seconds=limits.max_message_age_seconds):
+            raise ExchangeError(
+                Reason.INVALID,
+                f"created_at {created.isoformat()} is older than the "
+                f"{limits.max_message_age_seconds:g} s this node accepts",
+            )
+        if expected_family is not None and family != expected_family:
+            raise ExchangeError(
+                Reason.INVALID,
+                f"a {body_type_of(message)} body belongs on the {family} RPC, "
+                f"not on the {expected_family} RPC",
+            )
+        for ref in message.attachments:
+            if ref.size > limits.max_attachment_bytes:
+                raise ExchangeError(
+                    Reason.TOO_LARGE,
+                    f"attachment '{ref.file_name}' of {ref.size} bytes exceeds the limit of "
+                    f"{limits.max_attachment_bytes}",
+                )
+        return VerifiedMessage(envelope, message, envelope_digest(envelope), family)
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def receive(
+        self, envelope: envelope_pb2.Envelope, peer: PeerIdentity, expected_family: str
+    ) -> envelope_pb2.Envelope:
+        """Verify, store, audit and answer with a signed receipt (or raise ExchangeError)."""
+        now = datetime.now(UTC)
+        try:
+            verified = self.verify(envelope, peer, expected_family, now)
+            for ref in verified.message.attachments:
+                if not self.blobs.has(ref.sha256.hex()):
+                    raise ExchangeError(
+                        Reason.PRECONDITION,
+                        f"attachment '{ref.file_name}' ({ref.sha256.hex()[:16]}…) has not been "
+                        "uploaded; upload it with UploadAttachment before delivering the message",
+                    )
+            receipt: envelope_pb2.Envelope = await self.writer.run(
+                partial(self._store, verified, peer)
+            )
+        except ExchangeError as error:
+            await self.record_rejection(envelope, peer, error)
+            raise
+        self.on_stored()
+        return receipt
+
+    async def record_rejection(
+        self, envelope: envelope_pb2.Envelope, peer: PeerIdentity, error: ExchangeError
+    ) -> None:
+        digest = envelope_digest(envelope).hex()
+
+        def write(session: Session) -> None:
+            audit.append(
+                session,
+                AuditEvent.REJECTED,
+                node=self.context.agency,
+                envelope_sha256=digest,
+                peer=peer.agency_id,
+                detail=f"{error.reason.value}: {error.message}",
+            )
+
+        await self.writer.run(write)
+
+    def _store(
+        self, verified: VerifiedMessage, peer: PeerIdentity, session: Session
+    ) -> envelope_pb2.Envelope:
+        message = verified.message
+        digest_hex = verified.digest.hex()
+        existing = session.scalar(
+            select(MessageRecord).where(
+                MessageRecord.message_id == message.message_id, MessageRecord.direction == "in"
+            )
+        )
+        if existing is not None:
+            if existing.sender == message.sender and existing.envelope_sha256 == digest_hex:
+                assert existing.receipt is not None
+                return _parse_envelope(existing.receipt)
+            raise ExchangeError(
+                Reason.INVALID,
+                f"message id {message.message_id} was already received with other content or "
+                "from another sender; a new message needs a new id",
+            )
+        now = datetime.now(UTC)
+        index = audit.append(
+            session,
+            AuditEvent.RECEIVED,
+            node=self.context.agency,
+            at=now,
+            message_id=message.message_id,
+            envelope_sha256=digest_hex,
+            peer=peer.agency_id,
+            family=verified.family,
+        )
+        receipt_body = envelope_pb2.Receipt(
+            message_id=message.message_id,
+            envelope_sha256=verified.digest,
+            sender=message.sender,
+            receiver=self.context.agency,
+            log_index=index,
+        )
+        receipt_body.received_at.FromDatetime(now)
+        receipt = sign_envelope(
+            receipt_body.SerializeToString(deterministic=True),
+            RECEIPT_PAYLOAD_TYPE,
+            self.context.signing_key,
+        )
+        session.add(
+            MessageRecord(
+                message_id=message.message_id,
+                direction="in",
+                sender=message.sender,
+                recipients=json.dumps(list(message.recipients)),
+                family=verified.family,
+                body_type=body_type_of(message),
+                case_ref=message.case_ref,
+                in_reply_to=message.in_reply_to,
+                confidentiality=confidentiality_label(message),
+                created_at=message.created_at.ToDatetime(tzinfo=UTC),
+                stored_at=now,
+                envelope=verified.envelope.SerializeToString(deterministic=True),
+                envelope_sha256=digest_hex,
+                receipt=receipt.SerializeToString(deterministic=True),
+                log_index=index,
+            )
+        )
+        return receipt
+
+    # -- attachments ------------------------------------------------------------------
+
+    def authorize_attachment(
+        self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity, now: datetime
+    ) -> envelope_pb2.AttachmentRef:
+        """An upload is accepted only for a digest named in a message signed to this node."""
+        verified = self.verify(envelope, peer, None, now)
+        for ref in verified.message.attachments:
+            if ref.sha256 == sha256:
+                return ref
+        raise ExchangeError(
+            Reason.INVALID,
+            f"SHA-256 {sha256.hex()[:16]}… is not among the attachments of message "
+            f"{verified.message.message_id}",
+        )
+
+    async def record_attachment(
+        self, ref: envelope_pb2.AttachmentRef, envelope: envelope_pb2.Envelope, peer: PeerIdentity
+    ) -> None:
+        message = envelope_pb2.Message.FromString(envelope.payload)
+
+        def write(session: Session) -> None:
+            sha_hex = ref.sha256.hex()
+            if session.get(AttachmentRecord, sha_hex) is not None:
+                return
+            now = datetime.now(UTC)
+            session.add(AttachmentRecord(sha256=sha_hex, size=ref.size, stored_at=now))
+            audit.append(
+                session,
+                AuditEvent.ATTACHMENT_STORED,
+                node=self.context.agency,
+                at=now,
+                message_id=message.message_id,
+                envelope_sha256=envelope_digest(envelope).hex(),
+                peer=peer.agency_id,
+                detail=f"sha256={sha_hex} size={ref.size} name={ref.file_name}",
+            )
+
+        await self.writer.run(write)
+
+
+def _parse_envelope(data: bytes) -> envelope_pb2.Envelope:
+    envelope = envelope_pb2.Envelope()
+    envelope.ParseFromString(data)
+    return envelope

@@ -1,0 +1,168 @@
+"""Composing messages from local drafts, and reading them back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from node._pb.liandong.v1 import envelope_pb2
+from node.exchange.errors import ExchangeError, Reason
+from node.exchange.families import BODY_FAMILIES, FAMILY_BODIES, default_body_type
+from node.identity import IdentityError, validate_agency_id
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+CONFIDENTIALITY_NAMES: dict[str, int] = {
+    "public": envelope_pb2.CONFIDENTIALITY_PUBLIC,
+    "internal": envelope_pb2.CONFIDENTIALITY_INTERNAL,
+    "confidential": envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL,
+}
+CONFIDENTIALITY_LABELS = {value: name for name, value in CONFIDENTIALITY_NAMES.items()}
+
+
+def uuid7() -> str:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness; sorts by time."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+@dataclass(frozen=True)
+class AttachmentInput:
+    sha256: bytes
+    size: int
+    media_type: str
+    file_name: str
+
+
+def compose_message(
+    *,
+    sender: str,
+    family: str,
+    recipients: Sequence[str],
+    body: Mapping[str, Any],
+    body_type: str,
+    created_at: datetime,
+    case_ref: str = "",
+    in_reply_to: str = "",
+    confidentiality: str = "internal",
+    attachments: Sequence[AttachmentInput] = (),
+    message_id: str | None = None,
+) -> envelope_pb2.Message:
+    """Build a Message, or raise ExchangeError(INVALID) naming the bad field."""
+    if family not in FAMILY_BODIES:
+        raise _invalid(f"family '{family}' is unknown; use one of {', '.join(FAMILY_BODIES)}")
+    body_type = body_type or default_body_type(family)
+    if body_type not in FAMILY_BODIES[family]:
+        allowed = ", ".join(FAMILY_BODIES[family])
+        raise _invalid(f"body type '{body_type}' does not belong to family '{family}' ({allowed})")
+    if not recipients:
+        raise _invalid("no recipient given")
+    for recipient in recipients:
+        try:
+            validate_agency_id(recipient)
+        except IdentityError as error:
+            raise _invalid(f"recipient: {error}") from None
+    if len(set(recipients)) != len(recipients):
+        raise _invalid("a recipient is listed twice")
+    if sender in recipients:
+        raise _invalid("a node does not send to itself")
+    if in_reply_to and not UUID_RE.match(in_reply_to):
+        raise _invalid(f"in_reply_to '{in_reply_to}' is not a message id")
+    if family == "reply" and not in_reply_to:
+        raise _invalid("a reply needs in_reply_to: the id of the message it answers")
+    if confidentiality not in CONFIDENTIALITY_NAMES:
+        raise _invalid(
+            f"confidentiality '{confidentiality}' is unknown; use public, internal or confidential"
+        )
+    message = envelope_pb2.Message(
+        message_id=message_id or uuid7(),
+        sender=sender,
+        recipients=list(recipients),
+        case_ref=case_ref,
+        in_reply_to=in_reply_to,
+        confidentiality=CONFIDENTIALITY_NAMES[confidentiality],  # type: ignore[arg-type]
+    )
+    message.created_at.FromDatetime(created_at)
+    try:
+        json_format.ParseDict(dict(body), getattr(message, body_type))
+    except json_format.ParseError as error:
+        raise _invalid(f"body ({body_type}): {error}") from None
+    if not getattr(message, body_type).ListFields():
+        raise _invalid(f"body ({body_type}) is empty")
+    for attachment in attachments:
+        message.attachments.add(
+            sha256=attachment.sha256,
+            size=attachment.size,
+            media_type=attachment.media_type,
+            file_name=attachment.file_name,
+        )
+    return message
+
+
+def parse_message(payload: bytes) -> envelope_pb2.Message:
+    """Parse a verified payload and check its structure (not its permissions)."""
+    message = envelope_pb2.Message()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError:
+        raise _invalid("payload is not a liandong.v1.Message") from None
+    if not UUID_RE.match(message.message_id):
+        raise _invalid(f"message_id '{message.message_id[:40]}' is not a lower-case UUID")
+    if message.WhichOneof("body") is None:
+        raise _invalid("message has no body")
+    if not message.HasField("created_at"):
+        raise _invalid("message has no created_at")
+    for recipient in message.recipients:
+        try:
+            validate_agency_id(recipient)
+        except IdentityError as error:
+            raise _invalid(f"recipient: {error}") from None
+    for ref in message.attachments:
+        if len(ref.sha256) != 32:
+            raise _invalid(f"attachment '{ref.file_name}' has no valid SHA-256 digest")
+    return message
+
+
+def body_type_of(message: envelope_pb2.Message) -> str:
+    body = message.WhichOneof("body")
+    if body is None:
+        raise _invalid("message has no body")
+    return body
+
+
+def family_of(message: envelope_pb2.Message) -> str:
+    return BODY_FAMILIES[body_type_of(message)]
+
+
+def body_dict(message: envelope_pb2.Message) -> dict[str, Any]:
+    body = getattr(message, body_type_of(message))
+    result: dict[str, Any] = json_format.MessageToDict(body, preserving_proto_field_name=True)
+    return result
+
+
+def body_json(message: envelope_pb2.Message) -> str:
+    return json.dumps(body_dict(message), ensure_ascii=False, sort_keys=True)
+
+
+def confidentiality_label(message: envelope_pb2.Message) -> str:
+    return CONFIDENTIALITY_LABELS.get(message.confidentiality, "internal")
+
+
+def _invalid(text: str) -> ExchangeError:
+    return ExchangeError(Reason.INVALID, text)

@@ -1,0 +1,175 @@
+"""Sending: the transactional outbox.
+
+``submit`` composes, signs, stores and audits a message in one transaction and
+only then returns its id; delivery happens afterwards (node.exchange.delivery),
+so a node killed at any instant either has the message, signed and queued, or
+never acknowledged it.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.audit import log as audit
+from node.audit.log import AuditEvent
+from node.envelope import MESSAGE_PAYLOAD_TYPE, envelope_digest, sign_envelope
+from node.exchange.attachments import BlobStore
+from node.exchange.context import NodeContext
+from node.exchange.errors import ExchangeError, Reason
+from node.exchange.messages import AttachmentInput, compose_message
+from node.store.models import AttachmentRecord, DeliveryRecord, MessageRecord
+from node.store.writer import BatchWriter
+
+
+@dataclass(frozen=True)
+class Submission:
+    family: str
+    recipients: Sequence[str]
+    body: Mapping[str, Any]
+    body_type: str = ""
+    case_ref: str = ""
+    in_reply_to: str = ""
+    confidentiality: str = "internal"
+    attachment_paths: Sequence[Path] = field(default_factory=tuple)
+    client_key: str = ""
+
+
+class Outbox:
+    def __init__(
+        self,
+        context: NodeContext,
+        writer: BatchWriter,
+        blobs: BlobStore,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.context = context
+        self.writer = writer
+        self.blobs = blobs
+        self.on_queued = on_queued
+
+    async def submit(self, submission: Submission) -> str:
+        """Store, sign and audit a new outbound message; return its id."""
+        now = datetime.now(UTC)
+        registry = self.context.usable_registry(now)
+        for recipient in submission.recipients:
+            if registry.member(recipient) is None:
+                raise ExchangeError(
+                    Reason.INVALID,
+                    f"recipient '{recipient}' is not a member of federation registry serial "
+                    f"{registry.serial}",
+                )
+        attachments = [self._ingest(Path(path)) for path in submission.attachment_paths]
+        message = compose_message(
+            sender=self.context.agency,
+            family=submission.family,
+            recipients=submission.recipients,
+            body=submission.body,
+            body_type=submission.body_type,
+            created_at=now,
+            case_ref=submission.case_ref,
+            in_reply_to=submission.in_reply_to,
+            confidentiality=submission.confidentiality,
+            attachments=attachments,
+        )
+        for recipient in submission.recipients:
+            if not registry.is_permitted(submission.family, self.context.agency, recipient):
+                raise ExchangeError(
+                    Reason.PERMISSION_DENIED,
+                    f"registry serial {registry.serial} does not permit "
+                    f"'{self.context.agency}' to send {submission.family} to '{recipient}'",
+                )
+        envelope = sign_envelope(
+            message.SerializeToString(deterministic=True),
+            MESSAGE_PAYLOAD_TYPE,
+            self.context.signing_key,
+        )
+        record = MessageRecord(
+            message_id=message.message_id,
+            direction="out",
+            sender=self.context.agency,
+            recipients=json.dumps(list(message.recipients)),
+            family=submission.family,
+            body_type=message.WhichOneof("body") or "",
+            case_ref=message.case_ref,
+            in_reply_to=message.in_reply_to,
+            confidentiality=submission.confidentiality,
+            created_at=now,
+            stored_at=now,
+            envelope=envelope.SerializeToString(deterministic=True),
+            envelope_sha256=envelope_digest(envelope).hex(),
+            client_key=submission.client_key or None,
+        )
+        message_id: str = await self.writer.run(
+            partial(self._store, record, list(message.recipients), attachments)
+        )
+        self.on_queued()
+        return message_id
+
+    def _ingest(self, path: Path) -> AttachmentInput:
+        if not path.is_file():
+            raise ExchangeError(Reason.INVALID, f"attachment {path}: no such file")
+        size = path.stat().st_size
+        if size > self.context.limits.max_attachment_bytes:
+            raise ExchangeError(
+                Reason.TOO_LARGE,
+                f"attachment {path} is {size} bytes, over the limit of "
+                f"{self.context.limits.max_attachment_bytes}",
+            )
+        digest, size = self.blobs.ingest_file(path)
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return AttachmentInput(digest, size, media_type, path.name)
+
+    def _store(
+        self,
+        record: MessageRecord,
+        recipients: list[str],
+        attachments: list[AttachmentInput],
+        session: Session,
+    ) -> str:
+        if record.client_key:
+            earlier = session.scalar(
+                select(MessageRecord.message_id).where(
+                    MessageRecord.client_key == record.client_key
+                )
+            )
+            if earlier is not None:
+                return earlier
+        session.add(record)
+        session.flush()
+        for recipient in recipients:
+            session.add(
+                DeliveryRecord(
+                    message_pk=record.id,
+                    recipient=recipient,
+                    next_attempt_at=record.created_at,
+                )
+            )
+        for attachment in attachments:
+            sha_hex = attachment.sha256.hex()
+            if session.get(AttachmentRecord, sha_hex) is None:
+                session.add(
+                    AttachmentRecord(
+                        sha256=sha_hex, size=attachment.size, stored_at=record.stored_at
+                    )
+                )
+        audit.append(
+            session,
+            AuditEvent.SENT,
+            node=self.context.agency,
+            at=record.stored_at,
+            message_id=record.message_id,
+            envelope_sha256=record.envelope_sha256,
+            peer=",".join(recipients),
+            family=record.family,
+        )
+        return record.message_id

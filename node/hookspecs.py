@@ -1,0 +1,145 @@
+"""Hook specifications for Liandong plugins — and the plugin author's guide.
+
+A plugin connects one agency's local system (a case system, a drop folder, a SQL database) to
+the node. The node owns signing, storage, delivery and the audit log; a plugin only moves
+items between the local system and the node through the narrow :class:`~node.plugin_api.NodeAPI`.
+
+Writing a plugin
+================
+
+A plugin is any importable module (or object) with functions named after the hooks below and
+decorated with :data:`hookimpl`::
+
+    # my_agency_plugin.py
+    from node.hookspecs import hookimpl
+    from node.plugin_api import Draft, DraftRejected, InboundItem, NodeAPI
+
+    @hookimpl
+    def liandong_node_started(api: NodeAPI) -> None:
+        api.log.info("my plugin ready", folder=str(api.data_dir / "outbox"))
+
+    @hookimpl
+    def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
+        if api.agency not in item.recipients:
+            return None
+        return write_to_case_system(item)  # a reference the node puts in its audit trail
+
+Implement only the hooks you need, each taking only the arguments it uses (pluggy passes them
+by name). A function named ``liandong_*`` that matches no hook, e.g. a misspelt
+``liandong_hand_of``, makes the node refuse to start, naming the plugin and the hook.
+
+Registering it
+==============
+
+Plugins are found through the ``liandong`` entry-point group — the built-in ``ecology``,
+``police`` and ``procuratorate`` plugins use the very same path::
+
+    # pyproject.toml of your distribution
+    [project.entry-points.liandong]
+    my_agency = "my_agency_plugin"
+
+Install the distribution into the node's environment. The node config chooses which installed
+plugins run and gives each its settings::
+
+    [plugins]
+    enabled = ["police", "my_agency"]   # omitted: the plugin named after the agency's kind
+
+    [plugins.my_agency]
+    folder = "local"                    # read with api.plugin_config("my_agency")
+
+Naming a plugin in ``enabled`` that is not installed stops the node at start-up.
+
+What a plugin may and may not do
+================================
+
+* May: read and write its own local system; call ``api.submit`` with drafts; log through
+  ``api.log``; keep its own state under ``api.data_dir``.
+* May not: sign, open the node's database, talk to other nodes, or block forever — hooks run in
+  the node's worker threads and a stuck hook stalls that kind of work for every plugin.
+* Must be idempotent where the hook says so: the node guarantees *at least once*, never
+  *exactly once*, because it can crash between a hook returning and recording the result.
+* Raising from a hook is allowed where its docstring says it is retried; elsewhere it is logged
+  and the node carries on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
+
+__all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "liandong"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+"""Decorator for plugin hook implementations: ``from node.hookspecs import hookimpl``."""
+
+
+@hookspec
+def liandong_node_started(api: NodeAPI) -> None:
+    """Called once, after the node has started serving.
+
+    Create the plugin's folders, open connections, check configuration here. Called for every
+    plugin; the return value is ignored. An exception is logged with the plugin's name and the
+    node keeps running without that plugin's setup — so a plugin that cannot work without its
+    setup should fail loudly in its later hooks too.
+
+    :param api: the node API.
+    """
+
+
+@hookspec
+def liandong_poll_local_system(api: NodeAPI) -> None:
+    """Called every poll interval (``[node] poll_seconds``, default 1 s) to read new outbound
+    drafts from the local system.
+
+    Runs in a worker thread and never concurrently with itself, so a plugin needs no locking
+    between polls. For each new item, build a :class:`~node.plugin_api.Draft` and call
+    ``api.submit(draft)``. A :class:`~node.plugin_api.DraftRejected` is the plugin's to handle:
+    report it to the local system (its message names the field) and go on with the other
+    items — one bad item must never block the rest. Give each draft a stable ``source`` so a
+    resubmission after a crash returns the same message id instead of a duplicate message.
+
+    Called for every plugin; the return value is ignored; an exception is logged and the next
+    poll happens as usual.
+
+    :param api: the node API.
+    """
+
+
+@hookspec(firstresult=True)
+def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
+    """Called for each inbound message after it is durably stored and its receipt was sent, to
+    hand it to the local system.
+
+    Runs in a worker thread. **First result wins**: plugins are asked in turn until one returns
+    a non-``None`` value, and the rest are not called.
+
+    Must be idempotent: after a crash the node may hand off the same item again, and that must
+    not create a second record in the local system.
+
+    :param item: the verified inbound message, its attachments already verified on disk.
+    :param api: the node API.
+    :return: a reference to where the item went (e.g. the file written, a row id) once it is
+        handed off — the node records it in the audit trail and stops asking; ``None`` when
+        the item is not this plugin's to take. Raising means "not now": the node retries later.
+    """
+
+
+@hookspec
+def liandong_delivery_confirmed(confirmation: DeliveryConfirmation, api: NodeAPI) -> None:
+    """Called when a valid signed receipt for an outbound message has been stored.
+
+    Lets the local system record that the recipient has the message (and when, and where in
+    the recipient's audit log). Called once per recipient for every plugin; the return value is
+    ignored. May be called again for the same receipt after a crash, so write idempotently. An
+    exception is logged; the receipt itself is already safe in the node.
+
+    :param confirmation: the recipient, delivery time and receipt digest.
+    :param api: the node API.
+    """

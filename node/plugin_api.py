@@ -1,0 +1,138 @@
+"""The narrow API that plugins get from the node.
+
+Plugins never see a database session, a signing key or the gRPC server: everything they may
+do goes through a :class:`NodeAPI` object, and everything they receive is one of the frozen
+dataclasses below. That keeps the signing and storage rules in the node core, where they are
+tested once, and lets a plugin be unit-tested with a ten-line fake ``NodeAPI``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "AttachmentFile",
+    "Confidentiality",
+    "DeliveryConfirmation",
+    "Draft",
+    "DraftRejected",
+    "InboundItem",
+    "NodeAPI",
+]
+
+Confidentiality = Literal["public", "internal", "confidential"]
+
+
+class DraftRejected(Exception):
+    """Raised by :meth:`NodeAPI.submit` when a draft cannot become a message.
+
+    ``str(exc)`` names the offending field and says why (unknown recipient, body does not match
+    the family's schema, attachment missing, ...) so a plugin can report it verbatim to the
+    local system.
+    """
+
+
+@dataclass(frozen=True)
+class Draft:
+    """An outbound item read from a local system, before the node signs and queues it."""
+
+    family: str
+    """``clue`` | ``crime_transfer`` | ``notice`` | ``evidence_request`` | ``recommendation`` |
+    ``reply``."""
+    recipients: tuple[str, ...]
+    """Agency ids of the recipients."""
+    body: Mapping[str, Any]
+    """Protobuf JSON mapping of the body message, e.g. ``{"title": ..., "facts": ...}``."""
+    body_type: str = ""
+    """Required for family ``reply`` (``evidence_response`` | ``recommendation_reply`` |
+    ``feedback``); otherwise it defaults to the family."""
+    case_ref: str = ""
+    in_reply_to: str = ""
+    confidentiality: Confidentiality = "internal"
+    attachments: tuple[Path, ...] = ()
+    """Absolute paths of files to attach."""
+    source: str = ""
+    """Where the draft came from (file path, row id). Used in error messages and as the
+    idempotency key: submitting a draft with the same non-empty source again returns the
+    message id of the first submission instead of creating a second message."""
+
+
+@dataclass(frozen=True)
+class AttachmentFile:
+    """An attachment of an inbound message, already verified against its digest."""
+
+    file_name: str
+    sha256: str
+    """Hex digest."""
+    size: int
+    media_type: str
+    path: Path
+    """The node's verified copy; plugins copy from it and must not modify it."""
+
+
+@dataclass(frozen=True)
+class InboundItem:
+    """A verified inbound message that the node has durably stored."""
+
+    message_id: str
+    family: str
+    body_type: str
+    sender: str
+    recipients: tuple[str, ...]
+    created_at: datetime
+    received_at: datetime
+    case_ref: str
+    in_reply_to: str
+    confidentiality: Confidentiality
+    body: Mapping[str, Any]
+    attachments: tuple[AttachmentFile, ...]
+    envelope_sha256: str
+    """Hex digest of the signed envelope, the value both audit logs hold."""
+
+
+@dataclass(frozen=True)
+class DeliveryConfirmation:
+    """A valid signed receipt came back for one recipient of an outbound message."""
+
+    message_id: str
+    recipient: str
+    delivered_at: datetime
+    receipt_sha256: str
+    receiver_log_index: int
+    """Position of the envelope in the recipient's audit log, for later inclusion proofs."""
+
+
+@runtime_checkable
+class NodeAPI(Protocol):
+    """What a plugin may ask of the node."""
+
+    @property
+    def agency(self) -> str:
+        """This node's agency id."""
+        ...
+
+    @property
+    def data_dir(self) -> Path:
+        """The node's data directory; relative paths in plugin config resolve against it."""
+        ...
+
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        """The ``[plugins.<name>]`` table of the node's TOML config (``{}`` when absent)."""
+        ...
+
+    def submit(self, draft: Draft) -> str:
+        """Store, sign and queue ``draft``; return its message id.
+
+        Raises :class:`DraftRejected` when the draft is invalid. With a non-empty
+        ``draft.source`` a repeated call returns the first message id (idempotent).
+        """
+        ...
+
+    @property
+    def log(self) -> Any:
+        """A structlog ``BoundLogger`` bound to the plugin's context."""
+        ...

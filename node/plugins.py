@@ -1,0 +1,133 @@
+"""Loading plugins and calling their hooks with types.
+
+The hooks and the plugin author's guide are in :mod:`node.hookspecs`; this module is the
+node's side: :func:`load_plugin_manager` finds plugins through the ``liandong`` entry-point
+group and validates them, and :class:`PluginHooks` is the only way the node core calls them, so
+every call site is type-checked against :mod:`node.plugin_api`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from node import hookspecs
+from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginError", "PluginHooks", "load_plugin_manager"]
+
+ENTRY_POINT_GROUP = "liandong"
+
+
+class PluginError(Exception):
+    """A plugin cannot be loaded: not installed, fails to import, or does not match the specs."""
+
+
+def installed_plugin_names() -> list[str]:
+    """Names of the plugins installed in the ``liandong`` entry-point group, sorted."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load_plugin_manager(
+    enabled: Sequence[str] | None = None, extra: Sequence[object] = ()
+) -> pluggy.PluginManager:
+    """Build the plugin manager the node runs with.
+
+    :param enabled: names of the entry-point plugins to run (``[plugins] enabled`` in the node
+        config); ``None`` runs every installed one.
+    :param extra: plugin objects to register directly, after the entry-point ones (tests).
+    :raises PluginError: an enabled name is not installed, a plugin fails to import, or a
+        plugin has a ``liandong_*`` function that matches no hook (a typo would otherwise make
+        the hook silently never run).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    try:
+        if enabled is None:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        else:
+            installed = installed_plugin_names()
+            unknown = [name for name in enabled if name not in installed]
+            if unknown:
+                raise PluginError(
+                    f"[plugins] enabled: {', '.join(map(repr, unknown))} not installed in "
+                    f"entry-point group {ENTRY_POINT_GROUP!r} (installed: "
+                    f"{', '.join(installed) or 'none'})"
+                )
+            # Loading only the enabled names (rather than loading all and unregistering the
+            # rest) means a broken disabled plugin cannot stop the node from starting.
+            for name in dict.fromkeys(enabled):
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"loading {ENTRY_POINT_GROUP!r} entry-point plugins: {exc}") from exc
+    try:
+        for plugin in extra:
+            pm.register(plugin)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{exc} (the hooks and their arguments: node/hookspecs.py)") from exc
+    return pm
+
+
+class PluginHooks:
+    """Typed facade over the plugin manager's hooks.
+
+    Broadcast hooks (``node_started``, ``poll_local_system``, ``delivery_confirmed``) call each
+    plugin on its own and log an exception with the plugin's name instead of raising: pluggy
+    would otherwise stop at the first failing plugin, and one agency's broken adapter must not
+    stop another's. ``hand_off`` lets exceptions through, because there they mean "retry later".
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the registered plugins (entry-point name, or pluggy's name for extras)."""
+        return [name for name, plugin in self._pm.list_name_plugin() if plugin is not None]
+
+    def node_started(self, api: NodeAPI) -> None:
+        """Call ``liandong_node_started`` on every plugin."""
+        self._broadcast("liandong_node_started", api=api)
+
+    def poll_local_system(self, api: NodeAPI) -> None:
+        """Call ``liandong_poll_local_system`` on every plugin; the caller must not overlap
+        two calls (the hook promises plugins it never runs concurrently with itself)."""
+        self._broadcast("liandong_poll_local_system", api=api)
+
+    def hand_off(self, item: InboundItem, api: NodeAPI) -> str | None:
+        """The first plugin's non-``None`` reference, or ``None`` if no plugin took ``item``.
+
+        An exception from a plugin propagates: the caller retries the hand-off later.
+        """
+        result: str | None = self._pm.hook.liandong_hand_off(item=item, api=api)
+        return result
+
+    def delivery_confirmed(self, confirmation: DeliveryConfirmation, api: NodeAPI) -> None:
+        """Call ``liandong_delivery_confirmed`` on every plugin."""
+        self._broadcast("liandong_delivery_confirmed", confirmation=confirmation, api=api)
+
+    def _broadcast(self, hook_name: str, **kwargs: Any) -> None:
+        api: NodeAPI = kwargs["api"]
+        caller: pluggy.HookCaller = getattr(self._pm.hook, hook_name)
+        impls = caller.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            # A wrapper must see the whole call, so isolation is given up for this hook.
+            try:
+                caller(**kwargs)
+            except Exception:
+                api.log.exception("plugin hook failed", hook=hook_name)
+            return
+        # Calling each function the way pluggy's _multicall does (arguments by the names the
+        # implementation declares), in pluggy's order: from the end of get_hookimpls(). Not
+        # via subset_hook_caller, which needs hashable plugin objects.
+        for impl in reversed(impls):
+            try:
+                impl.function(*(kwargs[arg] for arg in impl.argnames))
+            except Exception:
+                api.log.exception("plugin hook failed", plugin=impl.plugin_name, hook=hook_name)

@@ -1,0 +1,309 @@
+"""The running node: loads and checks everything at start-up, then wires the parts.
+
+Start-up fails fast with one line naming the file and the problem: a missing key
+file, a registry whose signature is invalid or that has expired, a malformed
+agency id, a database that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from grpc_health.v1 import health, health_pb2
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from node.audit import log as audit
+from node.audit.log import AuditEvent
+from node.config import NodeConfig, default_plugins
+from node.exchange.attachments import BlobStore
+from node.exchange.context import NodeContext
+from node.exchange.delivery import Confirmation, DeliveryWorker
+from node.exchange.errors import ExchangeError
+from node.exchange.handoff import HandOffWorker
+from node.exchange.inbound import Receiver
+from node.exchange.outbox import Outbox, Submission
+from node.federation import Registry, RegistryError, verify_registry
+from node.identity import IdentityError, load_public_key, load_signing_key
+from node.peers import GrpcPeerTransport
+from node.plugin_api import DeliveryConfirmation, Draft, DraftRejected, InboundItem
+from node.plugins import PluginError, PluginHooks, load_plugin_manager
+from node.server import build_admin_server, build_peer_server
+from node.services.admin import LocalAdminServicer
+from node.services.exchange import ExchangeServicer
+from node.store.db import make_engine, session_factory, upgrade
+from node.store.models import NodeStateRecord
+from node.store.writer import BatchWriter
+
+log = structlog.get_logger(__name__)
+REGISTRY_SERIAL_KEY = "registry_serial"
+HEALTH_INTERVAL_SECONDS = 5.0
+
+
+class StartupError(Exception):
+    """The node cannot start; the message names the file and the problem."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StartupError(f"{what} {path}: file not found") from None
+    except OSError as error:
+        raise StartupError(f"{what} {path}: {error.strerror}") from None
+
+
+class PluginAPI:
+    """The NodeAPI handed to plugins: no session, no keys; submit goes through the outbox."""
+
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop) -> None:
+        self._node = node
+        self._loop = loop
+        self._log = structlog.get_logger("plugin")
+
+    @property
+    def agency(self) -> str:
+        return self._node.config.agency
+
+    @property
+    def data_dir(self) -> Path:
+        return self._node.config.data_dir
+
+    @property
+    def log(self) -> Any:
+        return self._log
+
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        return self._node.config.plugin_settings.get(name, {})
+
+    def submit(self, draft: Draft) -> str:
+        """Called from a plugin's worker thread; blocks until the message is stored."""
+        submission = Submission(
+            family=draft.family,
+            recipients=list(draft.recipients),
+            body=draft.body,
+            body_type=draft.body_type,
+            case_ref=draft.case_ref,
+            in_reply_to=draft.in_reply_to,
+            confidentiality=draft.confidentiality,
+            attachment_paths=list(draft.attachments),
+            client_key=f"plugin:{draft.source}" if draft.source else "",
+        )
+        future = asyncio.run_coroutine_threadsafe(self._node.outbox.submit(submission), self._loop)
+        try:
+            return future.result()
+        except ExchangeError as error:
+            raise DraftRejected(error.message) from None
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        signing_key_path = config.signing_key
+        try:
+            self.signing_key = load_signing_key(signing_key_path)
+            self.operator_key = load_public_key(config.operator_key)
+        except IdentityError as error:
+            raise StartupError(str(error)) from None
+        self.tls_key = _read(config.tls_key, "TLS key")
+        self.tls_cert = _read(config.tls_cert, "TLS certificate")
+        self.ca_cert = _read(config.ca_cert, "federation CA certificate")
+        registry_bytes = _read(config.registry, "federation registry")
+        try:
+            self.engine = make_engine(config.database_url)
+            upgrade(self.engine)
+        except SQLAlchemyError as error:
+            raise StartupError(
+                f"database {config.database_url}: {error.__class__.__name__}: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+        self.sessions = session_factory(self.engine)
+        self.registry = self._verify_registry(registry_bytes)
+        if self.registry.member(config.agency) is None:
+            raise StartupError(
+                f"federation registry {config.registry}: agency '{config.agency}' (from config "
+                f"{config.path}) is not a member; ask the operator to add it"
+            )
+        try:
+            self.hooks = PluginHooks(load_plugin_manager(default_plugins(config)))
+        except PluginError as error:
+            raise StartupError(f"config {config.path}: plugins: {error}") from None
+        self.context = NodeContext(
+            agency=config.agency,
+            signing_key=self.signing_key,
+            registry=self.registry,
+            registry_grace=timedelta(seconds=config.registry_grace_seconds),
+            limits=config.limits,
+        )
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(config.data_dir / "blobs")
+        self.stopped = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
+
+    def _verify_registry(self, data: bytes) -> Registry:
+        with self.sessions() as session:
+            state = session.get(NodeStateRecord, REGISTRY_SERIAL_KEY)
+            min_serial = int(state.value) if state else 0
+        try:
+            return verify_registry(
+                data,
+                self.operator_key,
+                now=datetime.now(UTC),
+                grace=timedelta(seconds=self.config.registry_grace_seconds),
+                min_serial=min_serial,
+                source=f"federation registry {self.config.registry}",
+            )
+        except RegistryError as error:
+            raise StartupError(str(error)) from None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.writer = BatchWriter(self.sessions)
+        self.writer.start()
+        await self.writer.run(self._record_registry)
+        self.api = PluginAPI(self, loop)
+        self.transport = GrpcPeerTransport(
+            self.ca_cert, self.tls_key, self.tls_cert, self.config.delivery.rpc_timeout_seconds
+        )
+        self.handoff = HandOffWorker(
+            self.config.agency, self.writer, self.sessions, self.blobs, self._hand_off
+        )
+        self.receiver = Receiver(self.context, self.writer, self.blobs, self.handoff.wake)
+        self.delivery = DeliveryWorker(
+            self.context,
+            self.writer,
+            self.sessions,
+            self.blobs,
+            self.transport,
+            self.config.delivery,
+            self._confirmed,
+        )
+        self.outbox = Outbox(self.context, self.writer, self.blobs, self.delivery.wake)
+        self.health = health.aio.HealthServicer()
+        self.peer_server = build_peer_server(
+            ExchangeServicer(self.receiver, self.blobs),
+            self.health,
+            self.config.listen,
+            ca_pem=self.ca_cert,
+            key_pem=self.tls_key,
+            cert_pem=self.tls_cert,
+        )
+        socket_path = self.config.admin_socket
+        if socket_path.exists():
+            socket_path.unlink()  # left behind by a killed node
+        self.admin_server = build_admin_server(
+            LocalAdminServicer(self.context, self.outbox, self.sessions, self.config.listen),
+            self.health,
+            str(socket_path),
+        )
+        await self.peer_server.start()
+        await self.admin_server.start()
+        os.chmod(socket_path, 0o600)  # only this node's user may use the admin API
+        await self._update_health()
+        self._workers = [
+            loop.create_task(self.delivery.run()),
+            loop.create_task(self.handoff.run()),
+        ]
+        self._background = [loop.create_task(self._poll()), loop.create_task(self._watch())]
+        await asyncio.to_thread(self.hooks.node_started, self.api)
+        log.info(
+            "node serving",
+            agency=self.config.agency,
+            listen=self.config.listen,
+            admin_socket=str(socket_path),
+            registry_serial=self.registry.serial,
+            plugins=self.hooks.names,
+        )
+
+    def _record_registry(self, session: Session) -> None:
+        state = session.get(NodeStateRecord, REGISTRY_SERIAL_KEY)
+        if state is not None and int(state.value) >= self.registry.serial:
+            return
+        if state is None:
+            session.add(NodeStateRecord(key=REGISTRY_SERIAL_KEY, value=str(self.registry.serial)))
+        else:
+            state.value = str(self.registry.serial)
+        audit.append(
+            session,
+            AuditEvent.REGISTRY_ACCEPTED,
+            node=self.config.agency,
+            detail=f"federation={self.registry.federation} serial={self.registry.serial} "
+            f"expires_at={self.registry.expires_at.isoformat()}",
+        )
+
+    def _hand_off(self, item: InboundItem) -> str | None:
+        return self.hooks.hand_off(item, self.api)
+
+    async def _confirmed(self, confirmation: Confirmation) -> None:
+        hook_argument = DeliveryConfirmation(
+            message_id=confirmation.message_id,
+            recipient=confirmation.recipient,
+            delivered_at=confirmation.delivered_at,
+            receipt_sha256=confirmation.receipt_sha256,
+            receiver_log_index=confirmation.receiver_log_index,
+        )
+        try:
+            await asyncio.to_thread(self.hooks.delivery_confirmed, hook_argument, self.api)
+        except Exception as error:  # a plugin's failure must not stop delivery
+            log.error("delivery_confirmed hook failed", error=str(error))
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.hooks.poll_local_system, self.api)
+            except Exception as error:  # a plugin's failure must not stop the node
+                log.error("poll_local_system hook failed", error=str(error))
+            await asyncio.sleep(self.config.poll_seconds)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        serving = True
+        try:
+            self.context.usable_registry(datetime.now(UTC))
+        except ExchangeError as error:
+            log.error("registry unusable", error=error.message)
+            serving = False
+        try:
+            await asyncio.to_thread(self._ping_database)
+        except SQLAlchemyError as error:
+            log.error("database unusable", error=str(error).splitlines()[0])
+            serving = False
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", "liandong.v1.Exchange", "liandong.v1.LocalAdmin"):
+            await self.health.set(service, status)
+
+    def _ping_database(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain in-flight calls, finish queued writes, stop the workers."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
+        self.handoff.stop()
+        await asyncio.gather(self.peer_server.stop(grace), self.admin_server.stop(grace))
+        await self.delivery.stop(grace)
+        await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
+        await self.writer.stop()
+        await self.transport.close()
+        self.engine.dispose()
+        self.config.admin_socket.unlink(missing_ok=True)
+        log.info("node stopped", agency=self.config.agency)
+        self.stopped.set()

@@ -1,0 +1,83 @@
+"""Builds the node's two gRPC servers.
+
+* the peer server: mutual TLS on the configured endpoint; Exchange, health, reflection;
+* the admin server: a unix socket in the data directory; LocalAdmin and health.
+
+Services are registered per server, not per port, so the admin API can never be
+reached from the network.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, exchange_pb2, exchange_pb2_grpc
+from node.services.admin import LocalAdminServicer
+from node.services.exchange import ExchangeServicer
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+UNIX_SOCKET_PATH_MAX = 107
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class ServerBuildError(Exception):
+    pass
+
+
+def build_peer_server(
+    exchange: ExchangeServicer,
+    health_servicer: health.aio.HealthServicer,
+    listen: str,
+    *,
+    ca_pem: bytes,
+    key_pem: bytes,
+    cert_pem: bytes,
+) -> grpc.aio.Server:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    exchange_pb2_grpc.add_ExchangeServicer_to_server(exchange, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
+    )
+    try:
+        server.add_secure_port(listen, credentials)
+    except RuntimeError as error:
+        raise ServerBuildError(f"cannot listen on {listen}: {error}") from None
+    return server
+
+
+def build_admin_server(
+    admin: LocalAdminServicer, health_servicer: health.aio.HealthServicer, socket_path: str
+) -> grpc.aio.Server:
+    if len(socket_path) > UNIX_SOCKET_PATH_MAX:
+        raise ServerBuildError(
+            f"admin socket path {socket_path} is longer than {UNIX_SOCKET_PATH_MAX} characters; "
+            "set node.admin_socket to a shorter path"
+        )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    admin_pb2_grpc.add_LocalAdminServicer_to_server(admin, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (admin_pb2.DESCRIPTOR.services_by_name["LocalAdmin"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+    except RuntimeError as error:
+        raise ServerBuildError(f"cannot open admin socket {socket_path}: {error}") from None
+    return server

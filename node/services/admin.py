@@ -1,0 +1,133 @@
+"""The local admin API (unix socket): submit and read items without touching the database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+from sqlalchemy.orm import Session, sessionmaker
+
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc
+from node.audit import log as audit
+from node.exchange import queries
+from node.exchange.context import NodeContext
+from node.exchange.errors import ExchangeError, Reason
+from node.exchange.messages import CONFIDENTIALITY_LABELS
+from node.exchange.outbox import Outbox, Submission
+from node.services.status import domain_errors
+
+
+def _time(moment: datetime | None) -> str:
+    return "" if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def item_message(view: queries.ItemView) -> admin_pb2.Item:
+    return admin_pb2.Item(
+        message_id=view.message_id,
+        direction=view.direction,
+        family=view.family,
+        body_type=view.body_type,
+        sender=view.sender,
+        recipients=view.recipients,
+        created_at=_time(view.created_at),
+        case_ref=view.case_ref,
+        in_reply_to=view.in_reply_to,
+        confidentiality=view.confidentiality,
+        body_json=view.body_json,
+        envelope_sha256=view.envelope_sha256,
+        attachments=view.attachments,
+        deliveries=[
+            admin_pb2.Delivery(
+                recipient=d.recipient,
+                state=d.state,
+                attempts=d.attempts,
+                last_error=d.last_error,
+                delivered_at=_time(d.delivered_at),
+                receipt_sha256=d.receipt_sha256,
+                receiver_log_index=d.receiver_log_index or 0,
+            )
+            for d in view.deliveries
+        ],
+        received_at=_time(view.stored_at) if view.direction == "inbox" else "",
+        handed_off=view.handed_off or "",
+    )
+
+
+class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
+    def __init__(
+        self, context: NodeContext, outbox: Outbox, sessions: sessionmaker[Session], endpoint: str
+    ) -> None:
+        self.context = context
+        self.outbox = outbox
+        self.sessions = sessions
+        self.endpoint = endpoint
+
+    async def Submit(
+        self, request: admin_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SubmitResponse:
+        async with domain_errors(context, "Submit"):
+            try:
+                body = json.loads(request.body_json or "{}")
+            except json.JSONDecodeError as error:
+                raise ExchangeError(Reason.INVALID, f"body is not valid JSON: {error}") from None
+            if not isinstance(body, dict):
+                raise ExchangeError(Reason.INVALID, "body must be a JSON object")
+            submission = Submission(
+                family=request.family,
+                recipients=list(request.recipients),
+                body=body,
+                body_type=request.body_type,
+                case_ref=request.case_ref,
+                in_reply_to=request.in_reply_to,
+                confidentiality=CONFIDENTIALITY_LABELS.get(request.confidentiality, "internal"),
+                attachment_paths=[Path(p) for p in request.attachment_paths],
+                client_key=request.client_key,
+            )
+            message_id = await self.outbox.submit(submission)
+            return admin_pb2.SubmitResponse(message_id=message_id)
+        raise AssertionError("unreachable")
+
+    async def ListItems(
+        self, request: admin_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListItemsResponse:
+        async with domain_errors(context, "ListItems"):
+            direction = "out" if request.direction == request.DIRECTION_OUTBOX else "in"
+            limit = request.limit or 100
+            views = await asyncio.to_thread(self._read, queries.list_items, direction, limit)
+            return admin_pb2.ListItemsResponse(items=[item_message(v) for v in views])
+        raise AssertionError("unreachable")
+
+    async def GetItem(
+        self, request: admin_pb2.GetItemRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Item:
+        async with domain_errors(context, "GetItem"):
+            view = await asyncio.to_thread(self._read, queries.get_item, request.message_id)
+            return item_message(view)
+        raise AssertionError("unreachable")
+
+    async def NodeInfo(
+        self, request: admin_pb2.NodeInfoRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.NodeInfoResponse:
+        async with domain_errors(context, "NodeInfo"):
+            entries, pending = await asyncio.to_thread(self._counts)
+            registry = self.context.registry
+            return admin_pb2.NodeInfoResponse(
+                agency=self.context.agency,
+                endpoint=self.endpoint,
+                registry_serial=registry.serial,
+                registry_expires_at=_time(registry.expires_at),
+                audit_entries=entries,
+                pending_deliveries=pending,
+            )
+        raise AssertionError("unreachable")
+
+    def _read(self, query, *args):  # type: ignore[no-untyped-def]
+        with self.sessions() as session:
+            return query(session, *args)
+
+    def _counts(self) -> tuple[int, int]:
+        with self.sessions() as session:
+            return audit.size(session), queries.pending_deliveries(session)

@@ -1,0 +1,173 @@
+"""The Exchange service: what peers call, over mutual TLS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from node._pb.liandong.v1 import envelope_pb2, exchange_pb2, exchange_pb2_grpc
+from node.envelope import MESSAGE_PAYLOAD_TYPE, EnvelopeError, verify_envelope
+from node.exchange.attachments import CHUNK_SIZE, BlobStore
+from node.exchange.errors import ExchangeError, Reason
+from node.exchange.inbound import PeerIdentity, Receiver
+from node.exchange.messages import parse_message
+from node.pki import SetupError, agency_from_certificate, certificate_fingerprint
+from node.services.status import domain_errors
+
+UNKNOWN_PEER = PeerIdentity("unknown", "")
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> PeerIdentity:
+    """The agency the verified TLS client certificate names."""
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    if not pem:
+        raise ExchangeError(
+            Reason.UNAUTHENTICATED, "no client certificate: peers must connect with mutual TLS"
+        )
+    certificate = x509.load_pem_x509_certificate(pem[0])
+    try:
+        agency = agency_from_certificate(certificate)
+    except SetupError as error:
+        raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+    der = certificate.public_bytes(Encoding.DER)
+    return PeerIdentity(agency, certificate_fingerprint(der))
+
+
+class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
+    def __init__(self, receiver: Receiver, blobs: BlobStore) -> None:
+        self.receiver = receiver
+        self.blobs = blobs
+
+    async def _receive(
+        self, request: envelope_pb2.Envelope, context: grpc.aio.ServicerContext, family: str
+    ) -> exchange_pb2.DeliveryReceipt:
+        async with domain_errors(context, family):
+            peer = await self._peer(request, context)
+            receipt = await self.receiver.receive(request, peer, family)
+            return exchange_pb2.DeliveryReceipt(receipt=receipt)
+        raise AssertionError("unreachable")  # domain_errors aborts
+
+    async def _peer(
+        self, envelope: envelope_pb2.Envelope, context: grpc.aio.ServicerContext
+    ) -> PeerIdentity:
+        try:
+            return peer_identity(context)
+        except ExchangeError as error:
+            await self.receiver.record_rejection(envelope, UNKNOWN_PEER, error)
+            raise
+
+    async def TransferClue(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._receive(request, context, "clue")
+
+    async def TransferCrime(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._receive(request, context, "crime_transfer")
+
+    async def SendNotice(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._receive(request, context, "notice")
+
+    async def RequestEvidence(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._receive(request, context, "evidence_request")
+
+    async def IssueRecommendation(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._receive(request, context, "recommendation")
+
+    async def Reply(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._receive(request, context, "reply")
+
+    async def QueryAttachment(
+        self, request: exchange_pb2.AttachmentQuery, context: grpc.aio.ServicerContext
+    ) -> exchange_pb2.AttachmentStatus:
+        async with domain_errors(context, "QueryAttachment"):
+            peer = await self._peer(request.envelope, context)
+            try:
+                self.receiver.authorize_attachment(
+                    request.envelope, request.sha256, peer, datetime.now(UTC)
+                )
+            except ExchangeError as error:
+                await self.receiver.record_rejection(request.envelope, peer, error)
+                raise
+            sha_hex = request.sha256.hex()
+            return exchange_pb2.AttachmentStatus(
+                sha256=request.sha256,
+                received=self.blobs.held(sha_hex),
+                complete=self.blobs.has(sha_hex),
+            )
+        raise AssertionError("unreachable")
+
+    async def UploadAttachment(
+        self,
+        request_iterator: AsyncIterator[exchange_pb2.AttachmentChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> exchange_pb2.AttachmentStatus:
+        async with domain_errors(context, "UploadAttachment"):
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                raise ExchangeError(
+                    Reason.INVALID, "empty upload: the first chunk must carry the envelope"
+                )
+            peer = await self._peer(first.envelope, context)
+            try:
+                ref = self.receiver.authorize_attachment(
+                    first.envelope, first.sha256, peer, datetime.now(UTC)
+                )
+            except ExchangeError as error:
+                await self.receiver.record_rejection(first.envelope, peer, error)
+                raise
+            upload = self.blobs.begin_upload(first.sha256.hex(), first.offset, ref.size)
+            try:
+                upload.write(first.data)
+                async for chunk in request_iterator:
+                    if len(chunk.data) > CHUNK_SIZE:
+                        upload.abort()
+                        raise ExchangeError(
+                            Reason.TOO_LARGE, f"chunks are at most {CHUNK_SIZE} bytes"
+                        )
+                    upload.write(chunk.data)
+                complete = upload.finish()
+            finally:
+                upload.abort()
+            if complete:
+                await self.receiver.record_attachment(ref, first.envelope, peer)
+            return exchange_pb2.AttachmentStatus(
+                sha256=first.sha256, received=upload.size, complete=complete
+            )
+        raise AssertionError("unreachable")
+
+    async def DownloadAttachment(
+        self, request: exchange_pb2.AttachmentQuery, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[exchange_pb2.AttachmentChunk]:
+        async with domain_errors(context, "DownloadAttachment"):
+            peer = await self._peer(request.envelope, context)
+            self._authorize_download(request, peer)
+            with self.blobs.open(request.sha256.hex()) as source:
+                offset = 0
+                while data := source.read(CHUNK_SIZE):
+                    yield exchange_pb2.AttachmentChunk(
+                        sha256=request.sha256, offset=offset, data=data
+                    )
+                    offset += len(data)
+
+    def _authorize_download(
+        self, request: exchange_pb2.AttachmentQuery, peer: PeerIdentity
+    ) -> None:
+        """A recipient may fetch what this node sent it: the envelope must be ours, to them."""
+        context = self.receiver.context
+        registry = self.receiver.authenticate_peer(peer, datetime.now(UTC))
+        try:
+            verify_envelope(
+                request.envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(context.agency)
+            )
+        except EnvelopeError as error:
+            raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+        message = parse_message(request.envelope.payload)
+        if peer.agency_id not in message.recipients:
+            raise ExchangeError(
+                Reason.PERMISSION_DENIED,
+                f"'{peer.agency_id}' is not a recipient of message {message.message_id}",
+            )
+        if all(ref.sha256 != request.sha256 for ref in message.attachments):
+            raise ExchangeError(Reason.NOT_FOUND, "that digest is not attached to this message")

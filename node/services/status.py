@@ -1,0 +1,40 @@
+"""The one place where domain errors become gRPC status codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+import structlog
+
+from node.exchange.errors import ExchangeError, Reason
+
+log = structlog.get_logger(__name__)
+
+STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
+    Reason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@asynccontextmanager
+async def domain_errors(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
+    """Abort the call with the mapped status; never let an exception take the node down."""
+    try:
+        yield
+    except ExchangeError as error:
+        log.info("refused", rpc=rpc, reason=error.reason.value, error=error.message)
+        await context.abort(STATUS_FOR_REASON[error.reason], error.message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("internal error", rpc=rpc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error in {rpc}; see the node's log"
+        )

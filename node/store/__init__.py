@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy models, sessions, Alembic migrations and the group-commit writer."""

@@ -1,0 +1,104 @@
+"""The node's tables. Envelopes are stored as the exact bytes that were signed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from node.store.db import Base
+
+
+class MessageRecord(Base):
+    """A message this node sent (direction "out") or received (direction "in")."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("message_id", "direction"),
+        Index("ix_messages_direction_stored_at", "direction", "stored_at"),
+        Index("ix_messages_client_key", "client_key", unique=True),
+        Index("ix_messages_pending_handoff", "direction", "handed_off"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(36))
+    direction: Mapped[str] = mapped_column(String(3))
+    sender: Mapped[str] = mapped_column(String(64))
+    recipients: Mapped[str] = mapped_column(Text)  # JSON list
+    family: Mapped[str] = mapped_column(String(32))
+    body_type: Mapped[str] = mapped_column(String(32))
+    case_ref: Mapped[str] = mapped_column(String(128), default="")
+    in_reply_to: Mapped[str] = mapped_column(String(36), default="")
+    confidentiality: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    stored_at: Mapped[datetime]
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    envelope_sha256: Mapped[str] = mapped_column(String(64))
+    # Outbound: the local submitter's idempotency key (drop-folder path, client key).
+    client_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    # Inbound: the receipt we issued, returned verbatim to a retried delivery.
+    receipt: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    log_index: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # Inbound: the local system's reference once a plugin has taken the message.
+    handed_off: Mapped[str | None] = mapped_column(String(1024), default=None)
+
+    deliveries: Mapped[list[DeliveryRecord]] = relationship(
+        back_populates="message", order_by="DeliveryRecord.recipient"
+    )
+
+
+class DeliveryRecord(Base):
+    """One recipient of an outbound message: the transactional outbox row."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("message_pk", "recipient"),
+        Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    recipient: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    receipt: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    receipt_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    receiver_log_index: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+    message: Mapped[MessageRecord] = relationship(back_populates="deliveries")
+
+
+class AttachmentRecord(Base):
+    """A verified file in the content-addressed blob store (blobs/<sha256>)."""
+
+    __tablename__ = "attachments"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    stored_at: Mapped[datetime]
+
+
+class AuditEntryRecord(Base):
+    """One audit-log entry: a self-contained, deterministic byte string (node.audit.log)."""
+
+    __tablename__ = "audit_entries"
+
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    event: Mapped[str] = mapped_column(String(32))
+    message_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    envelope_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    recorded_at: Mapped[datetime]
+    entry: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class NodeStateRecord(Base):
+    """Small durable facts, e.g. the highest registry serial accepted (rollback guard)."""
+
+    __tablename__ = "node_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,1 @@
+"""Liandong agency plugins (ecology, police, procuratorate)."""

@@ -1,0 +1,469 @@
+"""The drop-folder adapter: an agency's local system exchanges JSON files with the node.
+
+Layout under the folder ``root`` (plugin config key ``folder``, default ``local``, relative to
+the node's data directory)::
+
+    root/inbound/<message_id>.json           inbound messages, written by the node
+    root/inbound/<message_id>/<file_name>    their attachments, written before the JSON
+    root/drafts/*.json                       outbound drafts, dropped by the local system
+    root/drafts/processing/                  drafts being submitted (the node's, do not touch)
+    root/drafts/processed/<name>             submitted drafts, <name>.message_id beside each
+    root/drafts/failed/<name>                refused drafts, <name>.error.txt beside each
+    root/receipts/<message_id>--<recipient>.json   delivery confirmations
+
+Everything the node writes appears atomically (temp file named ``.*.tmp`` in the same folder,
+fsync, rename), so the local system never reads half a file; it must write its drafts the same
+way, because files whose names start with ``.`` or end in ``.tmp`` are ignored. The formats are
+documented in docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast, get_args
+
+from node.hookspecs import hookimpl
+from node.plugin_api import (
+    Confidentiality,
+    DeliveryConfirmation,
+    Draft,
+    DraftRejected,
+    InboundItem,
+    NodeAPI,
+)
+
+__all__ = ["DraftOutcome", "DropFolder", "DropFolderPlugin", "draft_from_json"]
+
+_CONFIDENTIALITY: tuple[str, ...] = get_args(Confidentiality)
+_DRAFT_KEYS = frozenset(
+    [
+        "family",
+        "to",
+        "body_type",
+        "body",
+        "case_ref",
+        "in_reply_to",
+        "confidentiality",
+        "attachments",
+    ]
+)
+_UNSAFE_CHARS = re.compile(r"[^\w.\-]")
+_COPY_CHUNK = 1 << 20
+
+
+class DraftError(ValueError):
+    """A draft file cannot become a :class:`Draft`; the message names the field and problem."""
+
+
+@dataclass(frozen=True)
+class DraftOutcome:
+    """What happened to one draft file during :meth:`DropFolder.collect_drafts`."""
+
+    path: Path
+    """Where the file is now: in ``processed/``, ``failed/``, or still in ``processing/`` when
+    the node could not take it right now and it will be retried on the next poll."""
+    message_id: str | None = None
+    error: str | None = None
+
+
+def _rfc3339(value: datetime) -> str:
+    # A naive datetime from the node is UTC by convention; astimezone() would take it as
+    # local time and shift it by eight hours on a server set to Asia/Shanghai.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def safe_file_name(name: str, fallback: str = "file") -> str:
+    """A name that stays inside its folder: no separators, no ``..``, no leading dot.
+
+    Inbound attachment names come from another agency; a name like ``../../etc/cron.d/x``
+    must not write outside the message's folder.
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable())
+    base = _UNSAFE_CHARS.sub("_", base).lstrip(".")
+    return base or fallback
+
+
+def _slug(value: str, fallback: str) -> str:
+    """``value`` as one file-name component, e.g. ``procuratorate/sz`` -> ``procuratorate_sz``."""
+    return _UNSAFE_CHARS.sub("_", value).lstrip(".") or fallback
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path) -> Iterator[Any]:
+    """Yield a binary file object; on success it replaces ``target`` atomically."""
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    # Rewriting identical content is skipped so a repeated hand-off does not touch the file
+    # (local systems often watch modification times).
+    with contextlib.suppress(OSError):
+        if target.read_bytes() == data:
+            return
+    with _atomic_file(target) as fh:
+        fh.write(data)
+
+
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    return (json.dumps(value, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    """``directory/name``, or ``name`` with ``-1``, ``-2``... before the suffix if taken."""
+    target = directory / name
+    stem, suffix = os.path.splitext(name)
+    n = 0
+    while target.exists():
+        n += 1
+        target = directory / f"{stem}-{n}{suffix}"
+    return target
+
+
+def _is_draft_name(name: str) -> bool:
+    return name.endswith(".json") and not name.startswith(".") and not name.endswith(".tmp")
+
+
+def _optional_str(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise DraftError(f"field {key!r}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def draft_from_json(data: object, *, base_dir: Path, root: Path, source: str) -> Draft:
+    """Validate a parsed draft file and build the :class:`Draft`.
+
+    :param base_dir: the folder the draft was dropped in; attachment paths are relative to it.
+    :param root: attachments must resolve inside this folder, so a draft cannot make the node
+        send an arbitrary file of the server.
+    :raises DraftError: naming the field and the problem.
+    """
+    if not isinstance(data, dict):
+        raise DraftError(f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - _DRAFT_KEYS)
+    if unknown:
+        # Rejecting unknown keys catches typos such as "recipients" for "to" or "caseref",
+        # which would otherwise send a message without the intended field.
+        raise DraftError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(_DRAFT_KEYS))}"
+        )
+    family = data.get("family")
+    if not isinstance(family, str) or not family:
+        raise DraftError("field 'family': required, a non-empty string")
+    to = data.get("to")
+    if not isinstance(to, list) or not to:
+        raise DraftError("field 'to': required, a non-empty list of agency ids")
+    for i, recipient in enumerate(to):
+        if not isinstance(recipient, str) or not recipient:
+            raise DraftError(f"field 'to[{i}]': expected a non-empty agency id string")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise DraftError("field 'body': required, a JSON object")
+    confidentiality = data.get("confidentiality", "internal")
+    if confidentiality not in _CONFIDENTIALITY:
+        raise DraftError(
+            f"field 'confidentiality': {confidentiality!r} is not one of "
+            f"{', '.join(_CONFIDENTIALITY)}"
+        )
+    raw_attachments = data.get("attachments", [])
+    if not isinstance(raw_attachments, list):
+        raise DraftError("field 'attachments': expected a list of relative paths")
+    attachments: list[Path] = []
+    resolved_root = root.resolve()
+    for i, rel in enumerate(raw_attachments):
+        field = f"attachments[{i}]"
+        if not isinstance(rel, str) or not rel:
+            raise DraftError(f"field {field!r}: expected a relative path string")
+        if Path(rel).is_absolute():
+            raise DraftError(f"field {field!r}: {rel!r} must be relative to the draft's folder")
+        path = (base_dir / rel).resolve()
+        if not path.is_relative_to(resolved_root):
+            raise DraftError(f"field {field!r}: {rel!r} points outside the drop folder")
+        if not path.is_file():
+            raise DraftError(f"field {field!r}: file not found: {path}")
+        attachments.append(path)
+    return Draft(
+        family=family,
+        recipients=tuple(to),
+        body=body,
+        body_type=_optional_str(data, "body_type"),
+        case_ref=_optional_str(data, "case_ref"),
+        in_reply_to=_optional_str(data, "in_reply_to"),
+        confidentiality=cast(Confidentiality, confidentiality),
+        attachments=tuple(attachments),
+        source=source,
+    )
+
+
+class DropFolder:
+    """One drop folder; every method may be called again after a crash with the same result."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inbound = root / "inbound"
+        self.drafts = root / "drafts"
+        self.processing = self.drafts / "processing"
+        self.processed = self.drafts / "processed"
+        self.failed = self.drafts / "failed"
+        self.receipts = root / "receipts"
+
+    def ensure_folders(self) -> None:
+        for folder in (
+            self.inbound,
+            self.drafts,
+            self.processing,
+            self.processed,
+            self.failed,
+            self.receipts,
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    def inbound_path(self, message_id: str) -> Path:
+        return self.inbound / f"{_slug(message_id, 'message')}.json"
+
+    def write_inbound(self, item: InboundItem) -> Path:
+        """Write ``item`` (attachments first, then the JSON) and return the JSON's path."""
+        self.inbound.mkdir(parents=True, exist_ok=True)
+        target = self.inbound_path(item.message_id)
+        attachment_dir = self.inbound / target.stem
+        attachments: list[dict[str, Any]] = []
+        used: set[str] = set()
+        for i, attachment in enumerate(item.attachments):
+            name = safe_file_name(attachment.file_name, f"attachment-{i + 1}")
+            if name in used:
+                stem, suffix = os.path.splitext(name)
+                name = f"{stem}-{i + 1}{suffix}"
+            used.add(name)
+            attachment_dir.mkdir(exist_ok=True)
+            copy = attachment_dir / name
+            self._copy_verified(attachment.path, copy, attachment.sha256, attachment.size)
+            attachments.append(
+                {
+                    "file_name": attachment.file_name,
+                    "sha256": attachment.sha256,
+                    "size": attachment.size,
+                    "media_type": attachment.media_type,
+                    "path": str(copy.absolute()),
+                }
+            )
+        document = {
+            "message_id": item.message_id,
+            "family": item.family,
+            "body_type": item.body_type,
+            "sender": item.sender,
+            "recipients": list(item.recipients),
+            "created_at": _rfc3339(item.created_at),
+            "received_at": _rfc3339(item.received_at),
+            "case_ref": item.case_ref,
+            "in_reply_to": item.in_reply_to,
+            "confidentiality": item.confidentiality,
+            "envelope_sha256": item.envelope_sha256,
+            "body": dict(item.body),
+            "attachments": attachments,
+        }
+        # The JSON goes last: once the local system sees it, every attachment is complete.
+        _write_atomic(target, _json_bytes(document))
+        return target
+
+    @staticmethod
+    def _copy_verified(source: Path, target: Path, sha256: str, size: int) -> None:
+        if (
+            target.is_file()
+            and target.stat().st_size == size
+            and _sha256_file(target) == sha256.lower()
+        ):
+            return
+        with _atomic_file(target) as out, source.open("rb") as src:
+            digest = hashlib.sha256()
+            while chunk := src.read(_COPY_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+            # Re-hashing while copying costs nothing extra and means the local system never
+            # gets a file that differs from what the sender signed.
+            if digest.hexdigest() != sha256.lower():
+                raise ValueError(f"attachment {source} does not match its sha256 {sha256}")
+
+    # -- drafts ------------------------------------------------------------------------------
+
+    def collect_drafts(self, submit: Callable[[Draft], str]) -> list[DraftOutcome]:
+        """Submit every waiting draft, in name order; return what happened to each.
+
+        Drafts left in ``processing/`` by an earlier crash go first. A bad draft goes to
+        ``failed/`` and never blocks the others. An unexpected exception from ``submit``
+        (the node cannot take it now) leaves the draft in ``processing/`` for the next poll.
+        """
+        self.ensure_folders()
+        outcomes: list[DraftOutcome] = []
+        for leftover in sorted(p for p in self.processing.iterdir() if _is_draft_name(p.name)):
+            outcomes.append(self._process(leftover, submit))
+        for dropped in sorted(p for p in self.drafts.iterdir() if _is_draft_name(p.name)):
+            if not dropped.is_file():
+                continue
+            claimed = self.processing / dropped.name
+            if claimed.exists():
+                # A draft of the same name is still waiting to be retried; take this one on a
+                # later poll rather than overwrite it.
+                continue
+            # Claim the file before submitting: if the node crashes after submit returns, the
+            # draft is found in processing/ on restart instead of being submitted as new.
+            os.replace(dropped, claimed)
+            outcomes.append(self._process(claimed, submit))
+        return outcomes
+
+    def _source(self, path: Path, raw: bytes) -> str:
+        # The node maps a non-empty `source` to an idempotency key and returns the same
+        # message id when it sees the key again; a draft resubmitted after a crash therefore
+        # is not sent twice. The content digest is part of the key so that a *different*
+        # draft later dropped under a reused file name is a new message, not a duplicate.
+        return f"{self.drafts / path.name}#sha256={hashlib.sha256(raw).hexdigest()}"
+
+    def _process(self, path: Path, submit: Callable[[Draft], str]) -> DraftOutcome:
+        try:
+            raw = path.read_bytes()
+            try:
+                # utf-8-sig: Windows tools on agency desktops often write a byte-order mark.
+                data = json.loads(raw.decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DraftError(f"not valid UTF-8 JSON: {exc}") from exc
+            draft = draft_from_json(
+                data, base_dir=self.drafts, root=self.root, source=self._source(path, raw)
+            )
+        except (DraftError, OSError) as exc:
+            return self._fail(path, str(exc))
+        try:
+            message_id = submit(draft)
+        except DraftRejected as exc:
+            return self._fail(path, f"rejected by the node: {exc}")
+        except Exception as exc:
+            # Not the draft's fault (database down, node shutting down): keep it claimed and
+            # retry on the next poll with the same source.
+            return DraftOutcome(path=path, error=f"will retry: {type(exc).__name__}: {exc}")
+        target = _free_name(self.processed, path.name)
+        # Sidecar first: a crash between the two steps leaves the draft in processing/, and
+        # the retry rewrites the same sidecar with the same message id.
+        _write_atomic(target.with_name(target.name + ".message_id"), f"{message_id}\n".encode())
+        os.replace(path, target)
+        _fsync_dir(self.processed)
+        return DraftOutcome(path=target, message_id=message_id)
+
+    def _fail(self, path: Path, problem: str) -> DraftOutcome:
+        target = _free_name(self.failed, path.name)
+        error = f"{self.drafts / path.name}: {problem}"
+        _write_atomic(target.with_name(target.name + ".error.txt"), f"{error}\n".encode())
+        os.replace(path, target)
+        _fsync_dir(self.failed)
+        return DraftOutcome(path=target, error=error)
+
+    # -- receipts ----------------------------------------------------------------------------
+
+    def write_confirmation(self, c: DeliveryConfirmation) -> Path:
+        self.receipts.mkdir(parents=True, exist_ok=True)
+        name = f"{_slug(c.message_id, 'message')}--{_slug(c.recipient, 'recipient')}.json"
+        target = self.receipts / name
+        document = {
+            "message_id": c.message_id,
+            "recipient": c.recipient,
+            "delivered_at": _rfc3339(c.delivered_at),
+            "receipt_sha256": c.receipt_sha256,
+            "receiver_log_index": c.receiver_log_index,
+        }
+        _write_atomic(target, _json_bytes(document))
+        return target
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DropFolderPlugin:
+    """The hook implementations shared by the built-in agency plugins.
+
+    An agency module binds them to its name, which selects its ``[plugins.<name>]`` table::
+
+        _plugin = DropFolderPlugin("police")
+        liandong_node_started = _plugin.liandong_node_started
+        ...
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def folder(self, api: NodeAPI) -> DropFolder:
+        configured = api.plugin_config(self.name).get("folder", "local")
+        if not isinstance(configured, str) or not configured:
+            raise ValueError(f"[plugins.{self.name}] folder: expected a non-empty path string")
+        return DropFolder(api.data_dir / configured)
+
+    @hookimpl
+    def liandong_node_started(self, api: NodeAPI) -> None:
+        folder = self.folder(api)
+        folder.ensure_folders()
+        api.log.info("drop folder ready", plugin=self.name, folder=str(folder.root))
+
+    @hookimpl
+    def liandong_poll_local_system(self, api: NodeAPI) -> None:
+        for outcome in self.folder(api).collect_drafts(api.submit):
+            if outcome.message_id is not None:
+                api.log.info(
+                    "draft submitted",
+                    plugin=self.name,
+                    file=str(outcome.path),
+                    message_id=outcome.message_id,
+                )
+            else:
+                api.log.warning(
+                    "draft not submitted",
+                    plugin=self.name,
+                    file=str(outcome.path),
+                    error=outcome.error,
+                )
+
+    @hookimpl
+    def liandong_hand_off(self, item: InboundItem, api: NodeAPI) -> str | None:
+        if api.agency not in item.recipients:
+            return None
+        return str(self.folder(api).write_inbound(item))
+
+    @hookimpl
+    def liandong_delivery_confirmed(self, confirmation: DeliveryConfirmation, api: NodeAPI) -> None:
+        self.folder(api).write_confirmation(confirmation)

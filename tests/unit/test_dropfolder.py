@@ -1,0 +1,449 @@
+"""The drop-folder adapter and the built-in plugins' hooks, on real files in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from node.plugin_api import (
+    AttachmentFile,
+    DeliveryConfirmation,
+    Draft,
+    DraftRejected,
+    InboundItem,
+)
+from plugins import police
+from plugins.dropfolder import DropFolder, safe_file_name
+
+NOW = datetime(2025, 3, 1, 2, 15, tzinfo=UTC)
+
+
+class Submitter:
+    """Stands in for NodeAPI.submit, including its dedup on `source`."""
+
+    def __init__(self, reject: Mapping[str, str] | None = None) -> None:
+        self.reject = dict(reject or {})
+        self.calls: list[Draft] = []
+        self.by_source: dict[str, str] = {}
+
+    def __call__(self, draft: Draft) -> str:
+        self.calls.append(draft)
+        reason = self.reject.get(draft.body.get("title", ""))
+        if reason:
+            raise DraftRejected(reason)
+        if draft.source not in self.by_source:
+            self.by_source[draft.source] = f"msg-{len(self.by_source) + 1}"
+        return self.by_source[draft.source]
+
+
+class FakeAPI:
+    def __init__(self, data_dir: Path, config: Mapping[str, Any] | None = None) -> None:
+        self._data_dir = data_dir
+        self._config = dict(config or {})
+        self.submitter = Submitter()
+
+    @property
+    def agency(self) -> str:
+        return "police.sz"
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        return self._config if name == "police" else {}
+
+    def submit(self, draft: Draft) -> str:
+        return self.submitter(draft)
+
+    @property
+    def log(self) -> Any:
+        return structlog.get_logger()
+
+
+def make_attachment(tmp_path: Path, name: str, data: bytes) -> AttachmentFile:
+    store = tmp_path / "node-store"
+    store.mkdir(exist_ok=True)
+    path = store / hashlib.sha256(data).hexdigest()
+    path.write_bytes(data)
+    return AttachmentFile(
+        file_name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        media_type="application/pdf",
+        path=path,
+    )
+
+
+def make_item(
+    attachments: tuple[AttachmentFile, ...] = (), recipients: tuple[str, ...] = ("police.sz",)
+) -> InboundItem:
+    return InboundItem(
+        message_id="01J9Z3K6N2",
+        family="crime_transfer",
+        body_type="crime_transfer",
+        sender="ecology.sz",
+        recipients=recipients,
+        created_at=NOW.astimezone(timezone(timedelta(hours=8))),
+        received_at=NOW.replace(tzinfo=None),
+        case_ref="深环罚〔2025〕12号",
+        in_reply_to="",
+        confidentiality="confidential",
+        body={"title": "非法倾倒危险废物", "facts": "5 t"},
+        attachments=attachments,
+        envelope_sha256="ab" * 32,
+    )
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp"))
+
+
+def drop(folder: DropFolder, name: str, content: object | str) -> Path:
+    folder.drafts.mkdir(parents=True, exist_ok=True)
+    path = folder.drafts / name
+    text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD = {"family": "clue", "to": ["procuratorate.sz"], "body": {"title": "good"}}
+
+
+# -- inbound -------------------------------------------------------------------------------
+
+
+def test_write_inbound_content(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    path = folder.write_inbound(make_item())
+    assert path == tmp_path / "local" / "inbound" / "01J9Z3K6N2.json"
+    text = path.read_text(encoding="utf-8")
+    assert "非法倾倒危险废物" in text  # ensure_ascii=False
+    assert text.startswith("{\n  ")  # indented
+    doc = json.loads(text)
+    assert doc["created_at"] == "2025-03-01T02:15:00Z"
+    assert doc["received_at"] == "2025-03-01T02:15:00Z"  # naive taken as UTC
+    assert doc["recipients"] == ["police.sz"]
+    assert doc["confidentiality"] == "confidential"
+    assert doc["envelope_sha256"] == "ab" * 32
+    assert doc["body"] == {"title": "非法倾倒危险废物", "facts": "5 t"}
+    assert doc["attachments"] == []
+    assert set(doc) == {
+        "message_id",
+        "family",
+        "body_type",
+        "sender",
+        "recipients",
+        "created_at",
+        "received_at",
+        "case_ref",
+        "in_reply_to",
+        "confidentiality",
+        "envelope_sha256",
+        "body",
+        "attachments",
+    }
+
+
+def test_write_inbound_is_idempotent_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    item = make_item((make_attachment(tmp_path, "report.pdf", b"%PDF-1 data"),))
+    first = folder.write_inbound(item)
+    content = first.read_bytes()
+    mtime = first.stat().st_mtime_ns
+    second = folder.write_inbound(item)
+    assert second == first
+    assert second.read_bytes() == content
+    assert second.stat().st_mtime_ns == mtime  # identical content is not rewritten
+    assert sorted(p.name for p in folder.inbound.iterdir()) == ["01J9Z3K6N2", "01J9Z3K6N2.json"]
+    assert leftovers(folder.root) == []
+
+
+def test_write_inbound_replaces_a_stale_file_atomically(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    folder.inbound.mkdir(parents=True)
+    (folder.inbound / "01J9Z3K6N2.json").write_text("half a fi", encoding="utf-8")
+    path = folder.write_inbound(make_item())
+    assert json.loads(path.read_text(encoding="utf-8"))["message_id"] == "01J9Z3K6N2"
+    assert leftovers(folder.root) == []
+
+
+def test_write_inbound_copies_attachments(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    report = make_attachment(tmp_path, "监测报告.pdf", b"%PDF-1 monitoring")
+    photo = make_attachment(tmp_path, "photo.jpg", b"\xff\xd8 jpeg")
+    doc = json.loads(folder.write_inbound(make_item((report, photo))).read_text("utf-8"))
+    copies = [Path(a["path"]) for a in doc["attachments"]]
+    assert copies == [
+        folder.inbound / "01J9Z3K6N2" / "监测报告.pdf",
+        folder.inbound / "01J9Z3K6N2" / "photo.jpg",
+    ]
+    assert copies[0].read_bytes() == b"%PDF-1 monitoring"
+    assert doc["attachments"][0] == {
+        "file_name": "监测报告.pdf",
+        "sha256": report.sha256,
+        "size": report.size,
+        "media_type": "application/pdf",
+        "path": str(copies[0]),
+    }
+
+
+def test_write_inbound_refuses_a_corrupted_attachment(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    attachment = make_attachment(tmp_path, "a.pdf", b"original")
+    attachment.path.write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        folder.write_inbound(make_item((attachment,)))
+    assert not (folder.inbound / "01J9Z3K6N2.json").exists()
+    assert leftovers(folder.root) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\boot.ini", "boot.ini"),
+        ("..", "file"),
+        (".hidden", "hidden"),
+        ("a/b/../c.pdf", "c.pdf"),
+        ("报告 1.pdf", "报告_1.pdf"),
+        ("nul\x00byte.txt", "nulbyte.txt"),
+        ("", "file"),
+    ],
+)
+def test_safe_file_name(name: str, expected: str) -> None:
+    assert safe_file_name(name) == expected
+
+
+def test_write_inbound_sanitizes_attachment_names(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    evil = make_attachment(tmp_path, "../../../escape.sh", b"#!/bin/sh")
+    dup = make_attachment(tmp_path, "sub/escape.sh", b"#!/bin/sh other")
+    dots = make_attachment(tmp_path, "..", b"dots")
+    doc = json.loads(folder.write_inbound(make_item((evil, dup, dots))).read_text("utf-8"))
+    paths = [Path(a["path"]) for a in doc["attachments"]]
+    assert [p.name for p in paths] == ["escape.sh", "escape-2.sh", "attachment-3"]
+    assert all(p.parent == folder.inbound / "01J9Z3K6N2" for p in paths)
+    assert not (tmp_path / "escape.sh").exists()
+    assert doc["attachments"][0]["file_name"] == "../../../escape.sh"  # the sender's name
+
+
+# -- drafts --------------------------------------------------------------------------------
+
+
+def test_good_draft_is_submitted_and_processed(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    (tmp_path / "local" / "drafts" / "evidence").mkdir(parents=True)
+    (tmp_path / "local" / "drafts" / "evidence" / "photo.jpg").write_bytes(b"jpeg")
+    draft_json = {
+        **GOOD,
+        "body_type": "",
+        "case_ref": "C-1",
+        "in_reply_to": "m0",
+        "confidentiality": "confidential",
+        "attachments": ["evidence/photo.jpg"],
+    }
+    drop(folder, "001.json", draft_json)
+    submit = Submitter()
+    outcomes = folder.collect_drafts(submit)
+    assert [(o.path, o.message_id, o.error) for o in outcomes] == [
+        (folder.processed / "001.json", "msg-1", None)
+    ]
+    (draft,) = submit.calls
+    assert draft.family == "clue"
+    assert draft.recipients == ("procuratorate.sz",)
+    assert draft.body == {"title": "good"}
+    assert draft.case_ref == "C-1"
+    assert draft.in_reply_to == "m0"
+    assert draft.confidentiality == "confidential"
+    assert draft.attachments == ((folder.drafts / "evidence" / "photo.jpg").resolve(),)
+    assert draft.attachments[0].is_absolute()
+    assert str(folder.drafts / "001.json") in draft.source
+    assert (folder.processed / "001.json.message_id").read_text() == "msg-1\n"
+    assert not (folder.drafts / "001.json").exists()
+    assert list(folder.processing.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"family": "clue", "to": [', "not valid UTF-8 JSON"),
+        ('["not", "an", "object"]', "expected a JSON object"),
+        ({"to": ["x"], "body": {}}, "field 'family'"),
+        ({"family": "clue", "to": "procuratorate.sz", "body": {}}, "field 'to'"),
+        ({"family": "clue", "to": [3], "body": {}}, "field 'to[0]'"),
+        ({"family": "clue", "to": ["x"]}, "field 'body'"),
+        ({"family": "clue", "to": ["x"], "body": {}, "case_ref": 7}, "field 'case_ref'"),
+        ({**GOOD, "confidentiality": "secret"}, "field 'confidentiality'"),
+        ({**GOOD, "recipients": ["x"]}, "unknown field(s) 'recipients'"),
+        ({**GOOD, "attachments": ["missing.pdf"]}, "field 'attachments[0]': file not found"),
+        ({**GOOD, "attachments": "a.pdf"}, "field 'attachments'"),
+        ({**GOOD, "attachments": ["/etc/hostname"]}, "must be relative"),
+        ({**GOOD, "attachments": ["../../outside.txt"]}, "outside the drop folder"),
+        ({**GOOD, "body": {"title": "bad-recipient"}}, "rejected by the node: to[0]: unknown"),
+    ],
+)
+def test_bad_draft_goes_to_failed_and_does_not_block_others(
+    tmp_path: Path, content: object, problem: str
+) -> None:
+    folder = DropFolder(tmp_path / "local")
+    (tmp_path / "outside.txt").write_text("secret", encoding="utf-8")
+    drop(folder, "001-bad.json", content)
+    drop(folder, "002-good.json", GOOD)
+    submit = Submitter(reject={"bad-recipient": "to[0]: unknown agency 'x'"})
+    outcomes = folder.collect_drafts(submit)
+    bad, good = outcomes
+    assert bad.message_id is None
+    assert bad.path == folder.failed / "001-bad.json"
+    assert bad.error is not None
+    assert problem in bad.error
+    error_text = (folder.failed / "001-bad.json.error.txt").read_text(encoding="utf-8")
+    assert str(folder.drafts / "001-bad.json") in error_text  # names the file
+    assert problem in error_text
+    assert good.message_id == "msg-1"
+    assert (folder.processed / "002-good.json").exists()
+    assert sorted(p.name for p in folder.drafts.iterdir() if p.is_file()) == []
+
+
+def test_drafts_are_processed_in_name_order(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    for name in ["b.json", "c.json", "a.json"]:
+        drop(folder, name, {**GOOD, "body": {"title": name}})
+    submit = Submitter()
+    folder.collect_drafts(submit)
+    assert [d.body["title"] for d in submit.calls] == ["a.json", "b.json", "c.json"]
+
+
+def test_ignored_names_are_left_alone(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    for name in [".x.json", "x.tmp", "x.json.tmp", "notes.txt"]:
+        drop(folder, name, GOOD)
+    submit = Submitter()
+    assert folder.collect_drafts(submit) == []
+    assert submit.calls == []
+    assert sorted(p.name for p in folder.drafts.iterdir() if p.is_file()) == [
+        ".x.json",
+        "notes.txt",
+        "x.json.tmp",
+        "x.tmp",
+    ]
+
+
+def test_draft_left_in_processing_is_resubmitted_with_the_same_source(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    drop(folder, "001.json", GOOD)
+    submit = Submitter()
+
+    # Simulate a crash after the node accepted the draft but before the file moved on.
+    def crash_after_submit(draft: Draft) -> str:
+        submit(draft)
+        raise SystemExit("node killed")
+
+    with pytest.raises(SystemExit):
+        folder.collect_drafts(crash_after_submit)
+    assert (folder.processing / "001.json").exists()
+
+    outcomes = folder.collect_drafts(submit)
+    first, second = submit.calls
+    assert second.source == first.source
+    assert [o.message_id for o in outcomes] == ["msg-1"]  # the same message, not a second one
+    assert (folder.processed / "001.json.message_id").read_text() == "msg-1\n"
+    assert list(folder.processing.iterdir()) == []
+
+
+def test_reused_draft_name_with_new_content_is_a_new_message(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    submit = Submitter()
+    drop(folder, "daily.json", GOOD)
+    folder.collect_drafts(submit)
+    drop(folder, "daily.json", {**GOOD, "body": {"title": "next day"}})
+    (outcome,) = folder.collect_drafts(submit)
+    assert outcome.message_id == "msg-2"
+    assert outcome.path == folder.processed / "daily-1.json"
+    assert (folder.processed / "daily.json.message_id").read_text() == "msg-1\n"
+
+
+def test_transient_submit_error_keeps_the_draft_for_retry(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    drop(folder, "001.json", GOOD)
+
+    def unavailable(draft: Draft) -> str:
+        raise ConnectionError("database unavailable")
+
+    (outcome,) = folder.collect_drafts(unavailable)
+    assert outcome.path == folder.processing / "001.json"
+    assert outcome.error is not None
+    assert "will retry" in outcome.error
+    assert list(folder.failed.iterdir()) == []
+    (retried,) = folder.collect_drafts(Submitter())
+    assert retried.message_id == "msg-1"
+
+
+def test_draft_with_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    folder.drafts.mkdir(parents=True)
+    (folder.drafts / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())
+    (outcome,) = folder.collect_drafts(Submitter())
+    assert outcome.message_id == "msg-1"
+
+
+# -- receipts ------------------------------------------------------------------------------
+
+
+def test_write_confirmation(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    confirmation = DeliveryConfirmation(
+        message_id="01J9Z3K6N2",
+        recipient="procuratorate/sz",
+        delivered_at=NOW,
+        receipt_sha256="cd" * 32,
+        receiver_log_index=4711,
+    )
+    path = folder.write_confirmation(confirmation)
+    assert path == folder.receipts / "01J9Z3K6N2--procuratorate_sz.json"
+    assert json.loads(path.read_text(encoding="utf-8")) == {
+        "message_id": "01J9Z3K6N2",
+        "recipient": "procuratorate/sz",
+        "delivered_at": "2025-03-01T02:15:00Z",
+        "receipt_sha256": "cd" * 32,
+        "receiver_log_index": 4711,
+    }
+    assert folder.write_confirmation(confirmation) == path
+    assert os.listdir(folder.receipts) == [path.name]
+
+
+# -- the built-in plugin's hooks -----------------------------------------------------------
+
+
+def test_police_plugin_hooks_use_the_configured_folder(tmp_path: Path) -> None:
+    api = FakeAPI(tmp_path, {"folder": "case-system"})
+    root = tmp_path / "case-system"
+
+    police.liandong_node_started(api)
+    assert (root / "drafts" / "failed").is_dir()
+    assert (root / "receipts").is_dir()
+
+    drop(DropFolder(root), "001.json", GOOD)
+    police.liandong_poll_local_system(api)
+    assert [d.family for d in api.submitter.calls] == ["clue"]
+
+    assert police.liandong_hand_off(make_item(), api) == str(root / "inbound" / "01J9Z3K6N2.json")
+    assert police.liandong_hand_off(make_item(recipients=("ecology.sz",)), api) is None
+
+    police.liandong_delivery_confirmed(
+        DeliveryConfirmation("m1", "ecology.sz", NOW, "00" * 32, 1), api
+    )
+    assert (root / "receipts" / "m1--ecology.sz.json").exists()
+
+
+def test_plugin_folder_must_be_a_string(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\[plugins.police\] folder"):
+        police.liandong_node_started(FakeAPI(tmp_path, {"folder": 3}))

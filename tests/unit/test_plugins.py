@@ -1,0 +1,260 @@
+"""Plugin loading, hook semantics, and the meta-test that every hook is tested and documented."""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+import structlog
+
+from node import hookspecs
+from node.hookspecs import hookimpl
+from node.plugin_api import Draft, InboundItem, NodeAPI
+from node.plugins import ENTRY_POINT_GROUP, PluginError, PluginHooks, load_plugin_manager
+
+REPO = Path(__file__).resolve().parents[2]
+BUILTINS = {"ecology", "police", "procuratorate"}
+
+
+class FakeAPI:
+    def __init__(self, data_dir: Path, agency: str = "police.sz") -> None:
+        self._data_dir = data_dir
+        self._agency = agency
+        self.submitted: list[Draft] = []
+
+    @property
+    def agency(self) -> str:
+        return self._agency
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        return {}
+
+    def submit(self, draft: Draft) -> str:
+        self.submitted.append(draft)
+        return f"m{len(self.submitted)}"
+
+    @property
+    def log(self) -> Any:
+        return structlog.get_logger()
+
+
+def make_item(recipients: tuple[str, ...] = ("police.sz",)) -> InboundItem:
+    now = datetime(2025, 3, 1, 2, 15, tzinfo=UTC)
+    return InboundItem(
+        message_id="msg-1",
+        family="crime_transfer",
+        body_type="crime_transfer",
+        sender="ecology.sz",
+        recipients=recipients,
+        created_at=now,
+        received_at=now,
+        case_ref="",
+        in_reply_to="",
+        confidentiality="internal",
+        body={"title": "t"},
+        attachments=(),
+        envelope_sha256="00" * 32,
+    )
+
+
+def plugin(**hooks: Any) -> types.SimpleNamespace:
+    """A plugin object whose attributes are the given hook implementations."""
+    return types.SimpleNamespace(**{name: hookimpl(fn) for name, fn in hooks.items()})
+
+
+def test_fake_api_satisfies_protocol(tmp_path: Path) -> None:
+    assert isinstance(FakeAPI(tmp_path), NodeAPI)
+
+
+def test_entry_points_load_the_builtins() -> None:
+    pm = load_plugin_manager()
+    assert set(PluginHooks(pm).names) >= BUILTINS
+    assert ENTRY_POINT_GROUP == hookspecs.PROJECT_NAME == "liandong"
+
+
+def test_enabled_keeps_only_named_plugins() -> None:
+    pm = load_plugin_manager(enabled=["police"])
+    assert PluginHooks(pm).names == ["police"]
+
+
+def test_enabled_unknown_name_is_a_plugin_error() -> None:
+    with pytest.raises(PluginError, match=r"'polize'.*installed: .*police"):
+        load_plugin_manager(enabled=["police", "polize"])
+
+
+def test_misspelt_hook_fails_check_pending() -> None:
+    typo = plugin(liandong_hand_of=lambda item, api: "x")
+    with pytest.raises(PluginError, match="liandong_hand_of"):
+        load_plugin_manager(enabled=[], extra=[typo])
+
+
+def test_wrong_argument_name_fails_at_registration() -> None:
+    bad = plugin(liandong_hand_off=lambda message, api: "x")
+    with pytest.raises(PluginError, match="message"):
+        load_plugin_manager(enabled=[], extra=[bad])
+
+
+def test_liandong_hand_off_first_result_wins(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def declines(item: InboundItem) -> None:
+        calls.append("declines")
+        return None
+
+    def takes(item: InboundItem) -> str:
+        calls.append("takes")
+        return "case-42"
+
+    def never_asked(item: InboundItem) -> str:
+        calls.append("never_asked")
+        return "other"
+
+    # pluggy calls the last registered first.
+    extra = [
+        plugin(liandong_hand_off=never_asked),
+        plugin(liandong_hand_off=takes),
+        plugin(liandong_hand_off=declines),
+    ]
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=extra))
+    assert hooks.hand_off(make_item(), FakeAPI(tmp_path)) == "case-42"
+    assert calls == ["declines", "takes"]
+
+
+def test_liandong_hand_off_none_when_nobody_takes_it(tmp_path: Path) -> None:
+    hooks = PluginHooks(load_plugin_manager(enabled=["police"]))
+    # Addressed to another agency: the police plugin declines.
+    assert hooks.hand_off(make_item(("procuratorate.sz",)), FakeAPI(tmp_path)) is None
+
+
+def test_liandong_hand_off_exception_propagates_for_retry(tmp_path: Path) -> None:
+    def broken(item: InboundItem) -> str:
+        raise OSError("disk full")
+
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=[plugin(liandong_hand_off=broken)]))
+    with pytest.raises(OSError, match="disk full"):
+        hooks.hand_off(make_item(), FakeAPI(tmp_path))
+
+
+def test_broadcast_hooks_isolate_a_failing_plugin(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def fails(api: NodeAPI) -> None:
+        raise RuntimeError("local system down")
+
+    extra = [
+        plugin(
+            liandong_node_started=lambda api: seen.append("started"),
+            liandong_poll_local_system=lambda api: seen.append("polled"),
+            liandong_delivery_confirmed=lambda confirmation: seen.append("confirmed"),
+        ),
+        plugin(liandong_node_started=fails, liandong_poll_local_system=fails),
+    ]
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=extra))
+    api = FakeAPI(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        hooks.node_started(api)
+        hooks.poll_local_system(api)
+        hooks.delivery_confirmed(object(), api)  # type: ignore[arg-type]
+    assert seen == ["started", "polled", "confirmed"]
+    failures = [entry for entry in logs if entry["event"] == "plugin hook failed"]
+    assert [f["hook"] for f in failures] == [
+        "liandong_node_started",
+        "liandong_poll_local_system",
+    ]
+
+
+def test_broadcast_with_a_wrapper_still_calls_every_plugin(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def around(api: NodeAPI) -> Any:
+        seen.append("before")
+        yield
+        seen.append("after")
+
+    wrapper = types.SimpleNamespace(liandong_poll_local_system=hookimpl(wrapper=True)(around))
+    extra = [plugin(liandong_poll_local_system=lambda api: seen.append("polled")), wrapper]
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=extra))
+    hooks.poll_local_system(FakeAPI(tmp_path))
+    assert seen == ["before", "polled", "after"]
+
+
+def test_builtin_plugins_run_through_the_facade(tmp_path: Path) -> None:
+    hooks = PluginHooks(load_plugin_manager(enabled=["police"]))
+    api = FakeAPI(tmp_path)
+    hooks.node_started(api)
+    assert (tmp_path / "local" / "drafts" / "processed").is_dir()
+    (tmp_path / "local" / "drafts" / "a.json").write_text(
+        '{"family": "notice", "to": ["ecology.sz"], "body": {"title": "t"}}', encoding="utf-8"
+    )
+    hooks.poll_local_system(api)
+    assert [d.family for d in api.submitted] == ["notice"]
+    ref = hooks.hand_off(make_item(), api)
+    assert ref == str(tmp_path / "local" / "inbound" / "msg-1.json")
+
+
+# -- meta-tests: every hook is tested and documented (after datasette's test_plugins.py) -----
+
+
+def _hook_names() -> list[str]:
+    return sorted(
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if name.startswith("liandong_") and hasattr(fn, "liandong_spec")
+    )
+
+
+def test_hookspecs_are_discovered() -> None:
+    assert _hook_names() == [
+        "liandong_delivery_confirmed",
+        "liandong_hand_off",
+        "liandong_node_started",
+        "liandong_poll_local_system",
+    ]
+
+
+def test_every_hook_has_a_test() -> None:
+    texts = [
+        path.read_text(encoding="utf-8")
+        for path in (REPO / "tests").rglob("test_*.py")
+        if path.resolve() != Path(__file__).resolve()
+    ]
+    # This file lists every hook name in the meta-tests, so here only the source of the
+    # other test functions counts; otherwise this test could never fail.
+    meta = {"test_hookspecs_are_discovered", "test_every_hook_has_a_test"}
+    texts += [
+        inspect.getsource(fn)
+        for name, fn in list(globals().items())
+        if name.startswith("test_") and name not in meta and inspect.isfunction(fn)
+    ]
+    missing = [name for name in _hook_names() if not any(name in text for text in texts)]
+    assert not missing, f"hooks with no test mentioning them by name: {missing}"
+
+
+def test_every_hook_is_documented() -> None:
+    docs = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    missing = [name for name in _hook_names() if f"### `{name}(" not in docs]
+    assert not missing, f"hooks with no section in docs/plugins.md: {missing}"
+
+
+def test_every_hook_has_a_docstring_and_types() -> None:
+    for name in _hook_names():
+        fn = getattr(hookspecs, name)
+        assert inspect.getdoc(fn), f"{name} has no docstring"
+        hints = fn.__annotations__
+        assert "return" in hints, f"{name} has no return annotation"
+        assert set(inspect.signature(fn).parameters) <= set(hints), f"{name} has untyped params"
+
+
+def test_hookspec_markers_are_pluggy_markers() -> None:
+    assert isinstance(hookspecs.hookspec, pluggy.HookspecMarker)
+    assert isinstance(hookspecs.hookimpl, pluggy.HookimplMarker)
