@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from node._pb.liandong.v1 import admin_pb2
+from node._pb.liandong.v1 import envelope_pb2
 from node.admin_client import AdminClient, AdminError
 from node.federation_setup import NodeSetup, create_federation
 
@@ -62,7 +63,9 @@ def run_demo(workdir: Path | None) -> int:
             say(f"  started {node.agency:<22} {NAMES[node.agency]}  on {node.endpoint} (mTLS)")
         clients = {agency: AdminClient(node.admin_socket) for agency, node in nodes.items()}
         for agency, client in clients.items():
-            wait_until(lambda c=client: _serving(c), STARTUP_SECONDS, f"{agency} did not start", nodes[agency])
+            wait_until(
+                partial(_serving, client), STARTUP_SECONDS, f"{agency} did not start", nodes[agency]
+            )
         say("Running the scenario")
         run_scenario(root, nodes, clients)
         say("")
@@ -129,18 +132,32 @@ def wait_until(
     raise DemoFailed(failure)
 
 
+def _all_handed_off(client: AdminClient) -> bool:
+    return all(item.handed_off for item in client.list_items("inbox", 100))
+
+
 def _delivered(client: AdminClient, message_id: str) -> bool:
     item = client.get_item(message_id)
     return all(d.state == "delivered" for d in item.deliveries)
 
 
 def _send(
-    client: AdminClient, what: str, family: str, to: list[str], body: dict[str, object], **extra: object
+    client: AdminClient,
+    what: str,
+    family: str,
+    to: list[str],
+    body: dict[str, object],
+    **extra: object,
 ) -> str:
     message_id = client.submit(
-        family=family, recipients=to, body_json=json.dumps(body, ensure_ascii=False), **extra  # type: ignore[arg-type]
+        family=family,
+        recipients=to,
+        body_json=json.dumps(body, ensure_ascii=False),
+        **extra,  # type: ignore[arg-type]
     )
-    wait_until(lambda: _delivered(client, message_id), DELIVERY_SECONDS, f"{what} was not delivered")
+    wait_until(
+        lambda: _delivered(client, message_id), DELIVERY_SECONDS, f"{what} was not delivered"
+    )
     say(f"  ✓ {what}")
     return message_id
 
@@ -173,7 +190,7 @@ def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, Adm
         },
         case_ref=case,
         attachment_paths=[str(report)],
-        confidentiality=admin_pb2.SubmitRequest.DESCRIPTOR.fields_by_name["confidentiality"].enum_type.values_by_name["CONFIDENTIALITY_CONFIDENTIAL"].number,
+        confidentiality=envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL,
     )
     _send(
         clients[ECOLOGY],
@@ -246,12 +263,16 @@ def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, Adm
         "the drop-folder notice draft was not picked up",
     )
     notice = next(i for i in clients[ECOLOGY].list_items("outbox", 10) if i.family == "notice")
-    wait_until(lambda: _delivered(clients[ECOLOGY], notice.message_id), DELIVERY_SECONDS, "notice not delivered")
+    wait_until(
+        lambda: _delivered(clients[ECOLOGY], notice.message_id),
+        DELIVERY_SECONDS,
+        "notice not delivered",
+    )
     say("  ✓ ecology → police, procuratorate: major-incident notice (from the drop folder)")
     # Every inbound message must reach the receiving agency's local system.
     for agency, client in clients.items():
         wait_until(
-            lambda c=client: all(i.handed_off for i in c.list_items("inbox", 100)),
+            partial(_all_handed_off, client),
             DELIVERY_SECONDS,
             f"{agency}: inbound messages not handed to the local system",
         )
@@ -261,9 +282,8 @@ def print_timeline(clients: dict[str, AdminClient]) -> None:
     rows = []
     for client in clients.values():
         for item in client.list_items("outbox", 100):
-            title = json.loads(item.body_json).get("title") or json.loads(item.body_json).get(
-                "summary"
-            ) or json.loads(item.body_json).get("status", "")
+            body = json.loads(item.body_json)
+            title = body.get("title") or body.get("summary") or body.get("status", "")
             for d in item.deliveries:
                 rows.append((item.created_at, item, d, title))
     rows.sort(key=lambda row: (row[0], row[2].recipient))

@@ -1,0 +1,189 @@
+"""Shared fixtures: real federations on disk, real node processes, real databases.
+
+Nodes run as separate `liandong serve` processes (as in production) so tests can
+SIGKILL them. PostgreSQL tests create a database of their own on the local server
+and drop it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.admin_client import AdminClient, AdminError
+from node.federation_setup import NodeSetup, create_federation
+
+ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "LIANDONG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+class NodeProcess:
+    """One `liandong serve` process, with helpers to wait for it and to talk to it."""
+
+    def __init__(self, setup: NodeSetup) -> None:
+        self.setup = setup
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def agency(self) -> str:
+        return self.setup.agency
+
+    @property
+    def log_path(self) -> Path:
+        return self.setup.directory / "node.log"
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.setup.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if wait:
+            self.wait_serving()
+        return self
+
+    def wait_serving(self, seconds: float = 60.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.agency} exited at start-up:\n{self.log_tail()}")
+            try:
+                with self.client() as client:
+                    client.node_info()
+                return
+            except AdminError:
+                time.sleep(0.1)
+        raise AssertionError(f"{self.agency} did not start:\n{self.log_tail()}")
+
+    def client(self) -> AdminClient:
+        return AdminClient(self.setup.admin_socket)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"{self.agency} did not stop on signal {sig}") from None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server; dropped afterwards."""
+    import psycopg
+
+    name = f"liandong_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url.replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _database_urls(
+    backend: str, agencies: list[str], request: pytest.FixtureRequest
+) -> dict[str, str]:
+    if backend == "sqlite":
+        return {}
+    urls = {}
+    for agency in agencies:
+        urls[agency] = (
+            request.getfixturevalue("postgres_database") if not urls else _extra_pg(request)
+        )
+    return urls
+
+
+def _extra_pg(request: pytest.FixtureRequest) -> str:
+    import psycopg
+
+    name = f"liandong_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    request.addfinalizer(drop)
+    return (
+        POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+        + f"/{name}"
+    )
+
+
+@pytest.fixture
+def make_federation(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Callable[..., dict[str, NodeProcess]]:
+    """Create a federation; returns {agency: NodeProcess} (not started). Stops them after."""
+    started: list[NodeProcess] = []
+
+    def make(
+        agencies: tuple[str, ...] = (ECOLOGY, POLICE, PROCURATORATE),
+        backend: str = "sqlite",
+        **options: object,
+    ) -> dict[str, NodeProcess]:
+        # Short paths: unix socket paths are limited to 107 bytes.
+        root = tmp_path_factory.mktemp("fed")
+        urls = _database_urls(backend, list(agencies), request)
+        setups = create_federation(root, list(agencies), database_urls=urls, **options)  # type: ignore[arg-type]
+        nodes = {s.agency: NodeProcess(s) for s in setups}
+        started.extend(nodes.values())
+        return nodes
+
+    yield make  # type: ignore[misc]
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def running(make_federation: Callable[..., dict[str, NodeProcess]]) -> dict[str, NodeProcess]:
+    """Three agencies' nodes, started, on SQLite."""
+    nodes = make_federation()
+    for node in nodes.values():
+        node.start(wait=False)
+    for node in nodes.values():
+        node.wait_serving()
+    return nodes

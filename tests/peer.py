@@ -1,0 +1,70 @@
+"""Test helpers that act as a peer node by hand: real TLS, real keys, crafted envelopes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from node._pb.liandong.v1 import envelope_pb2, exchange_pb2_grpc
+from node.envelope import MESSAGE_PAYLOAD_TYPE, sign_envelope
+from node.exchange.messages import compose_message
+from node.federation_setup import NodeSetup
+from node.identity import SigningKey, load_signing_key
+
+
+def exchange_stub(caller: NodeSetup, target: NodeSetup) -> exchange_pb2_grpc.ExchangeStub:
+    """An Exchange client that authenticates with `caller`'s TLS certificate."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(caller.directory / "ca.crt").read_bytes(),
+        private_key=(caller.directory / "keys" / "tls.key").read_bytes(),
+        certificate_chain=(caller.directory / "tls.crt").read_bytes(),
+    )
+    channel = grpc.secure_channel(target.endpoint, credentials)
+    return exchange_pb2_grpc.ExchangeStub(channel)
+
+
+def signing_key(setup: NodeSetup) -> SigningKey:
+    return load_signing_key(setup.directory / "keys" / "signing.key")
+
+
+def clue_message(
+    sender: str,
+    recipients: list[str],
+    *,
+    created_at: datetime | None = None,
+    message_id: str | None = None,
+    family: str = "clue",
+    body: dict[str, Any] | None = None,
+    body_type: str = "",
+) -> envelope_pb2.Message:
+    return compose_message(
+        sender=sender,
+        family=family,
+        recipients=recipients,
+        body=body or {"title": "线索", "facts": "河道排污"},
+        body_type=body_type,
+        created_at=created_at or datetime.now(UTC),
+        message_id=message_id,
+        in_reply_to="01a2087f-397b-7d93-9e6b-dca9fcaac36a" if family == "reply" else "",
+    )
+
+
+def sign(message: envelope_pb2.Message, key: SigningKey) -> envelope_pb2.Envelope:
+    return sign_envelope(message.SerializeToString(deterministic=True), MESSAGE_PAYLOAD_TYPE, key)
+
+
+def database_rows(setup: NodeSetup, query: str) -> list[tuple[Any, ...]]:
+    """Read a SQLite node database directly (to check what was or was not stored)."""
+    with sqlite3.connect(setup.directory / "node.db") as connection:
+        return connection.execute(query).fetchall()
+
+
+def audit_events(setup: NodeSetup) -> list[dict[str, Any]]:
+    return [
+        json.loads(row[0])
+        for row in database_rows(setup, "SELECT entry FROM audit_entries ORDER BY idx")
+    ]
