@@ -1,0 +1,75 @@
+"""Composing messages: every bad draft names its problem."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from node.exchange.errors import ExchangeError, Reason
+from node.exchange.messages import UUID_RE, compose_message, family_of, parse_message, uuid7
+
+
+def compose(**overrides: object):  # type: ignore[no-untyped-def]
+    arguments: dict[str, object] = {
+        "sender": "140400/ecology",
+        "family": "clue",
+        "recipients": ["140400/procuratorate"],
+        "body": {"title": "线索"},
+        "body_type": "",
+        "created_at": datetime.now(UTC),
+    }
+    arguments.update(overrides)
+    return compose_message(**arguments)  # type: ignore[arg-type]
+
+
+def test_uuid7_is_version_7_and_sorts_by_time() -> None:
+    first = uuid7()
+    time.sleep(0.002)
+    second = uuid7()
+    assert UUID_RE.match(first)
+    assert first[14] == "7"
+    assert first[19] in "89ab"
+    assert first < second
+
+
+def test_round_trip() -> None:
+    message = compose()
+    parsed = parse_message(message.SerializeToString())
+    assert family_of(parsed) == "clue"
+    assert parsed.clue.title == "线索"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        ({"family": "gossip"}, "family 'gossip' is unknown"),
+        ({"family": "reply", "body_type": "clue"}, "does not belong to family 'reply'"),
+        ({"family": "reply", "body_type": "feedback"}, "needs in_reply_to"),
+        ({"recipients": []}, "no recipient"),
+        ({"recipients": ["140400/procuratorate"] * 2}, "listed twice"),
+        ({"recipients": ["140400/ecology"]}, "does not send to itself"),
+        ({"recipients": ["police"]}, "recipient: agency id 'police' is malformed"),
+        ({"body": {"title": 3}}, "body (clue)"),
+        ({"body": {"nonsense": "x"}}, "nonsense"),
+        ({"body": {}}, "is empty"),
+        ({"confidentiality": "secret"}, "confidentiality 'secret' is unknown"),
+        ({"in_reply_to": "not-an-id"}, "is not a message id"),
+    ],
+)
+def test_bad_drafts_are_refused_with_the_reason(overrides: dict[str, object], phrase: str) -> None:
+    with pytest.raises(ExchangeError) as caught:
+        compose(**overrides)
+    assert caught.value.reason is Reason.INVALID
+    assert phrase in caught.value.message, caught.value.message
+
+
+def test_parse_refuses_garbage() -> None:
+    with pytest.raises(ExchangeError, match=re.escape("not a liandong.v1.Message")):
+        parse_message(b"\xff\xff\xff")
+    with pytest.raises(ExchangeError, match="has no body"):
+        parse_message(
+            compose().SerializeToString()[:0] + b"\n$01a2087f-397b-7d93-9e6b-dca9fcaac36a"
+        )
