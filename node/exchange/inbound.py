@@ -9,7 +9,7 @@ log and leaves nothing else behind.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -28,7 +28,7 @@ from node.envelope import (
     sign_envelope,
     verify_envelope,
 )
-from node.exchange.attachments import BlobStore
+from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import (
@@ -289,7 +289,76 @@ class Receiver:
             f"{verified.message.message_id}",
         )
 
-    async def record_attachment(
+    async def attachment_status(
+        self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity
+    ) -> tuple[int, bool]:
+        """Bytes held and whether complete, for a digest the peer may upload."""
+        try:
+            self.authorize_attachment(envelope, sha256, peer, datetime.now(UTC))
+        except ExchangeError as error:
+            await self.record_rejection(envelope, peer, error)
+            raise
+        return self.blobs.held(sha256.hex()), self.blobs.has(sha256.hex())
+
+    async def accept_upload(
+        self,
+        envelope: envelope_pb2.Envelope,
+        sha256: bytes,
+        offset: int,
+        chunks: AsyncIterator[bytes],
+        peer: PeerIdentity,
+    ) -> tuple[int, bool]:
+        """Store a (possibly resumed) upload; return (bytes held, verified and complete).
+
+        A refusal at any point (not authorised, offset beyond what is held, more bytes than
+        signed, chunk too large, digest mismatch) is audited and discards nothing already held
+        except a file that failed its digest.
+        """
+        try:
+            ref = self.authorize_attachment(envelope, sha256, peer, datetime.now(UTC))
+            upload = self.blobs.begin_upload(sha256.hex(), offset, ref.size)
+            try:
+                async for data in chunks:
+                    if len(data) > CHUNK_SIZE:
+                        raise ExchangeError(
+                            Reason.TOO_LARGE, f"upload chunks are at most {CHUNK_SIZE} bytes"
+                        )
+                    upload.write(data)
+                complete = upload.finish()
+            finally:
+                upload.abort()
+        except ExchangeError as error:
+            await self.record_rejection(envelope, peer, error)
+            raise
+        if complete:
+            await self._record_attachment(ref, envelope, peer)
+        return upload.size, complete
+
+    async def authorize_download(
+        self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity
+    ) -> None:
+        """A recipient may fetch what this node sent it: the envelope must be ours, to them."""
+        try:
+            registry = self.authenticate_peer(peer, datetime.now(UTC))
+            try:
+                verify_envelope(
+                    envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(self.context.agency)
+                )
+            except EnvelopeError as error:
+                raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+            message = parse_message(envelope.payload)
+            if peer.agency_id not in message.recipients:
+                raise ExchangeError(
+                    Reason.PERMISSION_DENIED,
+                    f"'{peer.agency_id}' is not a recipient of message {message.message_id}",
+                )
+            if all(ref.sha256 != sha256 for ref in message.attachments):
+                raise ExchangeError(Reason.NOT_FOUND, "that digest is not attached to this message")
+        except ExchangeError as error:
+            await self.record_rejection(envelope, peer, error)
+            raise
+
+    async def _record_attachment(
         self, ref: envelope_pb2.AttachmentRef, envelope: envelope_pb2.Envelope, peer: PeerIdentity
     ) -> None:
         message = envelope_pb2.Message.FromString(envelope.payload)

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from node._pb.liandong.v1 import envelope_pb2, exchange_pb2, exchange_pb2_grpc
-from node.envelope import MESSAGE_PAYLOAD_TYPE, EnvelopeError, verify_envelope
 from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.inbound import PeerIdentity, Receiver
-from node.exchange.messages import parse_message
 from node.pki import SetupError, agency_from_certificate, certificate_fingerprint
 from node.services.status import domain_errors
 
@@ -83,18 +80,11 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     ) -> exchange_pb2.AttachmentStatus:
         async with domain_errors(context, "QueryAttachment"):
             peer = await self._peer(request.envelope, context)
-            try:
-                self.receiver.authorize_attachment(
-                    request.envelope, request.sha256, peer, datetime.now(UTC)
-                )
-            except ExchangeError as error:
-                await self.receiver.record_rejection(request.envelope, peer, error)
-                raise
-            sha_hex = request.sha256.hex()
+            held, complete = await self.receiver.attachment_status(
+                request.envelope, request.sha256, peer
+            )
             return exchange_pb2.AttachmentStatus(
-                sha256=request.sha256,
-                received=self.blobs.held(sha_hex),
-                complete=self.blobs.has(sha_hex),
+                sha256=request.sha256, received=held, complete=complete
             )
         raise AssertionError("unreachable")
 
@@ -110,30 +100,17 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                     Reason.INVALID, "empty upload: the first chunk must carry the envelope"
                 )
             peer = await self._peer(first.envelope, context)
-            try:
-                ref = self.receiver.authorize_attachment(
-                    first.envelope, first.sha256, peer, datetime.now(UTC)
-                )
-            except ExchangeError as error:
-                await self.receiver.record_rejection(first.envelope, peer, error)
-                raise
-            upload = self.blobs.begin_upload(first.sha256.hex(), first.offset, ref.size)
-            try:
-                upload.write(first.data)
+
+            async def data() -> AsyncIterator[bytes]:
+                yield first.data
                 async for chunk in request_iterator:
-                    if len(chunk.data) > CHUNK_SIZE:
-                        upload.abort()
-                        raise ExchangeError(
-                            Reason.TOO_LARGE, f"chunks are at most {CHUNK_SIZE} bytes"
-                        )
-                    upload.write(chunk.data)
-                complete = upload.finish()
-            finally:
-                upload.abort()
-            if complete:
-                await self.receiver.record_attachment(ref, first.envelope, peer)
+                    yield chunk.data
+
+            held, complete = await self.receiver.accept_upload(
+                first.envelope, first.sha256, first.offset, data(), peer
+            )
             return exchange_pb2.AttachmentStatus(
-                sha256=first.sha256, received=upload.size, complete=complete
+                sha256=first.sha256, received=held, complete=complete
             )
         raise AssertionError("unreachable")
 
@@ -142,7 +119,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     ) -> AsyncIterator[exchange_pb2.AttachmentChunk]:
         async with domain_errors(context, "DownloadAttachment"):
             peer = await self._peer(request.envelope, context)
-            self._authorize_download(request, peer)
+            await self.receiver.authorize_download(request.envelope, request.sha256, peer)
             with self.blobs.open(request.sha256.hex()) as source:
                 offset = 0
                 while data := source.read(CHUNK_SIZE):
@@ -150,24 +127,3 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                         sha256=request.sha256, offset=offset, data=data
                     )
                     offset += len(data)
-
-    def _authorize_download(
-        self, request: exchange_pb2.AttachmentQuery, peer: PeerIdentity
-    ) -> None:
-        """A recipient may fetch what this node sent it: the envelope must be ours, to them."""
-        context = self.receiver.context
-        registry = self.receiver.authenticate_peer(peer, datetime.now(UTC))
-        try:
-            verify_envelope(
-                request.envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(context.agency)
-            )
-        except EnvelopeError as error:
-            raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
-        message = parse_message(request.envelope.payload)
-        if peer.agency_id not in message.recipients:
-            raise ExchangeError(
-                Reason.PERMISSION_DENIED,
-                f"'{peer.agency_id}' is not a recipient of message {message.message_id}",
-            )
-        if all(ref.sha256 != request.sha256 for ref in message.attachments):
-            raise ExchangeError(Reason.NOT_FOUND, "that digest is not attached to this message")

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from node._pb.liandong.v1 import envelope_pb2
+from node._pb.liandong.v1 import envelope_pb2, exchange_pb2
 from node.envelope import RECEIPT_PAYLOAD_TYPE, envelope_digest, envelope_from_json, verify_envelope
 from node.federation import Registry
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
@@ -153,3 +153,33 @@ def test_transfer_on_each_backend(make_federation, backend: str) -> None:  # typ
         )
     with nodes[POLICE].client() as client:
         assert {i.message_id for i in client.list_items("inbox", 100)} == set(ids)
+
+
+def test_recipient_downloads_an_attachment_and_others_may_not(
+    running: dict[str, NodeProcess], tmp_path: Path
+) -> None:
+    ecology, police, procuratorate = running[ECOLOGY], running[POLICE], running[PROCURATORATE]
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.7 " + bytes(range(256)) * 9000)
+    with ecology.client() as client:
+        message_id = client.submit(
+            family="clue",
+            recipients=[PROCURATORATE],
+            body_json=json.dumps({"title": "附件下载"}),
+            attachment_paths=[str(report)],
+        )
+        wait_for(lambda: client.get_item(message_id).deliveries[0].state == "delivered")
+    envelope = envelope_pb2.Envelope.FromString(
+        database_rows(ecology.setup, "SELECT envelope FROM messages")[0][0]
+    )
+    digest = envelope_pb2.Message.FromString(envelope.payload).attachments[0].sha256
+    query = exchange_pb2.AttachmentQuery(envelope=envelope, sha256=digest)
+
+    chunks = exchange_stub(procuratorate.setup, ecology.setup).DownloadAttachment(query, timeout=30)
+    assert b"".join(chunk.data for chunk in chunks) == report.read_bytes()
+
+    with pytest.raises(grpc.RpcError) as caught:
+        list(exchange_stub(police.setup, ecology.setup).DownloadAttachment(query, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not a recipient" in caught.value.details()
+    assert audit_events(ecology.setup)[-1]["event"] == "rejected"
