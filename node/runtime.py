@@ -16,9 +16,8 @@ from typing import Any
 
 import structlog
 from grpc_health.v1 import health, health_pb2
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from node.audit import log as audit
 from node.audit.log import AuditEvent
@@ -39,8 +38,8 @@ from node.server import build_admin_server, build_peer_server
 from node.services.admin import LocalAdminServicer
 from node.services.exchange import ExchangeServicer
 from node.store.db import make_engine, session_factory, upgrade
-from node.store.models import NodeStateRecord
-from node.store.writer import BatchWriter
+from node.store.models import NODE_STATE, NodeStateRecord
+from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
 REGISTRY_SERIAL_KEY = "registry_serial"
@@ -223,16 +222,22 @@ class Node:
             plugins=self.hooks.names,
         )
 
-    def _record_registry(self, session: Session) -> None:
-        state = session.get(NodeStateRecord, REGISTRY_SERIAL_KEY)
-        if state is not None and int(state.value) >= self.registry.serial:
+    def _record_registry(self, batch: Batch) -> None:
+        stored = batch.session.scalar(
+            select(NODE_STATE.c.value).where(NODE_STATE.c.key == REGISTRY_SERIAL_KEY)
+        )
+        if stored is not None and int(stored) >= self.registry.serial:
             return
-        if state is None:
-            session.add(NodeStateRecord(key=REGISTRY_SERIAL_KEY, value=str(self.registry.serial)))
+        if stored is None:
+            batch.insert(
+                NODE_STATE, {"key": REGISTRY_SERIAL_KEY, "value": str(self.registry.serial)}
+            )
         else:
-            state.value = str(self.registry.serial)
+            batch.update(
+                NODE_STATE, {"key": REGISTRY_SERIAL_KEY}, {"value": str(self.registry.serial)}
+            )
         audit.append(
-            session,
+            batch,
             AuditEvent.REGISTRY_ACCEPTED,
             node=self.config.agency,
             detail=f"federation={self.registry.federation} serial={self.registry.serial} "
@@ -305,5 +310,11 @@ class Node:
         await self.transport.close()
         self.engine.dispose()
         self.config.admin_socket.unlink(missing_ok=True)
-        log.info("node stopped", agency=self.config.agency)
+        log.info(
+            "node stopped",
+            agency=self.config.agency,
+            write_batches=self.writer.batches,
+            write_jobs=self.writer.jobs,
+            delivered=self.delivery.delivered,
+        )
         self.stopped.set()

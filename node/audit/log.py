@@ -5,8 +5,8 @@ absent fields omitted, no floats) so that anyone can re-encode the fields and
 get the same bytes. The entry does not contain its own index: its position in
 the log is the index, as for the leaves of an RFC 6962 Merkle tree.
 
-Indices are assigned only inside a BatchWriter transaction (the sequencer),
-so they are dense and follow commit order.
+Indices are assigned only by the BatchWriter (the sequencer), so they are dense
+and follow commit order.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from enum import StrEnum
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.store.models import AuditEntryRecord
-from node.store.writer import AUDIT_NEXT_INDEX
+from node.store.models import AUDIT_ENTRIES, AuditEntryRecord
+from node.store.writer import Batch
 
 ENTRY_VERSION = 1
 
@@ -53,7 +53,7 @@ def encode_entry(fields: dict[str, str | int]) -> bytes:
 
 
 def append(
-    session: Session,
+    batch: Batch,
     event: AuditEvent,
     *,
     node: str,
@@ -64,9 +64,7 @@ def append(
     family: str | None = None,
     detail: str | None = None,
 ) -> int:
-    """Append one entry inside the writer's transaction; return its index."""
-    if AUDIT_NEXT_INDEX not in session.info:
-        raise RuntimeError("audit entries are appended only through the BatchWriter")
+    """Queue one entry in the writer's batch; return the index it will have."""
     moment = at or datetime.now(UTC)
     fields: dict[str, str | int] = {"v": ENTRY_VERSION, "event": str(event), "node": node}
     fields["time"] = format_time(moment)
@@ -78,18 +76,18 @@ def append(
         "detail": detail,
     }
     fields.update({key: value for key, value in optional.items() if value})
-    index: int = session.info[AUDIT_NEXT_INDEX]
-    session.add(
-        AuditEntryRecord(
-            idx=index,
-            event=str(event),
-            message_id=message_id,
-            envelope_sha256=envelope_sha256,
-            recorded_at=moment,
-            entry=encode_entry(fields),
-        )
+    index = batch.take_audit_index()
+    batch.insert(
+        AUDIT_ENTRIES,
+        {
+            "idx": index,
+            "event": str(event),
+            "message_id": message_id,
+            "envelope_sha256": envelope_sha256,
+            "recorded_at": moment,
+            "entry": encode_entry(fields),
+        },
     )
-    session.info[AUDIT_NEXT_INDEX] = index + 1
     return index
 
 

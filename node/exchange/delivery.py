@@ -29,8 +29,8 @@ from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.federation import Member, Registry
-from node.store.models import DeliveryRecord, MessageRecord
-from node.store.writer import BatchWriter
+from node.store.models import DELIVERIES, DeliveryRecord, MessageRecord
+from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +74,7 @@ class _Due:
     message_id: str
     family: str
     envelope: bytes
+    envelope_sha256: str
     attempts: int
 
 
@@ -169,8 +170,13 @@ class DeliveryWorker:
                 MessageRecord.message_id,
                 MessageRecord.family,
                 MessageRecord.envelope,
+                MessageRecord.envelope_sha256,
             )
-            .join(MessageRecord, DeliveryRecord.message_pk == MessageRecord.id)
+            .join(
+                MessageRecord,
+                (DeliveryRecord.message_id == MessageRecord.message_id)
+                & (MessageRecord.direction == "out"),
+            )
             .where(DeliveryRecord.state == "pending", DeliveryRecord.next_attempt_at <= now)
             .order_by(DeliveryRecord.next_attempt_at)
             .limit(limit + len(inflight))
@@ -178,7 +184,15 @@ class DeliveryWorker:
         with self.sessions() as session:
             rows = session.execute(query).all()
         return [
-            _Due(row.id, row.recipient, row.message_id, row.family, row.envelope, row.attempts)
+            _Due(
+                row.id,
+                row.recipient,
+                row.message_id,
+                row.family,
+                row.envelope,
+                row.envelope_sha256,
+                row.attempts,
+            )
             for row in rows
             if row.id not in inflight
         ][:limit]
@@ -231,25 +245,28 @@ class DeliveryWorker:
         item: _Due,
         receipt: envelope_pb2.Envelope,
         confirmation: Confirmation,
-        session: Session,
+        batch: Batch,
     ) -> None:
-        record = session.get(DeliveryRecord, item.delivery_id)
-        if record is None or record.state == "delivered":
-            return
-        record.state = "delivered"
-        record.attempts += 1
-        record.delivered_at = confirmation.delivered_at
-        record.receipt = receipt.SerializeToString(deterministic=True)
-        record.receipt_sha256 = confirmation.receipt_sha256
-        record.receiver_log_index = confirmation.receiver_log_index
-        record.last_error = ""
+        batch.update(
+            DELIVERIES,
+            {"id": item.delivery_id},
+            {
+                "state": "delivered",
+                "attempts": item.attempts + 1,
+                "delivered_at": confirmation.delivered_at,
+                "receipt": receipt.SerializeToString(deterministic=True),
+                "receipt_sha256": confirmation.receipt_sha256,
+                "receiver_log_index": confirmation.receiver_log_index,
+                "last_error": "",
+            },
+        )
         audit.append(
-            session,
+            batch,
             AuditEvent.RECEIPT_RECEIVED,
             node=self.context.agency,
             at=confirmation.delivered_at,
             message_id=item.message_id,
-            envelope_sha256=envelope_digest(envelope_pb2.Envelope.FromString(item.envelope)).hex(),
+            envelope_sha256=item.envelope_sha256,
             peer=item.recipient,
             detail=f"receipt_sha256={confirmation.receipt_sha256} "
             f"receiver_log_index={confirmation.receiver_log_index}",
@@ -269,12 +286,15 @@ class DeliveryWorker:
             error=error,
         )
 
-        def write(session: Session) -> None:
-            record = session.get(DeliveryRecord, item.delivery_id)
-            if record is None or record.state == "delivered":
-                return
-            record.attempts += 1
-            record.last_error = error[:2000]
-            record.next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
+        def write(batch: Batch) -> None:
+            batch.update(
+                DELIVERIES,
+                {"id": item.delivery_id},
+                {
+                    "attempts": item.attempts + 1,
+                    "last_error": error[:2000],
+                    "next_attempt_at": datetime.now(UTC) + timedelta(seconds=delay),
+                },
+            )
 
         await self.writer.run(write)

@@ -24,8 +24,8 @@ from node.audit.log import AuditEvent
 from node.exchange.attachments import BlobStore
 from node.exchange.messages import body_dict
 from node.plugin_api import AttachmentFile, Confidentiality, InboundItem
-from node.store.models import MessageRecord
-from node.store.writer import BatchWriter
+from node.store.models import MESSAGES, MessageRecord
+from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
 
@@ -128,18 +128,15 @@ class HandOffWorker:
             ).all()
             return [inbound_item(record, self.blobs) for record in records]
 
-    def _record(self, item: InboundItem, reference: str | None, session: Session) -> None:
-        record = session.scalar(
-            select(MessageRecord).where(
-                MessageRecord.message_id == item.message_id, MessageRecord.direction == "in"
-            )
+    def _record(self, item: InboundItem, reference: str | None, batch: Batch) -> None:
+        batch.update(
+            MESSAGES,
+            {"message_id": item.message_id, "direction": "in"},
+            {"handed_off": reference if reference is not None else NOT_TAKEN},
         )
-        if record is None or record.handed_off is not None:
-            return
-        record.handed_off = reference if reference is not None else NOT_TAKEN
         if reference is not None:
             audit.append(
-                session,
+                batch,
                 AuditEvent.HANDED_OFF,
                 node=self.agency,
                 at=datetime.now(UTC),

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
@@ -38,8 +37,8 @@ from node.exchange.messages import (
     parse_message,
 )
 from node.federation import Registry
-from node.store.models import AttachmentRecord, MessageRecord
-from node.store.writer import BatchWriter
+from node.store.models import ATTACHMENTS, MESSAGES, message_row
+from node.store.writer import Batch, BatchWriter
 
 
 @dataclass(frozen=True)
@@ -197,9 +196,9 @@ class Receiver:
     ) -> None:
         digest = envelope_digest(envelope).hex()
 
-        def write(session: Session) -> None:
+        def write(batch: Batch) -> None:
             audit.append(
-                session,
+                batch,
                 AuditEvent.REJECTED,
                 node=self.context.agency,
                 envelope_sha256=digest,
@@ -210,18 +209,17 @@ class Receiver:
         await self.writer.run(write)
 
     def _store(
-        self, verified: VerifiedMessage, peer: PeerIdentity, session: Session
+        self, verified: VerifiedMessage, peer: PeerIdentity, batch: Batch
     ) -> envelope_pb2.Envelope:
         message = verified.message
         digest_hex = verified.digest.hex()
-        existing = session.scalar(
-            select(MessageRecord).where(
-                MessageRecord.message_id == message.message_id, MessageRecord.direction == "in"
+        existing = batch.session.execute(
+            select(MESSAGES.c.sender, MESSAGES.c.envelope_sha256, MESSAGES.c.receipt).where(
+                MESSAGES.c.message_id == message.message_id, MESSAGES.c.direction == "in"
             )
-        )
+        ).first()
         if existing is not None:
             if existing.sender == message.sender and existing.envelope_sha256 == digest_hex:
-                assert existing.receipt is not None
                 return _parse_envelope(existing.receipt)
             raise ExchangeError(
                 Reason.INVALID,
@@ -230,7 +228,7 @@ class Receiver:
             )
         now = datetime.now(UTC)
         index = audit.append(
-            session,
+            batch,
             AuditEvent.RECEIVED,
             node=self.context.agency,
             at=now,
@@ -252,8 +250,9 @@ class Receiver:
             RECEIPT_PAYLOAD_TYPE,
             self.context.signing_key,
         )
-        session.add(
-            MessageRecord(
+        batch.insert(
+            MESSAGES,
+            message_row(
                 message_id=message.message_id,
                 direction="in",
                 sender=message.sender,
@@ -269,7 +268,7 @@ class Receiver:
                 envelope_sha256=digest_hex,
                 receipt=receipt.SerializeToString(deterministic=True),
                 log_index=index,
-            )
+            ),
         )
         return receipt
 
@@ -363,14 +362,17 @@ class Receiver:
     ) -> None:
         message = envelope_pb2.Message.FromString(envelope.payload)
 
-        def write(session: Session) -> None:
+        def write(batch: Batch) -> None:
             sha_hex = ref.sha256.hex()
-            if session.get(AttachmentRecord, sha_hex) is not None:
+            held = batch.session.scalar(
+                select(ATTACHMENTS.c.sha256).where(ATTACHMENTS.c.sha256 == sha_hex)
+            )
+            if held is not None:
                 return
             now = datetime.now(UTC)
-            session.add(AttachmentRecord(sha256=sha_hex, size=ref.size, stored_at=now))
+            batch.insert(ATTACHMENTS, {"sha256": sha_hex, "size": ref.size, "stored_at": now})
             audit.append(
-                session,
+                batch,
                 AuditEvent.ATTACHMENT_STORED,
                 node=self.context.agency,
                 at=now,

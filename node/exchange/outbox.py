@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from node.audit import log as audit
 from node.audit.log import AuditEvent
@@ -27,8 +26,8 @@ from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import AttachmentInput, compose_message
-from node.store.models import AttachmentRecord, DeliveryRecord, MessageRecord
-from node.store.writer import BatchWriter
+from node.store.models import ATTACHMENTS, DELIVERIES, MESSAGES, message_row
+from node.store.writer import Batch, BatchWriter
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class Outbox:
             MESSAGE_PAYLOAD_TYPE,
             self.context.signing_key,
         )
-        record = MessageRecord(
+        row = message_row(
             message_id=message.message_id,
             direction="out",
             sender=self.context.agency,
@@ -110,7 +109,7 @@ class Outbox:
             client_key=submission.client_key or None,
         )
         message_id: str = await self.writer.run(
-            partial(self._store, record, list(message.recipients), attachments)
+            partial(self._store, row, list(message.recipients), attachments)
         )
         self.on_queued()
         return message_id
@@ -131,45 +130,48 @@ class Outbox:
 
     def _store(
         self,
-        record: MessageRecord,
+        row: dict[str, Any],
         recipients: list[str],
         attachments: list[AttachmentInput],
-        session: Session,
+        batch: Batch,
     ) -> str:
-        if record.client_key:
-            earlier = session.scalar(
-                select(MessageRecord.message_id).where(
-                    MessageRecord.client_key == record.client_key
-                )
+        if row["client_key"]:
+            earlier = batch.session.scalar(
+                select(MESSAGES.c.message_id).where(MESSAGES.c.client_key == row["client_key"])
             )
             if earlier is not None:
-                return earlier
-        session.add(record)
-        session.flush()
+                return str(earlier)
+        batch.insert(MESSAGES, row)
         for recipient in recipients:
-            session.add(
-                DeliveryRecord(
-                    message_pk=record.id,
-                    recipient=recipient,
-                    next_attempt_at=record.created_at,
-                )
+            batch.insert(
+                DELIVERIES,
+                {
+                    "message_id": row["message_id"],
+                    "recipient": recipient,
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": row["created_at"],
+                    "last_error": "",
+                },
             )
         for attachment in attachments:
             sha_hex = attachment.sha256.hex()
-            if session.get(AttachmentRecord, sha_hex) is None:
-                session.add(
-                    AttachmentRecord(
-                        sha256=sha_hex, size=attachment.size, stored_at=record.stored_at
-                    )
+            held = batch.session.scalar(
+                select(ATTACHMENTS.c.sha256).where(ATTACHMENTS.c.sha256 == sha_hex)
+            )
+            if held is None:
+                batch.insert(
+                    ATTACHMENTS,
+                    {"sha256": sha_hex, "size": attachment.size, "stored_at": row["stored_at"]},
                 )
         audit.append(
-            session,
+            batch,
             AuditEvent.SENT,
             node=self.context.agency,
-            at=record.stored_at,
-            message_id=record.message_id,
-            envelope_sha256=record.envelope_sha256,
+            at=row["stored_at"],
+            message_id=row["message_id"],
+            envelope_sha256=row["envelope_sha256"],
             peer=",".join(recipients),
-            family=record.family,
+            family=row["family"],
         )
-        return record.message_id
+        return str(row["message_id"])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Index, LargeBinary, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from node.store.db import Base
@@ -44,7 +45,10 @@ class MessageRecord(Base):
     handed_off: Mapped[str | None] = mapped_column(String(1024), default=None)
 
     deliveries: Mapped[list[DeliveryRecord]] = relationship(
-        back_populates="message", order_by="DeliveryRecord.recipient"
+        primaryjoin="and_(MessageRecord.message_id == foreign(DeliveryRecord.message_id), "
+        "MessageRecord.direction == 'out')",
+        order_by="DeliveryRecord.recipient",
+        viewonly=True,
     )
 
 
@@ -53,12 +57,14 @@ class DeliveryRecord(Base):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("message_pk", "recipient"),
+        UniqueConstraint("message_id", "recipient"),
         Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    # The outbound message's id (messages.message_id with direction "out"); a client-made id,
+    # so a whole batch of messages and their deliveries is written without reading ids back.
+    message_id: Mapped[str] = mapped_column(String(36))
     recipient: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(default=0)
@@ -68,8 +74,6 @@ class DeliveryRecord(Base):
     receipt: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     receipt_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     receiver_log_index: Mapped[int | None] = mapped_column(BigInteger, default=None)
-
-    message: Mapped[MessageRecord] = relationship(back_populates="deliveries")
 
 
 class AttachmentRecord(Base):
@@ -102,3 +106,25 @@ class NodeStateRecord(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+# Typed handles on the tables, for the writer's Core statements.
+MESSAGES = cast(Table, MessageRecord.__table__)
+DELIVERIES = cast(Table, DeliveryRecord.__table__)
+ATTACHMENTS = cast(Table, AttachmentRecord.__table__)
+AUDIT_ENTRIES = cast(Table, AuditEntryRecord.__table__)
+NODE_STATE = cast(Table, NodeStateRecord.__table__)
+
+
+def message_row(**fields: Any) -> dict[str, Any]:
+    """A full `messages` row: every batch insert into a table must have the same keys."""
+    row: dict[str, Any] = {
+        "case_ref": "",
+        "in_reply_to": "",
+        "client_key": None,
+        "receipt": None,
+        "log_index": None,
+        "handed_off": None,
+    }
+    row.update(fields)
+    return row

@@ -1,12 +1,23 @@
 """Group commit: one writer thread applies queued units of work in shared transactions.
 
 Every durable change of the node goes through :class:`BatchWriter`. Callers hand
-it a function of a :class:`~sqlalchemy.orm.Session`; the writer gathers what is
-queued (waiting a moment for more when there is load), runs each function in its
-own SAVEPOINT so one failure does not undo its neighbours, commits the batch once,
-and only then resolves the callers' awaits. A caller that has its result therefore
-knows its change is durable. The writer is also the audit log's sequencer: it is
-the only place audit indices are assigned (see node.audit.log).
+it a function of a :class:`Batch`; the writer gathers what is queued (waiting a
+moment for more when there is load), runs every function, writes what they
+queued with one ``executemany`` per table and statement shape, commits once, and
+only then resolves the callers' awaits. A caller that has its result therefore
+knows its change is durable.
+
+Units of work read through ``batch.session`` and write only through
+``batch.insert`` / ``batch.update``, so a unit that raises is undone in memory
+(its queued rows are dropped) without a SAVEPOINT. Reads do not see rows queued
+by earlier units of the same batch; every check-then-insert is therefore backed
+by a unique constraint, and when the batch's writes fail as a whole (say, two
+units inserted the same message id) the writer rolls back and runs each unit
+again alone, in its own transaction, where the check sees the other's row.
+Units must therefore be pure functions of the batch: no side effects elsewhere.
+
+The writer is also the audit log's sequencer: it is the only place audit indices
+are assigned (see node.audit.log), densely and in commit order.
 """
 
 from __future__ import annotations
@@ -14,31 +25,87 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import Table, and_, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.store.models import AuditEntryRecord
 
 T = TypeVar("T")
-AUDIT_NEXT_INDEX = "audit_next_index"
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class _Job:
-    work: Callable[[Session], Any]
-    future: asyncio.Future[Any]
-    result: Any = None
-    error: BaseException | None = None
-    done: bool = field(default=False)
 
 
 class WriterStopped(RuntimeError):
     pass
+
+
+class Batch:
+    """What a unit of work gets: a session to read, and queues to write."""
+
+    def __init__(self, session: Session, next_audit_index: int) -> None:
+        self.session = session
+        self.next_audit_index = next_audit_index
+        self._inserts: dict[Table, list[dict[str, Any]]] = {}
+        self._updates: dict[
+            tuple[Table, tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]
+        ] = {}
+
+    def insert(self, table: Table, row: dict[str, Any]) -> None:
+        self._inserts.setdefault(table, []).append(row)
+
+    def update(self, table: Table, where: dict[str, Any], values: dict[str, Any]) -> None:
+        """UPDATE table SET values WHERE every `where` column equals its value."""
+        key = (table, tuple(sorted(where)), tuple(sorted(values)))
+        params = {f"w_{k}": v for k, v in where.items()} | {f"v_{k}": v for k, v in values.items()}
+        self._updates.setdefault(key, []).append(params)
+
+    def take_audit_index(self) -> int:
+        index = self.next_audit_index
+        self.next_audit_index += 1
+        return index
+
+    def _queues(self) -> list[tuple[Any, list[dict[str, Any]]]]:
+        return [*self._inserts.items(), *self._updates.items()]
+
+    def mark(self) -> tuple[int, dict[Any, int]]:
+        """Where the queues stand, so a failed unit of work can be undone in memory."""
+        return self.next_audit_index, {key: len(rows) for key, rows in self._queues()}
+
+    def undo_to(self, mark: tuple[int, dict[Any, int]]) -> None:
+        self.next_audit_index, sizes = mark
+        for key, rows in self._queues():
+            del rows[sizes.get(key, 0) :]
+
+    def write(self) -> None:
+        """Execute the queued writes: inserts in dependency order, then updates."""
+        for table in sorted(self._inserts, key=_table_order):
+            rows = self._inserts[table]
+            if rows:
+                self.session.execute(insert(table), rows)
+        for (table, where, values), params in self._updates.items():
+            if not params:
+                continue
+            statement = (
+                update(table)
+                .where(and_(*(table.c[k] == bindparam(f"w_{k}") for k in where)))
+                .values({k: bindparam(f"v_{k}") for k in values})
+            )
+            self.session.connection().execute(statement, params)
+
+
+def _table_order(table: Table) -> int:
+    return list(table.metadata.sorted_tables).index(table)
+
+
+@dataclass
+class _Job:
+    work: Callable[[Batch], Any]
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: BaseException | None = None
 
 
 class BatchWriter:
@@ -58,6 +125,7 @@ class BatchWriter:
         self._next_index: int | None = None
         self.batches = 0
         self.jobs = 0
+        self.fallbacks = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-writer")
@@ -71,7 +139,7 @@ class BatchWriter:
         self._task = None
         self._executor.shutdown(wait=True)
 
-    async def run(self, work: Callable[[Session], T]) -> T:
+    async def run(self, work: Callable[[Batch], T]) -> T:
         """Apply `work` in the next batch; return its result once committed."""
         if self._task is None:
             raise WriterStopped("the node is shutting down; try again when it is back")
@@ -102,11 +170,11 @@ class BatchWriter:
                 batch.append(job)
             try:
                 await loop.run_in_executor(self._executor, self._commit, batch)
-            except Exception as error:  # the whole commit failed: nobody's change is durable
+            except Exception as error:  # the commit itself failed: nobody's change is durable
                 log.error("batch commit failed", error=str(error), jobs=len(batch))
                 self._next_index = None
                 for job in batch:
-                    job.error, job.done = error, True
+                    job.error = error
             for job in batch:
                 if job.future.done():  # the caller went away (cancelled RPC)
                     continue
@@ -120,22 +188,38 @@ class BatchWriter:
             if job is not None and not job.future.done():
                 job.future.set_exception(WriterStopped("the node is shutting down"))
 
-    def _commit(self, batch: list[_Job]) -> None:
+    def _commit(self, jobs: list[_Job]) -> None:
+        try:
+            self._transaction(jobs)
+        except Exception as error:
+            if len(jobs) == 1:
+                raise
+            # One unit's write broke the batch (e.g. a duplicate raced in): isolate them.
+            log.info("batch write failed; retrying its units one by one", error=str(error))
+            self._next_index = None
+            self.fallbacks += 1
+            for job in jobs:
+                job.result, job.error = None, None
+                try:
+                    self._transaction([job])
+                except Exception as single_error:
+                    self._next_index = None
+                    job.error = single_error
+        self.batches += 1
+        self.jobs += len(jobs)
+
+    def _transaction(self, jobs: list[_Job]) -> None:
         with self._sessions() as session, session.begin():
             if self._next_index is None:
                 last = session.scalar(select(func.max(AuditEntryRecord.idx)))
                 self._next_index = 0 if last is None else last + 1
-            session.info[AUDIT_NEXT_INDEX] = self._next_index
-            for job in batch:
-                index_before = session.info[AUDIT_NEXT_INDEX]
+            batch = Batch(session, self._next_index)
+            for job in jobs:
+                mark = batch.mark()
                 try:
-                    with session.begin_nested():
-                        job.result = job.work(session)
+                    job.result = job.work(batch)
                 except Exception as error:
-                    session.info[AUDIT_NEXT_INDEX] = index_before
+                    batch.undo_to(mark)
                     job.error = error
-                job.done = True
-            next_index = session.info[AUDIT_NEXT_INDEX]
-        self._next_index = next_index
-        self.batches += 1
-        self.jobs += len(batch)
+            batch.write()
+        self._next_index = batch.next_audit_index

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.store.db import make_engine, session_factory, upgrade
-from node.store.models import AuditEntryRecord, NodeStateRecord
-from node.store.writer import BatchWriter, WriterStopped
+from node.store.models import NODE_STATE, AuditEntryRecord, NodeStateRecord
+from node.store.writer import Batch, BatchWriter, WriterStopped
 
 
 @pytest.fixture
@@ -24,14 +23,19 @@ def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
     engine.dispose()
 
 
-def append_entry(name: str, session: Session) -> int:
-    return audit.append(session, AuditEvent.SENT, node="140400/ecology", detail=name)
+def append_entry(name: str, batch: Batch) -> int:
+    return audit.append(batch, AuditEvent.SENT, node="140400/ecology", detail=name)
 
 
-def failing_after_append(session: Session) -> None:
-    audit.append(session, AuditEvent.SENT, node="140400/ecology", detail="doomed")
-    session.add(NodeStateRecord(key="doomed", value="x"))
+def failing_after_append(batch: Batch) -> None:
+    audit.append(batch, AuditEvent.SENT, node="140400/ecology", detail="doomed")
+    batch.insert(NODE_STATE, {"key": "doomed", "value": "x"})
     raise ValueError("this unit of work fails")
+
+
+def insert_state(key: str, batch: Batch) -> int:
+    batch.insert(NODE_STATE, {"key": key, "value": "v"})
+    return audit.append(batch, AuditEvent.SENT, node="140400/ecology", detail=key)
 
 
 def test_jobs_share_batches_and_failures_stay_isolated(sessions) -> None:  # type: ignore[no-untyped-def]
@@ -110,6 +114,27 @@ def test_audit_entries_are_canonical_bytes(sessions) -> None:  # type: ignore[no
     assert audit.encode_entry(entry.fields) == entry.raw
 
 
-def test_appending_outside_the_writer_is_refused(sessions) -> None:  # type: ignore[no-untyped-def]
-    with sessions() as session, pytest.raises(RuntimeError, match="BatchWriter"):
-        append_entry("outside", session)
+def test_a_unit_that_breaks_the_batch_write_fails_alone(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Two units insert the same key: the batch is retried unit by unit, and only one fails."""
+
+    async def scenario() -> list[object]:
+        writer = BatchWriter(sessions, gather_seconds=0.05)
+        writer.start()
+        jobs = [
+            writer.run(lambda b: insert_state("a", b)),
+            writer.run(lambda b: insert_state("same", b)),
+            writer.run(lambda b: insert_state("same", b)),
+            writer.run(lambda b: insert_state("b", b)),
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        assert writer.fallbacks == 1
+        await writer.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [type(r).__name__ for r in results] == ["int", "int", "IntegrityError", "int"]
+    assert sorted(r for r in results if isinstance(r, int)) == [0, 1, 2]
+    with sessions() as session:
+        keys = session.scalars(select(NodeStateRecord.key).order_by(NodeStateRecord.key)).all()
+        assert list(keys) == ["a", "b", "same"]
+        assert [e.index for e in audit.entries(session)] == [0, 1, 2]
