@@ -169,6 +169,7 @@ class Node:
         self.writer.start()
         await self.writer.run(self._record_registry)
         self.api = PluginAPI(self, loop)
+        self._confirmations: asyncio.Queue[DeliveryConfirmation] = asyncio.Queue()
         self.transport = GrpcPeerTransport(
             self.ca_cert, self.tls_key, self.tls_cert, self.config.delivery.rpc_timeout_seconds
         )
@@ -185,7 +186,7 @@ class Node:
             self.config.delivery,
             self._confirmed,
         )
-        self.outbox = Outbox(self.context, self.writer, self.blobs, self.delivery.wake)
+        self.outbox = Outbox(self.context, self.writer, self.blobs, self.delivery.enqueue)
         self.health = health.aio.HealthServicer()
         self.peer_server = build_peer_server(
             ExchangeServicer(self.receiver, self.blobs),
@@ -211,7 +212,11 @@ class Node:
             loop.create_task(self.delivery.run()),
             loop.create_task(self.handoff.run()),
         ]
-        self._background = [loop.create_task(self._poll()), loop.create_task(self._watch())]
+        self._background = [
+            loop.create_task(self._poll()),
+            loop.create_task(self._watch()),
+            loop.create_task(self._notify_confirmations()),
+        ]
         await asyncio.to_thread(self.hooks.node_started, self.api)
         log.info(
             "node serving",
@@ -248,17 +253,30 @@ class Node:
         return self.hooks.hand_off(item, self.api)
 
     async def _confirmed(self, confirmation: Confirmation) -> None:
-        hook_argument = DeliveryConfirmation(
-            message_id=confirmation.message_id,
-            recipient=confirmation.recipient,
-            delivered_at=confirmation.delivered_at,
-            receipt_sha256=confirmation.receipt_sha256,
-            receiver_log_index=confirmation.receiver_log_index,
+        """Queue the plugins' notification; delivery does not wait for the local system."""
+        self._confirmations.put_nowait(
+            DeliveryConfirmation(
+                message_id=confirmation.message_id,
+                recipient=confirmation.recipient,
+                delivered_at=confirmation.delivered_at,
+                receipt_sha256=confirmation.receipt_sha256,
+                receiver_log_index=confirmation.receiver_log_index,
+            )
         )
-        try:
-            await asyncio.to_thread(self.hooks.delivery_confirmed, hook_argument, self.api)
-        except Exception as error:  # a plugin's failure must not stop delivery
-            log.error("delivery_confirmed hook failed", error=str(error))
+
+    async def _notify_confirmations(self) -> None:
+        while True:
+            group = [await self._confirmations.get()]
+            while not self._confirmations.empty():
+                group.append(self._confirmations.get_nowait())
+            await asyncio.to_thread(self._call_confirmation_hooks, group)
+
+    def _call_confirmation_hooks(self, group: list[DeliveryConfirmation]) -> None:
+        for confirmation in group:
+            try:
+                self.hooks.delivery_confirmed(confirmation, self.api)
+            except Exception as error:  # a plugin's failure must not stop the node
+                log.error("delivery_confirmed hook failed", error=str(error))
 
     async def _poll(self) -> None:
         while True:
@@ -305,6 +323,10 @@ class Node:
         self.handoff.stop()
         await asyncio.gather(self.peer_server.stop(grace), self.admin_server.stop(grace))
         await self.delivery.stop(grace)
+        leftovers = []
+        while not self._confirmations.empty():
+            leftovers.append(self._confirmations.get_nowait())
+        await asyncio.to_thread(self._call_confirmation_hooks, leftovers)
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
         await self.writer.stop()
         await self.transport.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from node.store.models import DELIVERIES, DeliveryRecord, MessageRecord
 from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
+POLL_SECONDS = 0.5
 
 
 class TransportError(Exception):
@@ -68,14 +70,19 @@ class Confirmation:
 
 
 @dataclass(frozen=True)
-class _Due:
-    delivery_id: int
+class Due:
+    """One (message, recipient) to deliver: what the worker needs, without a query."""
+
     recipient: str
     message_id: str
     family: str
     envelope: bytes
     envelope_sha256: str
     attempts: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.message_id, self.recipient
 
 
 def verify_receipt(
@@ -127,10 +134,20 @@ class DeliveryWorker:
         self.on_confirmed = on_confirmed
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._ready: deque[Due] = deque()
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Deliveries finished while a database poll was running: its snapshot may predate them.
+        self._finished_during_poll: set[tuple[str, str]] = set()
         self.delivered = 0
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def enqueue(self, items: list[Due]) -> None:
+        """Hand over deliveries that were just committed (no database poll needed)."""
+        for item in items:
+            if item.key not in self._inflight:
+                self._ready.append(item)
         self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -142,29 +159,40 @@ class DeliveryWorker:
             task.cancel()
 
     async def run(self) -> None:
+        """Deliver what is handed over at once; poll the outbox for retries and leftovers.
+
+        The poll also finds, after a restart, everything that was pending at the crash.
+        """
+        loop = asyncio.get_running_loop()
+        last_poll = -POLL_SECONDS
         while not self._stopping:
             self._wake.clear()
-            room = self.settings.concurrency - len(self._inflight)
-            due: list[_Due] = []
-            if room > 0:
-                due = await asyncio.to_thread(self._due, room, set(self._inflight))
-            for item in due:
+            if loop.time() - last_poll >= POLL_SECONDS:
+                last_poll = loop.time()
+                self._finished_during_poll.clear()
+                polled = await asyncio.to_thread(self._due, self.settings.concurrency * 4)
+                waiting = {item.key for item in self._ready} | set(self._inflight)
+                waiting |= self._finished_during_poll
+                self._ready.extend(item for item in polled if item.key not in waiting)
+            while self._ready and len(self._inflight) < self.settings.concurrency:
+                item = self._ready.popleft()
+                if item.key in self._inflight:
+                    continue
                 task = asyncio.create_task(self._deliver(item))
-                self._inflight[item.delivery_id] = task
-                task.add_done_callback(partial(self._finished, item.delivery_id))
-            if not due or room <= len(due):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                self._inflight[item.key] = task
+                task.add_done_callback(partial(self._finished, item.key))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
 
-    def _finished(self, delivery_id: int, _task: asyncio.Task[None]) -> None:
-        self._inflight.pop(delivery_id, None)
+    def _finished(self, key: tuple[str, str], _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(key, None)
+        self._finished_during_poll.add(key)
         self._wake.set()
 
-    def _due(self, limit: int, inflight: set[int]) -> list[_Due]:
+    def _due(self, limit: int) -> list[Due]:
         now = datetime.now(UTC)
         query = (
             select(
-                DeliveryRecord.id,
                 DeliveryRecord.recipient,
                 DeliveryRecord.attempts,
                 MessageRecord.message_id,
@@ -179,13 +207,12 @@ class DeliveryWorker:
             )
             .where(DeliveryRecord.state == "pending", DeliveryRecord.next_attempt_at <= now)
             .order_by(DeliveryRecord.next_attempt_at)
-            .limit(limit + len(inflight))
+            .limit(limit)
         )
         with self.sessions() as session:
             rows = session.execute(query).all()
         return [
-            _Due(
-                row.id,
+            Due(
                 row.recipient,
                 row.message_id,
                 row.family,
@@ -194,10 +221,9 @@ class DeliveryWorker:
                 row.attempts,
             )
             for row in rows
-            if row.id not in inflight
-        ][:limit]
+        ]
 
-    async def _deliver(self, item: _Due) -> None:
+    async def _deliver(self, item: Due) -> None:
         envelope = envelope_pb2.Envelope.FromString(item.envelope)
         try:
             registry = self.context.usable_registry(datetime.now(UTC))
@@ -242,14 +268,14 @@ class DeliveryWorker:
 
     def _mark_delivered(
         self,
-        item: _Due,
+        item: Due,
         receipt: envelope_pb2.Envelope,
         confirmation: Confirmation,
         batch: Batch,
     ) -> None:
         batch.update(
             DELIVERIES,
-            {"id": item.delivery_id},
+            {"message_id": item.message_id, "recipient": item.recipient, "state": "pending"},
             {
                 "state": "delivered",
                 "attempts": item.attempts + 1,
@@ -272,7 +298,7 @@ class DeliveryWorker:
             f"receiver_log_index={confirmation.receiver_log_index}",
         )
 
-    async def _failed(self, item: _Due, error: str) -> None:
+    async def _failed(self, item: Due, error: str) -> None:
         delay = min(
             self.settings.initial_backoff_seconds * (2 ** min(item.attempts, 30)),
             self.settings.max_backoff_seconds,
@@ -289,7 +315,7 @@ class DeliveryWorker:
         def write(batch: Batch) -> None:
             batch.update(
                 DELIVERIES,
-                {"id": item.delivery_id},
+                {"message_id": item.message_id, "recipient": item.recipient},
                 {
                     "attempts": item.attempts + 1,
                     "last_error": error[:2000],

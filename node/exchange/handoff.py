@@ -95,28 +95,39 @@ class HandOffWorker:
         failed: set[str] = set()
         while not self._stopping:
             self._wake.clear()
-            items = await asyncio.to_thread(self._pending)
-            progressed = False
-            for item in items:
-                if self._stopping:
-                    break
-                if item.message_id in failed:
+            items = [
+                i for i in await asyncio.to_thread(self._pending) if i.message_id not in failed
+            ]
+            if items:
+                # One thread hop for the whole group: the plugins' file writes are the slow part.
+                outcomes = await asyncio.to_thread(self._hand_off_all, items)
+                done = [(item, reference) for item, reference, error in outcomes if error is None]
+                for item, _reference, error in outcomes:
+                    if error is not None:
+                        log.error(
+                            "hand-off failed; will retry", message_id=item.message_id, error=error
+                        )
+                        failed.add(item.message_id)
+                if done:
+                    await self.writer.run(partial(self._record_all, done))
                     continue
-                try:
-                    reference = await asyncio.to_thread(self.hand_off, item)
-                except Exception as error:  # a plugin's failure must not stop the node
-                    log.error(
-                        "hand-off failed; will retry", message_id=item.message_id, error=str(error)
-                    )
-                    failed.add(item.message_id)
-                    continue
-                await self.writer.run(partial(self._record, item, reference))
-                progressed = True
-            if not progressed:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.retry_seconds)
-                except TimeoutError:
-                    failed.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.retry_seconds)
+            except TimeoutError:
+                failed.clear()
+
+    def _hand_off_all(
+        self, items: list[InboundItem]
+    ) -> list[tuple[InboundItem, str | None, str | None]]:
+        outcomes: list[tuple[InboundItem, str | None, str | None]] = []
+        for item in items:
+            if self._stopping:
+                break
+            try:
+                outcomes.append((item, self.hand_off(item), None))
+            except Exception as error:  # a plugin's failure must not stop the node
+                outcomes.append((item, None, str(error)))
+        return outcomes
 
     def _pending(self) -> list[InboundItem]:
         with self.sessions() as session:
@@ -127,6 +138,10 @@ class HandOffWorker:
                 .limit(100)
             ).all()
             return [inbound_item(record, self.blobs) for record in records]
+
+    def _record_all(self, done: list[tuple[InboundItem, str | None]], batch: Batch) -> None:
+        for item, reference in done:
+            self._record(item, reference, batch)
 
     def _record(self, item: InboundItem, reference: str | None, batch: Batch) -> None:
         batch.update(

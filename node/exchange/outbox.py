@@ -24,6 +24,7 @@ from node.audit.log import AuditEvent
 from node.envelope import MESSAGE_PAYLOAD_TYPE, envelope_digest, sign_envelope
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
+from node.exchange.delivery import Due
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import AttachmentInput, compose_message
 from node.store.models import ATTACHMENTS, DELIVERIES, MESSAGES, message_row
@@ -49,7 +50,7 @@ class Outbox:
         context: NodeContext,
         writer: BatchWriter,
         blobs: BlobStore,
-        on_queued: Callable[[], None] = lambda: None,
+        on_queued: Callable[[list[Due]], None] = lambda _items: None,
     ) -> None:
         self.context = context
         self.writer = writer
@@ -111,7 +112,20 @@ class Outbox:
         message_id: str = await self.writer.run(
             partial(self._store, row, list(message.recipients), attachments)
         )
-        self.on_queued()
+        if message_id == row["message_id"]:  # not a repeat of an earlier submission
+            self.on_queued(
+                [
+                    Due(
+                        recipient,
+                        message_id,
+                        submission.family,
+                        row["envelope"],
+                        row["envelope_sha256"],
+                        0,
+                    )
+                    for recipient in message.recipients
+                ]
+            )
         return message_id
 
     def _ingest(self, path: Path) -> AttachmentInput:
