@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
@@ -31,6 +33,68 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class DeliveryStream:
+    """One long-lived Deliver stream to a peer; many messages in flight, matched by seq."""
+
+    def __init__(self, stub: exchange_pb2_grpc.ExchangeStub, member: Member) -> None:
+        self.member = member
+        self.broken: TransportError | None = None
+        self.unimplemented = False
+        self._requests: asyncio.Queue[exchange_pb2.DeliveryRequest | None] = asyncio.Queue()
+        self._pending: dict[int, asyncio.Future[exchange_pb2.DeliveryResult]] = {}
+        self._seq = itertools.count(1)
+        self._call = stub.Deliver(self._outgoing())
+        self._reader = asyncio.create_task(self._read())
+
+    async def _outgoing(self) -> AsyncIterator[exchange_pb2.DeliveryRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        try:
+            async for result in self._call:
+                future = self._pending.pop(result.seq, None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+            error = TransportError(f"{self.member.agency_id}: the peer closed the delivery stream")
+        except grpc.aio.AioRpcError as rpc_error:
+            self.unimplemented = rpc_error.code() == grpc.StatusCode.UNIMPLEMENTED
+            error = TransportError(_describe(self.member, rpc_error))
+        except asyncio.CancelledError:
+            error = TransportError(f"{self.member.agency_id}: delivery stream closed")
+        self.broken = error
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+    async def send(
+        self, envelope: envelope_pb2.Envelope, timeout: float
+    ) -> exchange_pb2.DeliveryResult:
+        if self.broken is not None:
+            raise self.broken
+        seq = next(self._seq)
+        future: asyncio.Future[exchange_pb2.DeliveryResult] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[seq] = future
+        self._requests.put_nowait(exchange_pb2.DeliveryRequest(seq=seq, envelope=envelope))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise TransportError(
+                f"{self.member.agency_id}: no answer within {timeout:g} s on the delivery stream"
+            ) from None
+        finally:
+            self._pending.pop(seq, None)
+
+    async def close(self) -> None:
+        self._requests.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
 class GrpcPeerTransport:
     def __init__(self, ca_pem: bytes, key_pem: bytes, cert_pem: bytes, timeout: float) -> None:
         self.credentials = grpc.ssl_channel_credentials(
@@ -38,6 +102,9 @@ class GrpcPeerTransport:
         )
         self.timeout = timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, DeliveryStream] = {}
+        # Peers that answered UNIMPLEMENTED to Deliver get one unary call per message.
+        self._unary_only: set[str] = set()
 
     def _stub(self, member: Member) -> exchange_pb2_grpc.ExchangeStub:
         channel = self._channels.get(member.endpoint)
@@ -47,11 +114,37 @@ class GrpcPeerTransport:
         return exchange_pb2_grpc.ExchangeStub(channel)
 
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
 
     async def deliver(
+        self, member: Member, family: str, envelope: envelope_pb2.Envelope
+    ) -> envelope_pb2.Envelope:
+        if member.endpoint in self._unary_only:
+            return await self.deliver_unary(member, family, envelope)
+        stream = self._streams.get(member.endpoint)
+        if stream is None or stream.broken is not None:
+            stream = DeliveryStream(self._stub(member), member)
+            self._streams[member.endpoint] = stream
+        try:
+            result = await stream.send(envelope, self.timeout)
+        except TransportError:
+            if stream.unimplemented:
+                self._unary_only.add(member.endpoint)
+                return await self.deliver_unary(member, family, envelope)
+            raise
+        if result.code != grpc.StatusCode.OK.value[0]:
+            name = next((c.name for c in grpc.StatusCode if c.value[0] == result.code), "UNKNOWN")
+            raise TransportError(
+                f"{member.agency_id} at {member.endpoint}: {name}: {result.message}"
+            )
+        return result.receipt
+
+    async def deliver_unary(
         self, member: Member, family: str, envelope: envelope_pb2.Envelope
     ) -> envelope_pb2.Envelope:
         method = getattr(self._stub(member), RPC_FOR_FAMILY[family])

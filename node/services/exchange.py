@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -13,7 +16,11 @@ from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.inbound import PeerIdentity, Receiver
 from node.pki import SetupError, agency_from_certificate, certificate_fingerprint
-from node.services.status import domain_errors
+from node.services.status import STATUS_FOR_REASON, domain_errors
+
+log = structlog.get_logger(__name__)
+# Messages one stream may have in flight on this node; the sender waits beyond it.
+STREAM_WINDOW = 256
 
 UNKNOWN_PEER = PeerIdentity("unknown", "")
 
@@ -25,7 +32,13 @@ def peer_identity(context: grpc.aio.ServicerContext) -> PeerIdentity:
         raise ExchangeError(
             Reason.UNAUTHENTICATED, "no client certificate: peers must connect with mutual TLS"
         )
-    certificate = x509.load_pem_x509_certificate(pem[0])
+    return _identity_from_pem(pem[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_from_pem(pem: bytes) -> PeerIdentity:
+    # Parsing the certificate on every call is measurable; a peer keeps one certificate.
+    certificate = x509.load_pem_x509_certificate(pem)
     try:
         agency = agency_from_certificate(certificate)
     except SetupError as error:
@@ -74,6 +87,60 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
 
     async def Reply(self, request, context):  # type: ignore[no-untyped-def]
         return await self._receive(request, context, "reply")
+
+    async def Deliver(
+        self,
+        request_iterator: AsyncIterator[exchange_pb2.DeliveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[exchange_pb2.DeliveryResult]:
+        """Many messages on one stream; each gets its own result, in completion order."""
+        try:
+            peer = peer_identity(context)
+        except ExchangeError as error:
+            await context.abort(STATUS_FOR_REASON[error.reason], error.message)
+            return
+        results: asyncio.Queue[exchange_pb2.DeliveryResult | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def receive_one(request: exchange_pb2.DeliveryRequest) -> None:
+            try:
+                receipt = await self.receiver.receive(request.envelope, peer, None)
+                result = exchange_pb2.DeliveryResult(seq=request.seq, receipt=receipt)
+            except ExchangeError as error:
+                code = STATUS_FOR_REASON[error.reason].value[0]
+                result = exchange_pb2.DeliveryResult(
+                    seq=request.seq, code=code, message=error.message
+                )
+            except Exception:
+                log.exception("internal error", rpc="Deliver")
+                result = exchange_pb2.DeliveryResult(
+                    seq=request.seq,
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message="internal error; see the node's log",
+                )
+            finally:
+                window.release()
+            await results.put(result)
+
+        async def read_all() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(receive_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await results.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (result := await results.get()) is not None:
+                yield result
+        finally:
+            reader.cancel()
 
     async def QueryAttachment(
         self, request: exchange_pb2.AttachmentQuery, context: grpc.aio.ServicerContext

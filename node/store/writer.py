@@ -45,9 +45,12 @@ class WriterStopped(RuntimeError):
 class Batch:
     """What a unit of work gets: a session to read, and queues to write."""
 
-    def __init__(self, session: Session, next_audit_index: int) -> None:
+    def __init__(self, session: Session, next_audit_index: int, *, isolated: bool) -> None:
         self.session = session
         self.next_audit_index = next_audit_index
+        # True when this unit runs alone (the retry after a failed shared write): a unit that
+        # skips a check-before-insert for speed must make it here.
+        self.isolated = isolated
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._updates: dict[
             tuple[Table, tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]
@@ -213,7 +216,7 @@ class BatchWriter:
             if self._next_index is None:
                 last = session.scalar(select(func.max(AuditEntryRecord.idx)))
                 self._next_index = 0 if last is None else last + 1
-            batch = Batch(session, self._next_index)
+            batch = Batch(session, self._next_index, isolated=len(jobs) == 1)
             for job in jobs:
                 mark = batch.mark()
                 try:

@@ -21,6 +21,63 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class DeliveryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """chosen by the sender, unique on this stream"""
+    @_builtins.property
+    def envelope(self) -> _envelope_pb2.Envelope: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        envelope: _envelope_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryRequest: _TypeAlias = DeliveryRequest  # noqa: Y015
+
+@_typing.final
+class DeliveryResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    code: _builtins.int
+    """a google.rpc.Code / grpc status code; 0 (OK) when accepted"""
+    message: _builtins.str
+    """why it was refused, when code != 0"""
+    @_builtins.property
+    def receipt(self) -> _envelope_pb2.Envelope:
+        """set when the message was accepted"""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        receipt: _envelope_pb2.Envelope | None = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "receipt", b"receipt", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryResult: _TypeAlias = DeliveryResult  # noqa: Y015
+
+@_typing.final
 class DeliveryReceipt(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -66,6 +66,11 @@ class ExchangeStub:
                 request_serializer=liandong_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryReceipt.FromString,
                 _registered_method=True)
+        self.Deliver = channel.stream_stream(
+                '/liandong.v1.Exchange/Deliver',
+                request_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryResult.FromString,
+                _registered_method=True)
         self.UploadAttachment = channel.stream_unary(
                 '/liandong.v1.Exchange/UploadAttachment',
                 request_serializer=liandong_dot_v1_dot_exchange__pb2.AttachmentChunk.SerializeToString,
@@ -125,6 +130,15 @@ class ExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deliver(self, request_iterator, context):
+        """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
+        Each request is checked exactly as on its family's RPC; each result carries the
+        request's `seq`, and results may come back in any order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadAttachment(self, request_iterator, context):
         """Attachments travel before the message that references them.
         """
@@ -176,6 +190,11 @@ def add_ExchangeServicer_to_server(servicer, server):
                     servicer.Reply,
                     request_deserializer=liandong_dot_v1_dot_envelope__pb2.Envelope.FromString,
                     response_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryReceipt.SerializeToString,
+            ),
+            'Deliver': grpc.stream_stream_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryResult.SerializeToString,
             ),
             'UploadAttachment': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAttachment,
@@ -355,6 +374,33 @@ class Exchange:
             '/liandong.v1.Exchange/Reply',
             liandong_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
             liandong_dot_v1_dot_exchange__pb2.DeliveryReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deliver(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/liandong.v1.Exchange/Deliver',
+            liandong_dot_v1_dot_exchange__pb2.DeliveryRequest.SerializeToString,
+            liandong_dot_v1_dot_exchange__pb2.DeliveryResult.FromString,
             options,
             channel_credentials,
             insecure,

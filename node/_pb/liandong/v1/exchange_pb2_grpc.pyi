@@ -45,6 +45,11 @@ class ExchangeStub:
     IssueRecommendation: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]
     Reply: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]
     """Evidence responses, recommendation replies and feedback."""
+    Deliver: _grpc.StreamStreamMultiCallable[_exchange_pb2.DeliveryRequest, _exchange_pb2.DeliveryResult]
+    """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
+    Each request is checked exactly as on its family's RPC; each result carries the
+    request's `seq`, and results may come back in any order.
+    """
     UploadAttachment: _grpc.StreamUnaryMultiCallable[_exchange_pb2.AttachmentChunk, _exchange_pb2.AttachmentStatus]
     """Attachments travel before the message that references them."""
     QueryAttachment: _grpc.UnaryUnaryMultiCallable[_exchange_pb2.AttachmentQuery, _exchange_pb2.AttachmentStatus]
@@ -63,6 +68,11 @@ class ExchangeAsyncStub(ExchangeStub):
     IssueRecommendation: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]  # type: ignore[assignment]
     Reply: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]  # type: ignore[assignment]
     """Evidence responses, recommendation replies and feedback."""
+    Deliver: _aio.StreamStreamMultiCallable[_exchange_pb2.DeliveryRequest, _exchange_pb2.DeliveryResult]  # type: ignore[assignment]
+    """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
+    Each request is checked exactly as on its family's RPC; each result carries the
+    request's `seq`, and results may come back in any order.
+    """
     UploadAttachment: _aio.StreamUnaryMultiCallable[_exchange_pb2.AttachmentChunk, _exchange_pb2.AttachmentStatus]  # type: ignore[assignment]
     """Attachments travel before the message that references them."""
     QueryAttachment: _aio.UnaryUnaryMultiCallable[_exchange_pb2.AttachmentQuery, _exchange_pb2.AttachmentStatus]  # type: ignore[assignment]
@@ -114,6 +124,17 @@ class ExchangeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_exchange_pb2.DeliveryReceipt, _abc.Awaitable[_exchange_pb2.DeliveryReceipt]]:
         """Evidence responses, recommendation replies and feedback."""
+
+    @_abc_1.abstractmethod
+    def Deliver(
+        self,
+        request_iterator: _MaybeAsyncIterator[_exchange_pb2.DeliveryRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_exchange_pb2.DeliveryResult], _abc.AsyncIterator[_exchange_pb2.DeliveryResult]]:
+        """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
+        Each request is checked exactly as on its family's RPC; each result carries the
+        request's `seq`, and results may come back in any order.
+        """
 
     @_abc_1.abstractmethod
     def UploadAttachment(
