@@ -39,15 +39,17 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from bench import echo
-from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, envelope_pb2
 from node.federation_setup import NodeSetup, create_federation, free_port
 
 SENDER, RECEIVER = "140400/ecology", "140400/procuratorate"
@@ -237,8 +239,22 @@ class SubmitPhase:
     pending_samples: list[tuple[float, int]] = field(default_factory=list)
 
 
+def submit_request(payload: int, number: int, typed: bool) -> admin_pb2.SubmitRequest:
+    text = body_json(payload, number)
+    if typed:
+        clue = json_format.Parse(text, envelope_pb2.ClueTransfer())
+        return admin_pb2.SubmitRequest(family="clue", recipients=[RECEIVER], clue=clue)
+    return admin_pb2.SubmitRequest(family="clue", recipients=[RECEIVER], body_json=text)
+
+
 async def submit_load(
-    stub: admin_pb2_grpc.LocalAdminStub, *, clients: int, seconds: float, payload: int
+    stub: admin_pb2_grpc.LocalAdminStub,
+    *,
+    clients: int,
+    seconds: float,
+    payload: int,
+    mode: str = "stream",
+    typed: bool = False,
 ) -> SubmitPhase:
     phase = SubmitPhase()
     counter = iter(range(1 << 62))
@@ -246,11 +262,33 @@ async def submit_load(
     started = time.monotonic()
     deadline = started + seconds
 
+    async def stream_caller() -> None:
+        # One SubmitStream call with up to `clients` submissions in flight.
+        slots = asyncio.Semaphore(clients)
+        sent_at: dict[int, float] = {}
+
+        async def requests() -> AsyncIterator[admin_pb2.SubmitRequest]:
+            while time.monotonic() < deadline:
+                await slots.acquire()
+                request = submit_request(payload, next(counter), typed)
+                request.seq = len(sent_at) + 1
+                sent_at[request.seq] = time.monotonic()
+                yield request
+
+        try:
+            async for result in stub.SubmitStream(requests()):
+                slots.release()
+                if result.code:
+                    phase.errors[f"code {result.code}: {result.message[:200]}"] += 1
+                    continue
+                phase.latencies.append(time.monotonic() - sent_at[result.seq])
+                phase.accepted.append(result.message_id)
+        except grpc.aio.AioRpcError as error:
+            phase.errors[f"{error.code().name}: {(error.details() or '')[:200]}"] += 1
+
     async def caller() -> None:
         while time.monotonic() < deadline:
-            request = admin_pb2.SubmitRequest(
-                family="clue", recipients=[RECEIVER], body_json=body_json(payload, next(counter))
-            )
+            request = submit_request(payload, next(counter), typed)
             before = time.monotonic()
             try:
                 answer = await stub.Submit(request, timeout=60)
@@ -267,7 +305,10 @@ async def submit_load(
                 info = await stub.NodeInfo(admin_pb2.NodeInfoRequest(), timeout=10)
                 phase.pending_samples.append((time.monotonic() - started, info.pending_deliveries))
 
-    await asyncio.gather(sampler(), *(caller() for _ in range(clients)))
+    if mode == "stream":
+        await asyncio.gather(sampler(), stream_caller())
+    else:
+        await asyncio.gather(sampler(), *(caller() for _ in range(clients)))
     phase.seconds = time.monotonic() - started
     phase.ended_wall = time.time()
     return phase
@@ -463,7 +504,12 @@ async def run_once(number: int, args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = [cpu_seconds(n.pid) for n in nodes]
         self0 = self_cpu_seconds()
         submit = await submit_load(
-            stub, clients=args.clients, seconds=args.seconds, payload=args.payload
+            stub,
+            clients=args.clients,
+            seconds=args.seconds,
+            payload=args.payload,
+            mode=args.submit,
+            typed=args.body == "typed",
         )
         cpu_submit = [cpu_seconds(n.pid) - c for n, c in zip(nodes, cpu0, strict=True)]
         self_submit = self_cpu_seconds() - self0
@@ -717,6 +763,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="submit phase length")
     parser.add_argument("--clients", type=int, default=32, help="concurrent submitters")
+    parser.add_argument(
+        "--submit",
+        choices=["stream", "unary"],
+        default="stream",
+        help="local API: one SubmitStream with --clients in flight, or --clients unary callers",
+    )
+    parser.add_argument(
+        "--body",
+        choices=["json", "typed"],
+        default="json",
+        help="submit the body as JSON text or as a typed protobuf message",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs; the report gives medians")
     parser.add_argument("--payload", type=int, default=2048, help="body size in bytes")
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")

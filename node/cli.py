@@ -219,9 +219,6 @@ def cmd_serve(options: argparse.Namespace) -> int:
 
     config = load_config(options.config)
     configure_logging(config.log_format, config.log_level)
-    # The writer thread releases the GIL on every SQLite call; with the default 5 ms switch
-    # interval it then queues behind the event loop for up to 5 ms each time (a GIL convoy).
-    sys.setswitchinterval(float(os.environ.get("LIANDONG_SWITCH_INTERVAL", "0.0005")))
     try:
         node = Node(config)
     except StartupError as error:

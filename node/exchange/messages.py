@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.exchange.errors import ExchangeError, Reason
@@ -55,7 +56,7 @@ def compose_message(
     sender: str,
     family: str,
     recipients: Sequence[str],
-    body: Mapping[str, Any],
+    body: Mapping[str, Any] | ProtoMessage,
     body_type: str,
     created_at: datetime,
     case_ref: str = "",
@@ -99,10 +100,16 @@ def compose_message(
         confidentiality=CONFIDENTIALITY_NAMES[confidentiality],  # type: ignore[arg-type]
     )
     message.created_at.FromDatetime(created_at)
-    try:
-        json_format.ParseDict(dict(body), getattr(message, body_type))
-    except json_format.ParseError as error:
-        raise _invalid(f"body ({body_type}): {error}") from None
+    target = getattr(message, body_type)
+    if isinstance(body, ProtoMessage):
+        if body.DESCRIPTOR is not target.DESCRIPTOR:
+            raise _invalid(f"body is a {body.DESCRIPTOR.name}, not a {target.DESCRIPTOR.name}")
+        target.CopyFrom(body)
+    else:
+        try:
+            json_format.ParseDict(dict(body), target)
+        except json_format.ParseError as error:
+            raise _invalid(f"body ({body_type}): {error}") from None
     if not getattr(message, body_type).ListFields():
         raise _invalid(f"body ({body_type}) is empty")
     for attachment in attachments:

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy import select
 
 from node.audit import log as audit
@@ -35,7 +36,7 @@ from node.store.writer import Batch, BatchWriter
 class Submission:
     family: str
     recipients: Sequence[str]
-    body: Mapping[str, Any]
+    body: Mapping[str, Any] | ProtoMessage
     body_type: str = ""
     case_ref: str = ""
     in_reply_to: str = ""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
 import grpc
+import structlog
+from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy.orm import Session, sessionmaker
 
 from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc
@@ -17,7 +20,10 @@ from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import CONFIDENTIALITY_LABELS
 from node.exchange.outbox import Outbox, Submission
-from node.services.status import domain_errors
+from node.services.status import STATUS_FOR_REASON, domain_errors
+from node.services.streams import answer_concurrently
+
+log = structlog.get_logger(__name__)
 
 
 def _time(moment: datetime | None) -> str:
@@ -56,6 +62,34 @@ def item_message(view: queries.ItemView) -> admin_pb2.Item:
     )
 
 
+def submission_from(request: admin_pb2.SubmitRequest) -> Submission:
+    """Translate a local submission; the body comes typed or as JSON."""
+    typed = request.WhichOneof("typed_body")
+    body: dict[str, object] | ProtoMessage
+    if typed is not None:
+        body = getattr(request, typed)
+        body_type = request.body_type or typed
+    else:
+        try:
+            body = json.loads(request.body_json or "{}")
+        except json.JSONDecodeError as error:
+            raise ExchangeError(Reason.INVALID, f"body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise ExchangeError(Reason.INVALID, "body must be a JSON object")
+        body_type = request.body_type
+    return Submission(
+        family=request.family,
+        recipients=list(request.recipients),
+        body=body,
+        body_type=body_type,
+        case_ref=request.case_ref,
+        in_reply_to=request.in_reply_to,
+        confidentiality=CONFIDENTIALITY_LABELS.get(request.confidentiality, "internal"),
+        attachment_paths=[Path(p) for p in request.attachment_paths],
+        client_key=request.client_key,
+    )
+
+
 class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
     def __init__(
         self, context: NodeContext, outbox: Outbox, sessions: sessionmaker[Session], endpoint: str
@@ -69,26 +103,37 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         self, request: admin_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SubmitResponse:
         async with domain_errors(context, "Submit"):
-            try:
-                body = json.loads(request.body_json or "{}")
-            except json.JSONDecodeError as error:
-                raise ExchangeError(Reason.INVALID, f"body is not valid JSON: {error}") from None
-            if not isinstance(body, dict):
-                raise ExchangeError(Reason.INVALID, "body must be a JSON object")
-            submission = Submission(
-                family=request.family,
-                recipients=list(request.recipients),
-                body=body,
-                body_type=request.body_type,
-                case_ref=request.case_ref,
-                in_reply_to=request.in_reply_to,
-                confidentiality=CONFIDENTIALITY_LABELS.get(request.confidentiality, "internal"),
-                attachment_paths=[Path(p) for p in request.attachment_paths],
-                client_key=request.client_key,
-            )
-            message_id = await self.outbox.submit(submission)
+            message_id = await self.outbox.submit(submission_from(request))
             return admin_pb2.SubmitResponse(message_id=message_id)
         raise AssertionError("unreachable")
+
+    async def SubmitStream(
+        self,
+        request_iterator: AsyncIterator[admin_pb2.SubmitRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[admin_pb2.SubmitResult]:
+        """Each request is submitted concurrently; results come back as they commit."""
+
+        async def submit_one(request: admin_pb2.SubmitRequest) -> admin_pb2.SubmitResult:
+            try:
+                message_id = await self.outbox.submit(submission_from(request))
+            except ExchangeError as error:
+                return admin_pb2.SubmitResult(
+                    seq=request.seq,
+                    code=STATUS_FOR_REASON[error.reason].value[0],
+                    message=error.message,
+                )
+            except Exception:
+                log.exception("internal error", rpc="SubmitStream")
+                return admin_pb2.SubmitResult(
+                    seq=request.seq,
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message="internal error; see the node's log",
+                )
+            return admin_pb2.SubmitResult(seq=request.seq, message_id=message_id)
+
+        async for result in answer_concurrently(request_iterator, submit_one):
+            yield result
 
     async def ListItems(
         self, request: admin_pb2.ListItemsRequest, context: grpc.aio.ServicerContext

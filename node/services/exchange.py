@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
 
@@ -17,10 +16,9 @@ from node.exchange.errors import ExchangeError, Reason
 from node.exchange.inbound import PeerIdentity, Receiver
 from node.pki import SetupError, agency_from_certificate, certificate_fingerprint
 from node.services.status import STATUS_FOR_REASON, domain_errors
+from node.services.streams import answer_concurrently
 
 log = structlog.get_logger(__name__)
-# Messages one stream may have in flight on this node; the sender waits beyond it.
-STREAM_WINDOW = 256
 
 UNKNOWN_PEER = PeerIdentity("unknown", "")
 
@@ -99,48 +97,26 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         except ExchangeError as error:
             await context.abort(STATUS_FOR_REASON[error.reason], error.message)
             return
-        results: asyncio.Queue[exchange_pb2.DeliveryResult | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
 
-        async def receive_one(request: exchange_pb2.DeliveryRequest) -> None:
+        async def receive_one(request: exchange_pb2.DeliveryRequest) -> exchange_pb2.DeliveryResult:
             try:
                 receipt = await self.receiver.receive(request.envelope, peer, None)
-                result = exchange_pb2.DeliveryResult(seq=request.seq, receipt=receipt)
             except ExchangeError as error:
                 code = STATUS_FOR_REASON[error.reason].value[0]
-                result = exchange_pb2.DeliveryResult(
+                return exchange_pb2.DeliveryResult(
                     seq=request.seq, code=code, message=error.message
                 )
             except Exception:
                 log.exception("internal error", rpc="Deliver")
-                result = exchange_pb2.DeliveryResult(
+                return exchange_pb2.DeliveryResult(
                     seq=request.seq,
                     code=grpc.StatusCode.INTERNAL.value[0],
                     message="internal error; see the node's log",
                 )
-            finally:
-                window.release()
-            await results.put(result)
+            return exchange_pb2.DeliveryResult(seq=request.seq, receipt=receipt)
 
-        async def read_all() -> None:
-            tasks: set[asyncio.Task[None]] = set()
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(receive_one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                await results.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (result := await results.get()) is not None:
-                yield result
-        finally:
-            reader.cancel()
+        async for result in answer_concurrently(request_iterator, receive_one):
+            yield result
 
     async def QueryAttachment(
         self, request: exchange_pb2.AttachmentQuery, context: grpc.aio.ServicerContext

@@ -36,6 +36,15 @@ class SubmitRequest(_message.Message):
     CONFIDENTIALITY_FIELD_NUMBER: _builtins.int
     ATTACHMENT_PATHS_FIELD_NUMBER: _builtins.int
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    CLUE_FIELD_NUMBER: _builtins.int
+    CRIME_TRANSFER_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_REQUEST_FIELD_NUMBER: _builtins.int
+    EVIDENCE_RESPONSE_FIELD_NUMBER: _builtins.int
+    RECOMMENDATION_FIELD_NUMBER: _builtins.int
+    RECOMMENDATION_REPLY_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     family: _builtins.str
     """Family: "clue", "crime_transfer", "notice", "evidence_request",
     "recommendation" or "reply".
@@ -51,12 +60,30 @@ class SubmitRequest(_message.Message):
     confidentiality: _envelope_pb2.Confidentiality.ValueType
     client_key: _builtins.str
     """Idempotency: a retry with the same key returns the first message id."""
+    seq: _builtins.int
+    """On SubmitStream: chosen by the client, echoed in the result."""
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def attachment_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Files on this host to attach; the node copies them into its store."""
 
+    @_builtins.property
+    def clue(self) -> _envelope_pb2.ClueTransfer: ...
+    @_builtins.property
+    def crime_transfer(self) -> _envelope_pb2.CrimeTransfer: ...
+    @_builtins.property
+    def notice(self) -> _envelope_pb2.Notice: ...
+    @_builtins.property
+    def evidence_request(self) -> _envelope_pb2.EvidenceRequest: ...
+    @_builtins.property
+    def evidence_response(self) -> _envelope_pb2.EvidenceResponse: ...
+    @_builtins.property
+    def recommendation(self) -> _envelope_pb2.Recommendation: ...
+    @_builtins.property
+    def recommendation_reply(self) -> _envelope_pb2.RecommendationReply: ...
+    @_builtins.property
+    def feedback(self) -> _envelope_pb2.Feedback: ...
     def __init__(
         self,
         *,
@@ -69,14 +96,56 @@ class SubmitRequest(_message.Message):
         confidentiality: _envelope_pb2.Confidentiality.ValueType = ...,
         attachment_paths: _abc.Iterable[_builtins.str] | None = ...,
         client_key: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        clue: _envelope_pb2.ClueTransfer | None = ...,
+        crime_transfer: _envelope_pb2.CrimeTransfer | None = ...,
+        notice: _envelope_pb2.Notice | None = ...,
+        evidence_request: _envelope_pb2.EvidenceRequest | None = ...,
+        evidence_response: _envelope_pb2.EvidenceResponse | None = ...,
+        recommendation: _envelope_pb2.Recommendation | None = ...,
+        recommendation_reply: _envelope_pb2.RecommendationReply | None = ...,
+        feedback: _envelope_pb2.Feedback | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clue", b"clue", "crime_transfer", b"crime_transfer", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "notice", b"notice", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "typed_body", b"typed_body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_paths", b"attachment_paths", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "client_key", b"client_key", "clue", b"clue", "confidentiality", b"confidentiality", "crime_transfer", b"crime_transfer", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "family", b"family", "feedback", b"feedback", "in_reply_to", b"in_reply_to", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "seq", b"seq", "typed_body", b"typed_body"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_typed_body: _TypeAlias = _typing.Literal["clue", "crime_transfer", "notice", "evidence_request", "evidence_response", "recommendation", "recommendation_reply", "feedback"]  # noqa: Y015
+    _WhichOneofArgType_typed_body: _TypeAlias = _typing.Literal["typed_body", b"typed_body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_typed_body) -> _WhichOneofReturnType_typed_body | None: ...
+
+Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+
+@_typing.final
+class SubmitResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    message_id: _builtins.str
+    """set when accepted"""
+    code: _builtins.int
+    """grpc status code; 0 (OK) when accepted"""
+    message: _builtins.str
+    """why it was refused, when code != 0"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        message_id: _builtins.str = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_paths", b"attachment_paths", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "client_key", b"client_key", "confidentiality", b"confidentiality", "family", b"family", "in_reply_to", b"in_reply_to", "recipients", b"recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "message_id", b"message_id", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+Global___SubmitResult: _TypeAlias = SubmitResult  # noqa: Y015
 
 @_typing.final
 class SubmitResponse(_message.Message):

@@ -40,6 +40,11 @@ class LocalAdminStub:
                 request_serializer=liandong_dot_v1_dot_admin__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_stream(
+                '/liandong.v1.LocalAdmin/SubmitStream',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitResult.FromString,
+                _registered_method=True)
         self.ListItems = channel.unary_unary(
                 '/liandong.v1.LocalAdmin/ListItems',
                 request_serializer=liandong_dot_v1_dot_admin__pb2.ListItemsRequest.SerializeToString,
@@ -62,6 +67,13 @@ class LocalAdminServicer:
 
     def Submit(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitStream(self, request_iterator, context):
+        """Bulk submission: many requests on one stream, one result each (by `seq`, in any order).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -91,6 +103,11 @@ def add_LocalAdminServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitRequest.FromString,
                     response_serializer=liandong_dot_v1_dot_admin__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitStream,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.SubmitResult.SerializeToString,
             ),
             'ListItems': grpc.unary_unary_rpc_method_handler(
                     servicer.ListItems,
@@ -135,6 +152,33 @@ class LocalAdmin:
             '/liandong.v1.LocalAdmin/Submit',
             liandong_dot_v1_dot_admin__pb2.SubmitRequest.SerializeToString,
             liandong_dot_v1_dot_admin__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/liandong.v1.LocalAdmin/SubmitStream',
+            liandong_dot_v1_dot_admin__pb2.SubmitRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.SubmitResult.FromString,
             options,
             channel_credentials,
             insecure,

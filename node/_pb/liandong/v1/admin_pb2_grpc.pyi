@@ -35,6 +35,8 @@ class LocalAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LocalAdminAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResponse]
+    SubmitStream: _grpc.StreamStreamMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResult]
+    """Bulk submission: many requests on one stream, one result each (by `seq`, in any order)."""
     ListItems: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListItemsRequest, _admin_pb2.ListItemsResponse]
     GetItem: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetItemRequest, _admin_pb2.Item]
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_admin_pb2.NodeInfoRequest, _admin_pb2.NodeInfoResponse]
@@ -43,6 +45,8 @@ class LocalAdminStub:
 class LocalAdminAsyncStub(LocalAdminStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResponse]  # type: ignore[assignment]
+    SubmitStream: _aio.StreamStreamMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResult]  # type: ignore[assignment]
+    """Bulk submission: many requests on one stream, one result each (by `seq`, in any order)."""
     ListItems: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListItemsRequest, _admin_pb2.ListItemsResponse]  # type: ignore[assignment]
     GetItem: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetItemRequest, _admin_pb2.Item]  # type: ignore[assignment]
     NodeInfo: _aio.UnaryUnaryMultiCallable[_admin_pb2.NodeInfoRequest, _admin_pb2.NodeInfoResponse]  # type: ignore[assignment]
@@ -54,6 +58,14 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SubmitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SubmitResponse, _abc.Awaitable[_admin_pb2.SubmitResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.SubmitRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.SubmitResult], _abc.AsyncIterator[_admin_pb2.SubmitResult]]:
+        """Bulk submission: many requests on one stream, one result each (by `seq`, in any order)."""
 
     @_abc_1.abstractmethod
     def ListItems(

@@ -1,0 +1,86 @@
+"""The bulk paths: Deliver (node to node) and SubmitStream (local API) answer per message."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, envelope_pb2, exchange_pb2
+from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess
+from tests.peer import audit_events, clue_message, database_rows, exchange_stub, sign, signing_key
+
+
+def test_deliver_stream_answers_each_message_and_survives_a_bad_one(
+    running: dict[str, NodeProcess],
+) -> None:
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    key = signing_key(police.setup)
+    good = [sign(clue_message(POLICE, [PROCURATORATE]), key) for _ in range(20)]
+    tampered = sign(clue_message(POLICE, [PROCURATORATE]), key)
+    tampered.payload = tampered.payload + b"\x00"
+    requests = [exchange_pb2.DeliveryRequest(seq=n + 1, envelope=e) for n, e in enumerate(good)]
+    requests.insert(7, exchange_pb2.DeliveryRequest(seq=99, envelope=tampered))
+    requests.append(exchange_pb2.DeliveryRequest(seq=100, envelope=good[0]))  # a repeat
+
+    results = {
+        r.seq: r
+        for r in exchange_stub(police.setup, procuratorate.setup).Deliver(
+            iter(requests), timeout=60
+        )
+    }
+
+    assert set(results) == {r.seq for r in requests}
+    assert results[99].code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert "does not verify" in results[99].message
+    for seq in range(1, 21):
+        assert results[seq].code == 0
+        receipt = envelope_pb2.Receipt.FromString(results[seq].receipt.payload)
+        assert receipt.receiver == PROCURATORATE
+    # The repeat is answered with the original receipt, and stored once.
+    assert results[100].receipt == results[1].receipt
+    assert database_rows(procuratorate.setup, "SELECT count(*) FROM messages") == [(20,)]
+    assert [e["event"] for e in audit_events(procuratorate.setup)].count("rejected") == 1
+
+
+def test_submit_stream_accepts_good_requests_and_refuses_bad_ones(
+    running: dict[str, NodeProcess],
+) -> None:
+    ecology = running[ECOLOGY]
+    channel = grpc.insecure_channel(f"unix:{ecology.setup.admin_socket}")
+    stub = admin_pb2_grpc.LocalAdminStub(channel)
+    requests = [
+        admin_pb2.SubmitRequest(
+            seq=1,
+            family="clue",
+            recipients=[PROCURATORATE],
+            body_json=json.dumps({"title": "JSON 正文"}),
+        ),
+        admin_pb2.SubmitRequest(
+            seq=2,
+            family="clue",
+            recipients=[PROCURATORATE],
+            clue=envelope_pb2.ClueTransfer(title="类型化正文", facts="暗管"),
+        ),
+        admin_pb2.SubmitRequest(
+            seq=3, family="recommendation", recipients=[POLICE], body_json='{"title": "x"}'
+        ),
+        admin_pb2.SubmitRequest(
+            seq=4,
+            family="clue",
+            recipients=[PROCURATORATE],
+            crime_transfer=envelope_pb2.CrimeTransfer(title="wrong type"),
+        ),
+    ]
+    results = {r.seq: r for r in stub.SubmitStream(iter(requests), timeout=60)}
+    channel.close()
+
+    assert results[1].code == 0
+    assert results[2].code == 0
+    assert results[3].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "does not permit" in results[3].message
+    assert results[4].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    with ecology.client() as client:
+        item = client.get_item(results[2].message_id)
+    assert json.loads(item.body_json) == {"title": "类型化正文", "facts": "暗管"}
+    assert database_rows(ecology.setup, "SELECT count(*) FROM messages") == [(2,)]
