@@ -50,6 +50,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `liandong outbox | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fed_add.add_argument("request", type=Path, help="request.json written by `liandong init`")
     fed_add.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
-    fed_add.add_argument("--valid-days", type=int, default=365, help="certificate validity")
+    fed_add.add_argument(
+        "--valid-days", type=positive_int, default=365, help="certificate validity"
+    )
     fed_add.set_defaults(handler=cmd_federation_add_member)
     fed_publish = fed_commands.add_parser("publish", help="sign and write the member registry")
     fed_publish.add_argument("--out", type=Path, required=True, help="registry file to write")
     fed_publish.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
-    fed_publish.add_argument("--valid-days", type=int, default=30, help="registry validity")
+    fed_publish.add_argument(
+        "--valid-days", type=positive_int, default=30, help="registry validity"
+    )
     fed_publish.set_defaults(handler=cmd_federation_publish)
 
     init = commands.add_parser("init", help="agency: create a node's keys, config and request")
@@ -115,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("inbox", "messages received"), ("outbox", "messages sent")):
         listing = commands.add_parser(name, help=help_text)
-        listing.add_argument("--limit", type=int, default=50)
+        listing.add_argument("--limit", type=positive_int, default=50, help="most recent N")
         _client_options(listing)
         listing.set_defaults(handler=cmd_list, direction=name)
 
@@ -162,7 +180,8 @@ def cmd_federation_add_member(options: argparse.Namespace) -> int:
         lambda: pki.add_member(options.dir, options.request, valid_days=options.valid_days)
     )
     print(f"issued TLS certificate {cert}")
-    print("send it to the agency as tls.crt, then run: liandong federation publish --out FILE")
+    print("send it to the agency as tls.crt, then publish the registry:")
+    print(f"  liandong federation publish --dir {options.dir} --out FILE")
     return 0
 
 
@@ -219,6 +238,9 @@ def cmd_serve(options: argparse.Namespace) -> int:
 
     config = load_config(options.config)
     configure_logging(config.log_format, config.log_level)
+    # Message contents are not for other users of the host; the agency's group may read
+    # (its local system may run as another user in that group).
+    os.umask(0o027)
     try:
         node = Node(config)
     except StartupError as error:
@@ -293,7 +315,7 @@ def cmd_list(options: argparse.Namespace) -> int:
         print(f"{options.direction} is empty")
         return 0
     if options.direction == "outbox":
-        headers = ["created", "message id", "family", "to", "marking", "deliveries"]
+        headers = ["created", "message id", "kind", "to", "marking", "deliveries"]
         rows = [
             [
                 i.created_at[:19],
@@ -306,7 +328,7 @@ def cmd_list(options: argparse.Namespace) -> int:
             for i in items
         ]
     else:
-        headers = ["received", "message id", "family", "from", "marking", "local system"]
+        headers = ["received", "message id", "kind", "from", "marking", "local system"]
         rows = [
             [
                 i.received_at[:19],
@@ -344,7 +366,8 @@ def cmd_show(options: argparse.Namespace) -> int:
     print(f"envelope     sha256:{item.envelope_sha256}")
     print("body")
     for key, value in json.loads(item.body_json).items():
-        print(f"  {key}: {value}")
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        print(f"  {key}: {shown}")
     for ref in item.attachments:
         print(f"attachment   {ref.file_name} ({ref.size} bytes, sha256:{ref.sha256.hex()})")
     for d in item.deliveries:

@@ -104,6 +104,11 @@ def load_config(path: Path) -> NodeConfig:
     log_format = reader.string("logging", "format", "auto")
     if log_format not in {"auto", "json", "console"}:
         raise ConfigError(f"config {path}: key 'logging.format' must be auto, json or console")
+    log_level = reader.string("logging", "level", "info")
+    if log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+        raise ConfigError(
+            f"config {path}: key 'logging.level' must be debug, info, warning, error or critical"
+        )
 
     plugins = reader.table("plugins")
     enabled: tuple[str, ...] | None
@@ -116,6 +121,15 @@ def load_config(path: Path) -> NodeConfig:
         enabled = None
     settings = {k: v for k, v in plugins.items() if isinstance(v, dict)}
 
+    for section, key in (
+        ("delivery", "concurrency"),
+        ("delivery", "rpc_timeout_seconds"),
+        ("limits", "max_envelope_bytes"),
+        ("limits", "max_recipients"),
+        ("node", "poll_seconds"),
+    ):
+        if key in reader.table(section) and not reader.table(section)[key]:
+            raise ConfigError(f"config {path}: key '{section}.{key}' must be greater than 0")
     limits = Limits(
         **{k: reader.number("limits", k, getattr(Limits(), k)) for k in _KNOWN["limits"]}
     )
@@ -140,17 +154,23 @@ def load_config(path: Path) -> NodeConfig:
         delivery=delivery,
         poll_seconds=reader.number("node", "poll_seconds", 1.0),
         log_format=log_format,
-        log_level=reader.string("logging", "level", "info"),
+        log_level=log_level,
         plugins_enabled=enabled,
         plugin_settings=settings,
     )
 
 
-def default_plugins(config: NodeConfig) -> tuple[str, ...] | None:
-    """Plugins to enable: as configured, else the one named after the agency's kind."""
+def default_plugins(config: NodeConfig) -> tuple[str, ...]:
+    """Plugins to enable: as configured, else the one named after the agency's kind if any.
+
+    A water or forestry bureau has no built-in plugin; its node still starts, with none.
+    """
+    from node.plugins import installed_plugin_names
+
     if config.plugins_enabled is not None:
         return config.plugins_enabled
-    return (agency_kind(config.agency),)
+    kind = agency_kind(config.agency)
+    return (kind,) if kind in installed_plugin_names() else ()
 
 
 def render_config(

@@ -24,8 +24,9 @@ RPC_FOR_FAMILY = {
 }
 
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # The receiver enforces the size limits, with a precise refusal; the client does not.
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     # Reconnect quickly when a peer comes back: the outbox is waiting.
     ("grpc.initial_reconnect_backoff_ms", 200),

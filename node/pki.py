@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -220,7 +221,8 @@ def _load_state(federation_dir: Path) -> dict[str, Any]:
         state = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise SetupError(
-            f"{path}: file not found; run init-federation for this directory first"
+            f"{path.resolve()}: file not found; is --dir the operator directory? (create one "
+            "with: liandong federation init --dir DIR --name NAME)"
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SetupError(f"{path}: not valid JSON ({exc})") from None
@@ -442,3 +444,49 @@ def publish(
     state["serial"] = registry.serial
     _save_state(federation_dir, state)
     return registry
+
+
+def check_node_tls(
+    cert_pem: bytes, key_pem: bytes, ca_pem: bytes, agency_id: str, *, cert_path: Path
+) -> str:
+    """Check a node's own TLS files before serving; return the certificate's fingerprint.
+
+    Catches at start-up what would otherwise surface as a bind failure or as every peer
+    refusing the handshake: a certificate that does not match its key, was not issued by
+    the federation CA, names another agency, or has expired.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise SetupError(f"TLS certificate {cert_path}: not a PEM certificate") from None
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise SetupError("federation CA certificate: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise SetupError("TLS key: not an unencrypted PEM private key") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.PEM, public) != (
+        cert.public_key().public_bytes(serialization.Encoding.PEM, public)
+    ):
+        raise SetupError(
+            f"TLS certificate {cert_path} does not match the TLS key (was it issued for "
+            "another request.json?)"
+        )
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise SetupError(
+            f"TLS certificate {cert_path} was not issued by the federation CA in ca.crt"
+        ) from None
+    named = agency_from_certificate(cert)
+    if named != agency_id:
+        raise SetupError(f"TLS certificate {cert_path} names '{named}', not '{agency_id}'")
+    if cert.not_valid_after_utc < _now():
+        raise SetupError(
+            f"TLS certificate {cert_path} expired at {cert.not_valid_after_utc.isoformat()}; "
+            "ask the operator for a new one"
+        )
+    return certificate_fingerprint(cert.public_bytes(serialization.Encoding.DER))

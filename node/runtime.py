@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.audit import log as audit
@@ -32,6 +33,7 @@ from node.exchange.outbox import Outbox, Submission
 from node.federation import Registry, RegistryError, verify_registry
 from node.identity import IdentityError, load_public_key, load_signing_key
 from node.peers import GrpcPeerTransport
+from node.pki import SetupError, check_node_tls
 from node.plugin_api import DeliveryConfirmation, Draft, DraftRejected, InboundItem
 from node.plugins import PluginError, PluginHooks, load_plugin_manager
 from node.server import build_admin_server, build_peer_server
@@ -116,20 +118,27 @@ class Node:
         self.ca_cert = _read(config.ca_cert, "federation CA certificate")
         registry_bytes = _read(config.registry, "federation registry")
         try:
+            self.tls_fingerprint = check_node_tls(
+                self.tls_cert,
+                self.tls_key,
+                self.ca_cert,
+                config.agency,
+                cert_path=config.tls_cert,
+            )
+        except SetupError as error:
+            raise StartupError(str(error)) from None
+        shown_url = make_url(config.database_url).render_as_string(hide_password=True)
+        try:
             self.engine = make_engine(config.database_url)
             upgrade(self.engine)
         except SQLAlchemyError as error:
             raise StartupError(
-                f"database {config.database_url}: {error.__class__.__name__}: "
-                f"{str(error).splitlines()[0]}"
+                f"database {shown_url}: {error.__class__.__name__}: {str(error).splitlines()[0]}"
             ) from None
         self.sessions = session_factory(self.engine)
         self.registry = self._verify_registry(registry_bytes)
-        if self.registry.member(config.agency) is None:
-            raise StartupError(
-                f"federation registry {config.registry}: agency '{config.agency}' (from config "
-                f"{config.path}) is not a member; ask the operator to add it"
-            )
+        self._check_own_membership(self.registry)
+        self._registry_mtime = config.registry.stat().st_mtime
         try:
             self.hooks = PluginHooks(load_plugin_manager(default_plugins(config)))
         except PluginError as error:
@@ -146,6 +155,29 @@ class Node:
         self.stopped = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[None]] = []
+
+    def _check_own_membership(self, registry: Registry) -> None:
+        """This node's agency, signing key and TLS certificate must be the registry's."""
+        source = f"federation registry {self.config.registry} (serial {registry.serial})"
+        agency = self.config.agency
+        member = registry.member(agency)
+        if member is None:
+            raise StartupError(
+                f"{source}: agency '{agency}' (from config {self.config.path}) is not a member; "
+                "ask the operator to add it"
+            )
+        if not registry.key_valid_at(agency, self.signing_key.key_id, datetime.now(UTC)):
+            raise StartupError(
+                f"{source}: signing key {self.signing_key.key_id} "
+                f"({self.config.signing_key}) is not a valid key of '{agency}'; peers would "
+                "refuse every message. Ask the operator to publish it"
+            )
+        if self.tls_fingerprint not in member.tls_fingerprints:
+            raise StartupError(
+                f"{source}: TLS certificate {self.config.tls_cert} is not the one registered "
+                f"for '{agency}'; peers would refuse the connection. Install the certificate "
+                "the operator issued with this registry"
+            )
 
     def _verify_registry(self, data: bytes) -> Registry:
         with self.sessions() as session:
@@ -192,6 +224,7 @@ class Node:
             ExchangeServicer(self.receiver, self.blobs),
             self.health,
             self.config.listen,
+            max_envelope_bytes=self.config.limits.max_envelope_bytes,
             ca_pem=self.ca_cert,
             key_pem=self.tls_key,
             cert_pem=self.tls_cert,
@@ -203,6 +236,7 @@ class Node:
             LocalAdminServicer(self.context, self.outbox, self.sessions, self.config.listen),
             self.health,
             str(socket_path),
+            max_envelope_bytes=self.config.limits.max_envelope_bytes,
         )
         await self.peer_server.start()
         await self.admin_server.start()
@@ -289,7 +323,31 @@ class Node:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            await self._reload_registry_if_changed()
             await self._update_health()
+
+    async def _reload_registry_if_changed(self) -> None:
+        """Take a newly published registry without a restart; keep the old one if it is bad."""
+        try:
+            mtime = self.config.registry.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._registry_mtime:
+            return
+        self._registry_mtime = mtime
+        try:
+            data = self.config.registry.read_bytes()
+            registry = await asyncio.to_thread(self._verify_registry, data)
+            self._check_own_membership(registry)
+        except (OSError, StartupError) as error:
+            log.error("new registry file refused; keeping the current one", error=str(error))
+            return
+        if registry.serial == self.registry.serial:
+            return
+        self.registry = registry
+        self.context.registry = registry
+        await self.writer.run(self._record_registry)
+        log.info("registry reloaded", serial=registry.serial, expires_at=registry.expires_at)
 
     async def _update_health(self) -> None:
         serving = True

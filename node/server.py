@@ -17,14 +17,20 @@ from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, exchange_pb2, exchan
 from node.services.admin import LocalAdminServicer
 from node.services.exchange import ExchangeServicer
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 UNIX_SOCKET_PATH_MAX = 107
+MIN_MESSAGE_BYTES = 8 * 1024 * 1024  # an attachment chunk (1 MiB) must always fit
 
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+
+def server_options(max_envelope_bytes: int) -> list[tuple[str, int]]:
+    """gRPC's own size cap sits well above the node's limit, so an envelope somewhat too
+    large meets the node's check (a precise message and an audit entry); only one far too
+    large is cut off by gRPC before it is read."""
+    size = max(2 * max_envelope_bytes, MIN_MESSAGE_BYTES)
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class ServerBuildError(Exception):
@@ -36,11 +42,12 @@ def build_peer_server(
     health_servicer: health.aio.HealthServicer,
     listen: str,
     *,
+    max_envelope_bytes: int,
     ca_pem: bytes,
     key_pem: bytes,
     cert_pem: bytes,
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options(max_envelope_bytes))
     exchange_pb2_grpc.add_ExchangeServicer_to_server(exchange, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -62,14 +69,18 @@ def build_peer_server(
 
 
 def build_admin_server(
-    admin: LocalAdminServicer, health_servicer: health.aio.HealthServicer, socket_path: str
+    admin: LocalAdminServicer,
+    health_servicer: health.aio.HealthServicer,
+    socket_path: str,
+    *,
+    max_envelope_bytes: int,
 ) -> grpc.aio.Server:
     if len(socket_path) > UNIX_SOCKET_PATH_MAX:
         raise ServerBuildError(
             f"admin socket path {socket_path} is longer than {UNIX_SOCKET_PATH_MAX} characters; "
             "set node.admin_socket to a shorter path"
         )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options(max_envelope_bytes))
     admin_pb2_grpc.add_LocalAdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -94,6 +94,12 @@ class Outbox:
             MESSAGE_PAYLOAD_TYPE,
             self.context.signing_key,
         )
+        if envelope.ByteSize() > self.context.limits.max_envelope_bytes:
+            raise ExchangeError(
+                Reason.TOO_LARGE,
+                f"the message is {envelope.ByteSize()} bytes signed, over the limit of "
+                f"{self.context.limits.max_envelope_bytes}; send long content as an attachment",
+            )
         row = message_row(
             message_id=message.message_id,
             direction="out",

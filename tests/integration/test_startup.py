@@ -21,11 +21,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from node import pki
 from node.envelope import envelope_from_json
 from node.federation import Registry, sign_registry
 from node.federation_setup import NodeSetup, publish_registry
-from node.identity import load_signing_key
-from tests.conftest import ECOLOGY, POLICE, NodeProcess
+from node.identity import generate_signing_key, load_signing_key
+from tests.conftest import ECOLOGY, POLICE, NodeProcess, wait_for
 
 MakeFederation = Callable[..., dict[str, NodeProcess]]
 
@@ -114,7 +115,35 @@ def unknown_config_key(setup: NodeSetup) -> tuple[str, ...]:
     return (f"config {setup.config.resolve()}", "unknown key 'node.listen_port'")
 
 
+def foreign_tls_certificate(setup: NodeSetup) -> tuple[str, ...]:
+    # Another agency's certificate: it chains to the CA but not to this node's key.
+    other = setup.directory.parent / "other"
+    request = pki.init_agency(POLICE, "127.0.0.1:1", other)
+    (setup.directory / "tls.crt").write_bytes(
+        pki.add_member(operator_dir(setup), request).read_bytes()
+    )
+    return (
+        f"TLS certificate {(setup.directory / 'tls.crt').resolve()}",
+        "does not match the TLS key",
+    )
+
+
+def unregistered_signing_key(setup: NodeSetup) -> tuple[str, ...]:
+    path = setup.directory / "keys" / "signing.key"
+    path.unlink()
+    key = generate_signing_key(path)
+    return (f"signing key {key.key_id}", "is not a valid key of '140400/ecology'")
+
+
+def invalid_log_level(setup: NodeSetup) -> tuple[str, ...]:
+    _edit_config(setup, 'format = "auto"', 'format = "auto"\nlevel = "loud"')
+    return (f"config {setup.config.resolve()}", "'logging.level' must be")
+
+
 BREAKAGES: dict[str, Callable[[NodeSetup], tuple[str, ...]]] = {
+    "foreign-tls-certificate": foreign_tls_certificate,
+    "unregistered-signing-key": unregistered_signing_key,
+    "invalid-log-level": invalid_log_level,
     "missing-signing-key": remove_signing_key,
     "registry-signature-invalid": alter_registry_payload,
     "registry-expired": expire_registry,
@@ -150,6 +179,31 @@ def test_serve_refuses_a_registry_rollback(make_federation: MakeFederation) -> N
         "serial 1 is older than serial 2",
         "rollback refused",
     )
+
+
+def test_a_newly_published_registry_is_taken_without_a_restart(
+    make_federation: MakeFederation,
+) -> None:
+    node = make_federation((ECOLOGY,))[ECOLOGY]
+    setup = node.setup
+    node.start()
+    registry_path = setup.directory / "registry.json"
+    registry_path.write_text("not a registry", encoding="utf-8")  # a botched copy is refused
+    wait_for(lambda: "new registry file refused" in node.log_path.read_text(), what="refusal")
+    with node.client() as client:
+        assert client.node_info().registry_serial == 1
+    publish_registry(setup.directory.parent, [setup])
+    with node.client() as client:
+        wait_for(lambda: client.node_info().registry_serial == 2, seconds=30, what="reload")
+    assert "registry reloaded" in node.log_path.read_text()
+
+
+def test_an_agency_without_a_builtin_plugin_starts(make_federation: MakeFederation) -> None:
+    water = "140400/water"
+    node = make_federation((water,))[water]
+    node.start()
+    with node.client() as client:
+        assert client.node_info().agency == water
 
 
 # -- a running node ------------------------------------------------------------------------
