@@ -129,6 +129,8 @@ class GrpcPeerTransport:
             return await self.deliver_unary(member, family, envelope)
         stream = self._streams.get(member.endpoint)
         if stream is None or stream.broken is not None:
+            if stream is not None:
+                await stream.close()
             stream = DeliveryStream(self._stub(member), member)
             self._streams[member.endpoint] = stream
         try:

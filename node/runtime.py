@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from node.config import NodeConfig, default_plugins
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Confirmation, DeliveryWorker
-from node.exchange.errors import ExchangeError
+from node.exchange.errors import ExchangeError, Reason
 from node.exchange.handoff import HandOffWorker
 from node.exchange.inbound import Receiver
 from node.exchange.outbox import Outbox, Submission
@@ -46,6 +46,11 @@ from node.store.writer import Batch, BatchWriter
 log = structlog.get_logger(__name__)
 REGISTRY_SERIAL_KEY = "registry_serial"
 HEALTH_INTERVAL_SECONDS = 5.0
+
+
+# Refusals that are the draft's own fault; anything else is worth retrying later.
+DRAFT_FAULTS = {Reason.INVALID, Reason.PERMISSION_DENIED, Reason.TOO_LARGE, Reason.NOT_FOUND}
+WORKER_RESTART_SECONDS = 1.0
 
 
 class StartupError(Exception):
@@ -101,7 +106,10 @@ class PluginAPI:
         try:
             return future.result()
         except ExchangeError as error:
-            raise DraftRejected(error.message) from None
+            if error.reason in DRAFT_FAULTS:
+                raise DraftRejected(error.message) from None
+            # Not the draft's fault (e.g. the registry expired): the plugin keeps it and retries.
+            raise RuntimeError(error.message) from None
 
 
 class Node:
@@ -283,6 +291,19 @@ class Node:
             f"expires_at={self.registry.expires_at.isoformat()}",
         )
 
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Keep a worker running: a fault (say, the database went away) is logged and the
+        worker restarted, instead of the node going on without it."""
+        while True:
+            try:
+                await run()
+                return  # it stopped because the node is stopping
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker failed; restarting", worker=name)
+                await asyncio.sleep(WORKER_RESTART_SECONDS)
+
     def _hand_off(self, item: InboundItem) -> str | None:
         return self.hooks.hand_off(item, self.api)
 
@@ -323,8 +344,11 @@ class Node:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
-            await self._reload_registry_if_changed()
-            await self._update_health()
+            try:
+                await self._reload_registry_if_changed()
+                await self._update_health()
+            except Exception:  # keep watching; the next round may succeed
+                log.exception("health or registry check failed")
 
     async def _reload_registry_if_changed(self) -> None:
         """Take a newly published registry without a restart; keep the old one if it is bad."""

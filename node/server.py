@@ -18,6 +18,7 @@ from node.services.admin import LocalAdminServicer
 from node.services.exchange import ExchangeServicer
 
 UNIX_SOCKET_PATH_MAX = 107
+MAX_PEER_RPCS = 512
 MIN_MESSAGE_BYTES = 8 * 1024 * 1024  # an attachment chunk (1 MiB) must always fit
 
 
@@ -47,7 +48,10 @@ def build_peer_server(
     key_pem: bytes,
     cert_pem: bytes,
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=server_options(max_envelope_bytes))
+    # Bounds what peers together can hold open (each stream is bounded by its window).
+    server = grpc.aio.server(
+        options=server_options(max_envelope_bytes), maximum_concurrent_rpcs=MAX_PEER_RPCS
+    )
     exchange_pb2_grpc.add_ExchangeServicer_to_server(exchange, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -101,41 +101,8 @@ def wait_for(condition: Callable[[], bool], seconds: float = 60.0, what: str = "
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database on the local server; dropped afterwards."""
-    import psycopg
-
-    name = f"liandong_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url.replace("postgresql://", "postgresql+psycopg://", 1)
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def _database_urls(
-    backend: str, agencies: list[str], request: pytest.FixtureRequest
-) -> dict[str, str]:
-    if backend == "sqlite":
-        return {}
-    urls = {}
-    for agency in agencies:
-        urls[agency] = (
-            request.getfixturevalue("postgres_database") if not urls else _extra_pg(request)
-        )
-    return urls
-
-
-def _extra_pg(request: pytest.FixtureRequest) -> str:
+def create_postgres_database(request: pytest.FixtureRequest) -> str:
+    """A fresh database on the local PostgreSQL server, dropped when the test ends."""
     import psycopg
 
     name = f"liandong_test_{uuid.uuid4().hex[:12]}"
@@ -147,10 +114,18 @@ def _extra_pg(request: pytest.FixtureRequest) -> str:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     request.addfinalizer(drop)
-    return (
-        POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-        + f"/{name}"
-    )
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+def postgres_database(request: pytest.FixtureRequest) -> str:
+    return create_postgres_database(request)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
@@ -167,7 +142,11 @@ def make_federation(
     ) -> dict[str, NodeProcess]:
         # Short paths: unix socket paths are limited to 107 bytes.
         root = tmp_path_factory.mktemp("fed")
-        urls = _database_urls(backend, list(agencies), request)
+        urls = (
+            {}
+            if backend == "sqlite"
+            else {agency: create_postgres_database(request) for agency in agencies}
+        )
         setups = create_federation(root, list(agencies), database_urls=urls, **options)  # type: ignore[arg-type]
         nodes = {s.agency: NodeProcess(s) for s in setups}
         started.extend(nodes.values())

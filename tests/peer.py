@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from sqlalchemy import create_engine, text
 
 from node._pb.liandong.v1 import envelope_pb2, exchange_pb2_grpc
+from node.config import load_config
 from node.envelope import MESSAGE_PAYLOAD_TYPE, sign_envelope
 from node.exchange.messages import compose_message
 from node.federation_setup import NodeSetup
@@ -58,9 +60,20 @@ def sign(message: envelope_pb2.Message, key: SigningKey) -> envelope_pb2.Envelop
 
 
 def database_rows(setup: NodeSetup, query: str) -> list[tuple[Any, ...]]:
-    """Read a SQLite node database directly (to check what was or was not stored)."""
-    with sqlite3.connect(setup.directory / "node.db") as connection:
-        return connection.execute(query).fetchall()
+    """Read a node's database directly, SQLite or PostgreSQL (to check what was stored)."""
+    url = load_config(setup.config).database_url
+    if url.startswith("sqlite"):
+        with sqlite3.connect(setup.directory / "node.db") as connection:
+            return connection.execute(query).fetchall()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text(query)).all()
+            return [
+                tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows
+            ]
+    finally:
+        engine.dispose()
 
 
 def audit_events(setup: NodeSetup) -> list[dict[str, Any]]:

@@ -23,6 +23,9 @@ class BlobStore:
         self.root = root
         self.partial_dir = root / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
+        # Digests with an upload stream open: two streams appending to one partial file would
+        # interleave their bytes, so a second stream for the same digest is refused.
+        self.uploading: set[str] = set()
 
     def path_for(self, sha256_hex: str) -> Path:
         return self.root / sha256_hex
@@ -57,6 +60,13 @@ class BlobStore:
         return digest.digest(), size
 
     def begin_upload(self, sha256_hex: str, offset: int, expected_size: int) -> Upload:
+        """Open an upload (call in a worker thread: resuming re-reads what is held)."""
+        if sha256_hex in self.uploading:
+            raise ExchangeError(
+                Reason.UNAVAILABLE,
+                f"an upload of attachment {sha256_hex[:16]}… is already in progress; "
+                "retry when it has finished",
+            )
         held = self.held(sha256_hex)
         if offset > held:
             raise ExchangeError(
@@ -65,7 +75,12 @@ class BlobStore:
             )
         if offset > expected_size:
             raise ExchangeError(Reason.INVALID, "upload offset beyond the attachment's size")
-        return Upload(self, sha256_hex, offset, expected_size)
+        self.uploading.add(sha256_hex)
+        try:
+            return Upload(self, sha256_hex, offset, expected_size)
+        except BaseException:
+            self.uploading.discard(sha256_hex)
+            raise
 
     def open(self, sha256_hex: str) -> BinaryIO:
         try:
@@ -95,13 +110,7 @@ class Upload:
                 self.digest.update(chunk)
         self.file = self.partial.open("ab")
 
-    @property
-    def already_complete(self) -> bool:
-        return self.file is None
-
     def write(self, data: bytes) -> None:
-        if self.file is None:
-            return
         if self.size + len(data) > self.expected_size:
             self.abort(discard=True)
             raise ExchangeError(
@@ -109,14 +118,19 @@ class Upload:
                 f"attachment {self.sha256_hex[:16]}… is larger than the {self.expected_size} "
                 "bytes named in the signed message",
             )
+        self.size += len(data)
+        if self.file is None:  # already held and verified: count, keep nothing
+            return
         self.file.write(data)
         self.digest.update(data)
-        self.size += len(data)
 
     def finish(self) -> bool:
-        """Close the stream; True when the file is complete, verified and stored."""
+        """Close the stream; True when the file is complete, verified and stored.
+
+        Call in a worker thread (it fsyncs).
+        """
         if self.file is None:
-            return True
+            return self.store.has(self.sha256_hex)
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -134,11 +148,13 @@ class Upload:
         return True
 
     def abort(self, *, discard: bool = False) -> None:
+        """Close the stream (keeping what is held for a resume, unless `discard`)."""
         if self.file is not None:
             self.file.close()
             self.file = None
         if discard:
             self.partial.unlink(missing_ok=True)
+        self.store.uploading.discard(self.sha256_hex)
 
 
 def copy_blob(store: BlobStore, sha256_hex: str, destination: Path) -> None:

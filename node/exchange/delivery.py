@@ -174,7 +174,11 @@ class DeliveryWorker:
                 waiting = {item.key for item in self._ready} | set(self._inflight)
                 waiting |= self._finished_during_poll
                 self._ready.extend(item for item in polled if item.key not in waiting)
-            while self._ready and len(self._inflight) < self.settings.concurrency:
+            while (
+                self._ready
+                and len(self._inflight) < self.settings.concurrency
+                and not self._stopping
+            ):
                 item = self._ready.popleft()
                 if item.key in self._inflight:
                     continue
@@ -240,6 +244,10 @@ class DeliveryWorker:
             )
         except (TransportError, ExchangeError) as error:
             await self._failed(item, str(error))
+            return
+        except Exception as error:  # a bug or a storage fault: log it, back off, go on
+            log.exception("delivery attempt failed unexpectedly", message_id=item.message_id)
+            await self._failed(item, f"internal error: {error.__class__.__name__}: {error}")
             return
         confirmation = Confirmation(
             message_id=item.message_id,

@@ -95,9 +95,7 @@ class HandOffWorker:
         failed: set[str] = set()
         while not self._stopping:
             self._wake.clear()
-            items = [
-                i for i in await asyncio.to_thread(self._pending) if i.message_id not in failed
-            ]
+            items = await asyncio.to_thread(self._pending, set(failed))
             if items:
                 # One thread hop for the whole group: the plugins' file writes are the slow part.
                 outcomes = await asyncio.to_thread(self._hand_off_all, items)
@@ -129,11 +127,17 @@ class HandOffWorker:
                 outcomes.append((item, None, str(error)))
         return outcomes
 
-    def _pending(self) -> list[InboundItem]:
+    def _pending(self, failed: set[str]) -> list[InboundItem]:
+        # Messages whose hand-off just failed are left out in SQL, so a hundred failing
+        # ones cannot starve the messages behind them.
         with self.sessions() as session:
             records = session.scalars(
                 select(MessageRecord)
-                .where(MessageRecord.direction == "in", MessageRecord.handed_off.is_(None))
+                .where(
+                    MessageRecord.direction == "in",
+                    MessageRecord.handed_off.is_(None),
+                    MessageRecord.message_id.not_in(failed),
+                )
                 .order_by(MessageRecord.id)
                 .limit(100)
             ).all()

@@ -8,6 +8,7 @@ log and leaves nothing else behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -166,6 +167,23 @@ class Receiver:
                 )
         return VerifiedMessage(envelope, message, envelope_digest(envelope), family)
 
+    def _verify_audited(
+        self,
+        envelope: envelope_pb2.Envelope,
+        peer: PeerIdentity,
+        expected_family: str | None,
+        now: datetime,
+    ) -> VerifiedMessage:
+        """verify(), with any other failure on peer input turned into an (audited) refusal."""
+        try:
+            return self.verify(envelope, peer, expected_family, now)
+        except ExchangeError:
+            raise
+        except Exception as error:
+            raise ExchangeError(
+                Reason.INVALID, f"malformed message ({error.__class__.__name__}: {error})"
+            ) from None
+
     # -- receiving --------------------------------------------------------------------
 
     async def receive(
@@ -174,7 +192,7 @@ class Receiver:
         """Verify, store, audit and answer with a signed receipt (or raise ExchangeError)."""
         now = datetime.now(UTC)
         try:
-            verified = self.verify(envelope, peer, expected_family, now)
+            verified = self._verify_audited(envelope, peer, expected_family, now)
             for ref in verified.message.attachments:
                 if not self.blobs.has(ref.sha256.hex()):
                     raise ExchangeError(
@@ -285,7 +303,7 @@ class Receiver:
         self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity, now: datetime
     ) -> envelope_pb2.AttachmentRef:
         """An upload is accepted only for a digest named in a message signed to this node."""
-        verified = self.verify(envelope, peer, None, now)
+        verified = self._verify_audited(envelope, peer, None, now)
         for ref in verified.message.attachments:
             if ref.sha256 == sha256:
                 return ref
@@ -322,7 +340,9 @@ class Receiver:
         """
         try:
             ref = self.authorize_attachment(envelope, sha256, peer, datetime.now(UTC))
-            upload = self.blobs.begin_upload(sha256.hex(), offset, ref.size)
+            upload = await asyncio.to_thread(
+                self.blobs.begin_upload, sha256.hex(), offset, ref.size
+            )
             try:
                 async for data in chunks:
                     if len(data) > CHUNK_SIZE:
@@ -330,7 +350,7 @@ class Receiver:
                             Reason.TOO_LARGE, f"upload chunks are at most {CHUNK_SIZE} bytes"
                         )
                     upload.write(data)
-                complete = upload.finish()
+                complete = await asyncio.to_thread(upload.finish)
             finally:
                 upload.abort()
         except ExchangeError as error:

@@ -21,6 +21,7 @@ from node.exchange.errors import ExchangeError, Reason
 from node.exchange.families import BODY_FAMILIES, FAMILY_BODIES, default_body_type
 from node.identity import IdentityError, validate_agency_id
 
+MAX_TIMESTAMP_SECONDS = 253402300800  # 10000-01-01T00:00:00Z, protobuf Timestamp's bound
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 CONFIDENTIALITY_NAMES: dict[str, int] = {
@@ -135,6 +136,8 @@ def parse_message(payload: bytes) -> envelope_pb2.Message:
         raise _invalid("message has no body")
     if not message.HasField("created_at"):
         raise _invalid("message has no created_at")
+    if not 0 <= message.created_at.seconds < MAX_TIMESTAMP_SECONDS:
+        raise _invalid("created_at is outside 1970-01-01 .. 9999-12-31")
     for recipient in message.recipients:
         try:
             validate_agency_id(recipient)

@@ -8,6 +8,7 @@ never acknowledged it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 from collections.abc import Callable, Mapping, Sequence
@@ -69,7 +70,11 @@ class Outbox:
                     f"recipient '{recipient}' is not a member of federation registry serial "
                     f"{registry.serial}",
                 )
-        attachments = [self._ingest(Path(path)) for path in submission.attachment_paths]
+        # Copying and hashing a file may take seconds: not on the event loop.
+        attachments = [
+            await asyncio.to_thread(self._ingest, Path(path))
+            for path in submission.attachment_paths
+        ]
         message = compose_message(
             sender=self.context.agency,
             family=submission.family,

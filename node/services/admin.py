@@ -9,7 +9,6 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
-import structlog
 from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,10 +19,8 @@ from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import CONFIDENTIALITY_LABELS
 from node.exchange.outbox import Outbox, Submission
-from node.services.status import STATUS_FOR_REASON, domain_errors
+from node.services.status import domain_errors, item_status
 from node.services.streams import answer_concurrently
-
-log = structlog.get_logger(__name__)
 
 
 def _time(moment: datetime | None) -> str:
@@ -117,19 +114,9 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         async def submit_one(request: admin_pb2.SubmitRequest) -> admin_pb2.SubmitResult:
             try:
                 message_id = await self.outbox.submit(submission_from(request))
-            except ExchangeError as error:
-                return admin_pb2.SubmitResult(
-                    seq=request.seq,
-                    code=STATUS_FOR_REASON[error.reason].value[0],
-                    message=error.message,
-                )
-            except Exception:
-                log.exception("internal error", rpc="SubmitStream")
-                return admin_pb2.SubmitResult(
-                    seq=request.seq,
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    message="internal error; see the node's log",
-                )
+            except Exception as error:
+                code, message = item_status(error, "SubmitStream")
+                return admin_pb2.SubmitResult(seq=request.seq, code=code, message=message)
             return admin_pb2.SubmitResult(seq=request.seq, message_id=message_id)
 
         async for result in answer_concurrently(request_iterator, submit_one):

@@ -6,7 +6,6 @@ import functools
 from collections.abc import AsyncIterator
 
 import grpc
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -15,10 +14,8 @@ from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.inbound import PeerIdentity, Receiver
 from node.pki import SetupError, agency_from_certificate, certificate_fingerprint
-from node.services.status import STATUS_FOR_REASON, domain_errors
+from node.services.status import STATUS_FOR_REASON, domain_errors, item_status
 from node.services.streams import answer_concurrently
-
-log = structlog.get_logger(__name__)
 
 UNKNOWN_PEER = PeerIdentity("unknown", "")
 
@@ -101,18 +98,9 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         async def receive_one(request: exchange_pb2.DeliveryRequest) -> exchange_pb2.DeliveryResult:
             try:
                 receipt = await self.receiver.receive(request.envelope, peer, None)
-            except ExchangeError as error:
-                code = STATUS_FOR_REASON[error.reason].value[0]
-                return exchange_pb2.DeliveryResult(
-                    seq=request.seq, code=code, message=error.message
-                )
-            except Exception:
-                log.exception("internal error", rpc="Deliver")
-                return exchange_pb2.DeliveryResult(
-                    seq=request.seq,
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    message="internal error; see the node's log",
-                )
+            except Exception as error:
+                code, message = item_status(error, "Deliver")
+                return exchange_pb2.DeliveryResult(seq=request.seq, code=code, message=message)
             return exchange_pb2.DeliveryResult(seq=request.seq, receipt=receipt)
 
         async for result in answer_concurrently(request_iterator, receive_one):

@@ -9,6 +9,7 @@ import grpc
 import structlog
 
 from node.exchange.errors import ExchangeError, Reason
+from node.store.writer import WriterStopped
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +32,8 @@ async def domain_errors(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIte
     except ExchangeError as error:
         log.info("refused", rpc=rpc, reason=error.reason.value, error=error.message)
         await context.abort(STATUS_FOR_REASON[error.reason], error.message)
+    except WriterStopped as error:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
     except grpc.aio.AbortError:
         raise
     except Exception:
@@ -38,3 +41,11 @@ async def domain_errors(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIte
         await context.abort(
             grpc.StatusCode.INTERNAL, f"internal error in {rpc}; see the node's log"
         )
+
+
+def item_status(error: Exception, rpc: str) -> tuple[int, str]:
+    """(grpc status code number, message) for one item of a stream that failed."""
+    if isinstance(error, ExchangeError):
+        return STATUS_FOR_REASON[error.reason].value[0], error.message
+    log.error("internal error", rpc=rpc, error=repr(error))
+    return grpc.StatusCode.INTERNAL.value[0], f"internal error in {rpc}; see the node's log"

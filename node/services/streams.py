@@ -9,9 +9,10 @@ from typing import TypeVar
 Request = TypeVar("Request")
 Result = TypeVar("Result")
 
-# Requests one stream may have in flight on this node; the client waits beyond it
-# (gRPC flow control holds its writes), so a fast client cannot exhaust memory.
-STREAM_WINDOW = 256
+# Requests one stream may have in flight, counting answers not yet sent; the client waits
+# beyond it (gRPC flow control holds its writes). With 4 MiB envelopes that bounds a stream
+# to 256 MiB even against a peer that never reads its answers.
+STREAM_WINDOW = 64
 
 
 async def answer_concurrently(
@@ -28,11 +29,7 @@ async def answer_concurrently(
     slots = asyncio.Semaphore(window)
 
     async def one(request: Request) -> None:
-        try:
-            result = await handle(request)
-        finally:
-            slots.release()
-        await results.put(result)
+        await results.put(await handle(request))
 
     async def read_all() -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -51,5 +48,6 @@ async def answer_concurrently(
     try:
         while (result := await results.get()) is not None:
             yield result
+            slots.release()  # only now: an unsent answer still occupies its slot
     finally:
         reader.cancel()

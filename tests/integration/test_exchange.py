@@ -133,7 +133,6 @@ def test_same_id_with_other_content_is_rejected(running: dict[str, NodeProcess])
     assert audit_events(procuratorate.setup)[-1]["event"] == "rejected"
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_transfer_on_each_backend(make_federation, backend: str) -> None:  # type: ignore[no-untyped-def]
     nodes = make_federation((ECOLOGY, POLICE), backend=backend)
     for node in nodes.values():

@@ -66,8 +66,8 @@ def assert_exactly_once(sender: NodeProcess, receiver: NodeProcess, accepted: li
     assert rows == [(0,)]
 
 
-def test_message_waits_for_a_peer_that_is_down(make_federation: Federation) -> None:
-    nodes = make_federation((ECOLOGY, PROCURATORATE))
+def test_message_waits_for_a_peer_that_is_down(make_federation: Federation, backend: str) -> None:
+    nodes = make_federation((ECOLOGY, PROCURATORATE), backend=backend)
     sender, receiver = nodes[ECOLOGY].start(), nodes[PROCURATORATE]
     with sender.client() as client:
         message_id = submit_clue(client, 1)
@@ -83,9 +83,9 @@ def test_message_waits_for_a_peer_that_is_down(make_federation: Federation) -> N
 
 @pytest.mark.parametrize("victim", [ECOLOGY, PROCURATORATE], ids=["kill-sender", "kill-receiver"])
 def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing(
-    make_federation: Federation, victim: str
+    make_federation: Federation, victim: str, backend: str
 ) -> None:
-    nodes = make_federation((ECOLOGY, PROCURATORATE))
+    nodes = make_federation((ECOLOGY, PROCURATORATE), backend=backend)
     sender, receiver = nodes[ECOLOGY].start(), nodes[PROCURATORATE].start()
     accepted: list[str] = []
     errors: list[str] = []
