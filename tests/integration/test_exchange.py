@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from node import pki
 from node._pb.liandong.v1 import envelope_pb2, exchange_pb2
 from node.envelope import RECEIPT_PAYLOAD_TYPE, envelope_digest, envelope_from_json, verify_envelope
 from node.federation import Registry
+from node.federation_setup import NodeSetup
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
 from tests.peer import audit_events, clue_message, database_rows, exchange_stub, sign, signing_key
 
@@ -182,3 +185,22 @@ def test_recipient_downloads_an_attachment_and_others_may_not(
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "not a recipient" in caught.value.details()
     assert audit_events(ecology.setup)[-1]["event"] == "rejected"
+
+
+def test_a_ca_issued_certificate_not_in_the_registry_is_refused(
+    running: dict[str, NodeProcess], tmp_path: Path
+) -> None:
+    """The CA issued it, but the operator has not published it: useless until then."""
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    operator = police.setup.directory.parent / "operator"
+    unpublished = pki.add_member(operator, police.setup.directory / "request.json")
+    caller = tmp_path / "police-copy"
+    shutil.copytree(police.setup.directory, caller, ignore=shutil.ignore_patterns("*.sock"))
+    (caller / "tls.crt").write_bytes(unpublished.read_bytes())
+    stub = exchange_stub(NodeSetup(POLICE, caller, police.setup.endpoint), procuratorate.setup)
+    envelope = sign(clue_message(POLICE, [PROCURATORATE]), signing_key(police.setup))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.TransferClue(envelope, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "is not registered" in caught.value.details()
+    assert database_rows(procuratorate.setup, "SELECT count(*) FROM messages") == [(0,)]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
 from node._pb.liandong.v1 import exchange_pb2
@@ -16,7 +18,7 @@ from node.admin_client import AdminClient, AdminError
 from node.envelope import envelope_digest
 from node.exchange.messages import AttachmentInput, compose_message
 from tests.conftest import ECOLOGY, PROCURATORATE, NodeProcess, wait_for
-from tests.peer import database_rows, exchange_stub, sign, signing_key
+from tests.peer import audit_events, database_rows, exchange_stub, sign, signing_key
 
 Federation = Callable[..., dict[str, NodeProcess]]
 
@@ -56,14 +58,25 @@ def burst(node: NodeProcess, count: int, accepted: list[str], errors: list[str])
 def assert_exactly_once(sender: NodeProcess, receiver: NodeProcess, accepted: list[str]) -> None:
     wait_for(lambda: all_delivered(sender), seconds=120, what="every delivery confirmed")
     received = received_ids(receiver)
-    assert len(received) == len(set(received)), "a message was stored twice"
     sent = sent_ids(sender)
     # Every message the API acknowledged arrived; nothing arrived that was not sent.
     assert set(accepted) <= set(received)
     assert set(received) == sent
-    # Receipts on the sender's side name the receiver's own audit entries.
-    rows = database_rows(sender.setup, "SELECT count(*) FROM deliveries WHERE receipt IS NULL")
-    assert rows == [(0,)]
+    # Each was received once and confirmed once: one "received" entry on the receiver and
+    # one "receipt_received" entry on the sender per message, however often it was sent.
+    receiver_events = audit_events(receiver.setup)
+    sender_events = audit_events(sender.setup)
+    received_entries = Counter(e["message_id"] for e in receiver_events if e["event"] == "received")
+    confirmed = Counter(e["message_id"] for e in sender_events if e["event"] == "receipt_received")
+    assert set(received_entries.values()) == {1}
+    assert set(confirmed.values()) == {1}
+    assert set(confirmed) == sent
+    # The receipt the sender holds names the receiver's own "received" entry.
+    index_of = {
+        e["message_id"]: n for n, e in enumerate(receiver_events) if e["event"] == "received"
+    }
+    rows = database_rows(sender.setup, "SELECT message_id, receiver_log_index FROM deliveries")
+    assert {message_id: index for message_id, index in rows} == index_of
 
 
 def test_message_waits_for_a_peer_that_is_down(make_federation: Federation, backend: str) -> None:
@@ -144,8 +157,6 @@ def test_attachment_upload_resumes_after_a_break(
 
 
 def _events(node: NodeProcess) -> list[dict[str, object]]:
-    from tests.peer import audit_events
-
     return audit_events(node.setup)
 
 
@@ -187,3 +198,52 @@ def test_one_gib_attachment_moves_with_bounded_memory(
     # Neither node held the file in memory: peak RSS stays far below its size.
     for node in (sender, receiver):
         assert peak_rss_bytes(node) < 300 * 1024**2, f"{node.agency} peak RSS too high"
+
+
+def test_a_second_upload_of_the_same_digest_waits_its_turn(
+    running: dict[str, NodeProcess],
+) -> None:
+    sender, receiver = running[ECOLOGY], running[PROCURATORATE]
+    data = bytes(range(256)) * 8192  # 2 MiB
+    digest = hashlib.sha256(data).digest()
+    message = compose_message(
+        sender=ECOLOGY,
+        family="clue",
+        recipients=[PROCURATORATE],
+        body={"title": "并发上传"},
+        body_type="",
+        created_at=datetime.now(UTC),
+        attachments=[AttachmentInput(digest, len(data), "application/octet-stream", "x.bin")],
+    )
+    envelope = sign(message, signing_key(sender.setup))
+    stub = exchange_stub(sender.setup, receiver.setup)
+    first_chunk_sent = threading.Event()
+    release = threading.Event()
+
+    def slow_chunks():  # type: ignore[no-untyped-def]
+        yield exchange_pb2.AttachmentChunk(
+            envelope=envelope, sha256=digest, offset=0, data=data[: 1024 * 1024]
+        )
+        first_chunk_sent.set()
+        release.wait(30)
+        yield exchange_pb2.AttachmentChunk(data=data[1024 * 1024 :])
+
+    result: list[exchange_pb2.AttachmentStatus] = []
+    first = threading.Thread(
+        target=lambda: result.append(stub.UploadAttachment(slow_chunks(), timeout=60))
+    )
+    first.start()
+    first_chunk_sent.wait(30)
+    wait_for(lambda: (receiver.setup.directory / "blobs" / "partial" / digest.hex()).exists())
+    second = iter(
+        [exchange_pb2.AttachmentChunk(envelope=envelope, sha256=digest, offset=0, data=data)]
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UploadAttachment(second, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "already in progress" in caught.value.details()
+    release.set()
+    first.join(60)
+    assert result[0].complete
+    stored = receiver.setup.directory / "blobs" / digest.hex()
+    assert stored.read_bytes() == data
