@@ -266,9 +266,11 @@ class DropFolder:
         used: set[str] = set()
         for i, attachment in enumerate(item.attachments):
             name = safe_file_name(attachment.file_name, f"attachment-{i + 1}")
-            if name in used:
-                stem, suffix = os.path.splitext(name)
-                name = f"{stem}-{i + 1}{suffix}"
+            stem, suffix = os.path.splitext(name)
+            counter = i + 1
+            while name in used:  # "a.txt" twice, or beside an "a-3.txt": never overwrite one
+                name = f"{stem}-{counter}{suffix}"
+                counter += 1
             used.add(name)
             attachment_dir.mkdir(exist_ok=True)
             copy = attachment_dir / name

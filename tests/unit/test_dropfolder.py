@@ -447,3 +447,38 @@ def test_police_plugin_hooks_use_the_configured_folder(tmp_path: Path) -> None:
 def test_plugin_folder_must_be_a_string(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\[plugins.police\] folder"):
         police.liandong_node_started(FakeAPI(tmp_path, {"folder": 3}))
+
+
+def test_attachment_names_never_collide(tmp_path: Path) -> None:
+    import hashlib
+    from datetime import UTC, datetime
+
+    from node.plugin_api import AttachmentFile, InboundItem
+
+    files = []
+    for n, name in enumerate(["a-3.txt", "a.txt", "a.txt"]):
+        source = tmp_path / f"src{n}"
+        source.write_bytes(f"content {n}".encode())
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        files.append(AttachmentFile(name, digest, source.stat().st_size, "text/plain", source))
+    item = InboundItem(
+        message_id="01a2087f-397b-7d93-9e6b-dca9fcaac36a",
+        family="clue",
+        body_type="clue",
+        sender="140400/ecology",
+        recipients=("140400/procuratorate",),
+        created_at=datetime.now(UTC),
+        received_at=datetime.now(UTC),
+        case_ref="",
+        in_reply_to="",
+        confidentiality="internal",
+        body={"title": "x"},
+        attachments=tuple(files),
+        envelope_sha256="00" * 32,
+    )
+    folder = DropFolder(tmp_path / "local")
+    written = json.loads(folder.write_inbound(item).read_text(encoding="utf-8"))
+    paths = [Path(a["path"]) for a in written["attachments"]]
+    assert len(set(paths)) == 3
+    for entry, path in zip(written["attachments"], paths, strict=True):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
