@@ -240,7 +240,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     # Message contents are not for other users of the host; the agency's group may read
     # (its local system may run as another user in that group).
-    os.umask(0o027)
+    os.umask(os.umask(0) | 0o027)  # never looser than what the service manager set
     try:
         node = Node(config)
     except StartupError as error:

@@ -121,21 +121,23 @@ def load_config(path: Path) -> NodeConfig:
         enabled = None
     settings = {k: v for k, v in plugins.items() if isinstance(v, dict)}
 
-    for section, key in (
-        ("delivery", "concurrency"),
-        ("delivery", "rpc_timeout_seconds"),
-        ("limits", "max_envelope_bytes"),
-        ("limits", "max_recipients"),
-        ("node", "poll_seconds"),
-    ):
-        if key in reader.table(section) and not reader.table(section)[key]:
-            raise ConfigError(f"config {path}: key '{section}.{key}' must be greater than 0")
     limits = Limits(
         **{k: reader.number("limits", k, getattr(Limits(), k)) for k in _KNOWN["limits"]}
     )
     delivery = Delivery(
         **{k: reader.number("delivery", k, getattr(Delivery(), k)) for k in _KNOWN["delivery"]}
     )
+    for section, key, value in (
+        ("delivery", "concurrency", delivery.concurrency),
+        ("delivery", "rpc_timeout_seconds", delivery.rpc_timeout_seconds),
+        ("limits", "max_envelope_bytes", limits.max_envelope_bytes),
+        ("limits", "max_recipients", limits.max_recipients),
+    ):
+        if value <= 0:
+            raise ConfigError(f"config {path}: key '{section}.{key}' must be at least 1")
+    poll_seconds = reader.number("node", "poll_seconds", 1.0)
+    if poll_seconds <= 0:
+        raise ConfigError(f"config {path}: key 'node.poll_seconds' must be greater than 0")
     return NodeConfig(
         path=path,
         agency=agency,
@@ -152,7 +154,7 @@ def load_config(path: Path) -> NodeConfig:
         database_url=url,
         limits=limits,
         delivery=delivery,
-        poll_seconds=reader.number("node", "poll_seconds", 1.0),
+        poll_seconds=poll_seconds,
         log_format=log_format,
         log_level=log_level,
         plugins_enabled=enabled,

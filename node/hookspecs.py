@@ -137,8 +137,10 @@ def liandong_delivery_confirmed(confirmation: DeliveryConfirmation, api: NodeAPI
 
     Lets the local system record that the recipient has the message (and when, and where in
     the recipient's audit log). Called once per recipient for every plugin; the return value is
-    ignored. May be called again for the same receipt after a crash, so write idempotently. An
-    exception is logged; the receipt itself is already safe in the node.
+    ignored. At most once: a node killed between storing the receipt and this call does not
+    call it again (``liandong outbox`` and the audit log are the record), and a later call for
+    the same receipt is possible only by replaying, so write idempotently. An exception is
+    logged; the receipt itself is already safe in the node.
 
     :param confirmation: the recipient, delivery time and receipt digest.
     :param api: the node API.

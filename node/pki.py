@@ -447,7 +447,14 @@ def publish(
 
 
 def check_node_tls(
-    cert_pem: bytes, key_pem: bytes, ca_pem: bytes, agency_id: str, *, cert_path: Path
+    cert_pem: bytes,
+    key_pem: bytes,
+    ca_pem: bytes,
+    agency_id: str,
+    *,
+    cert_path: Path,
+    key_path: Path,
+    ca_path: Path,
 ) -> str:
     """Check a node's own TLS files before serving; return the certificate's fingerprint.
 
@@ -462,11 +469,11 @@ def check_node_tls(
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError:
-        raise SetupError("federation CA certificate: not a PEM certificate") from None
+        raise SetupError(f"federation CA certificate {ca_path}: not a PEM certificate") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        raise SetupError("TLS key: not an unencrypted PEM private key") from None
+        raise SetupError(f"TLS key {key_path}: not an unencrypted PEM private key") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.PEM, public) != (
         cert.public_key().public_bytes(serialization.Encoding.PEM, public)
@@ -479,11 +486,16 @@ def check_node_tls(
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise SetupError(
-            f"TLS certificate {cert_path} was not issued by the federation CA in ca.crt"
+            f"TLS certificate {cert_path} was not issued by the federation CA in {ca_path}"
         ) from None
     named = agency_from_certificate(cert)
     if named != agency_id:
         raise SetupError(f"TLS certificate {cert_path} names '{named}', not '{agency_id}'")
+    if cert.not_valid_before_utc > _now():
+        raise SetupError(
+            f"TLS certificate {cert_path} is not valid before "
+            f"{cert.not_valid_before_utc.isoformat()}; check this host's clock"
+        )
     if cert.not_valid_after_utc < _now():
         raise SetupError(
             f"TLS certificate {cert_path} expired at {cert.not_valid_after_utc.isoformat()}; "

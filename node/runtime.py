@@ -132,6 +132,8 @@ class Node:
                 self.ca_cert,
                 config.agency,
                 cert_path=config.tls_cert,
+                key_path=config.tls_key,
+                ca_path=config.ca_cert,
             )
         except SetupError as error:
             raise StartupError(str(error)) from None
@@ -251,8 +253,8 @@ class Node:
         os.chmod(socket_path, 0o600)  # only this node's user may use the admin API
         await self._update_health()
         self._workers = [
-            loop.create_task(self.delivery.run()),
-            loop.create_task(self.handoff.run()),
+            loop.create_task(self._supervise("delivery", self.delivery.run)),
+            loop.create_task(self._supervise("hand-off", self.handoff.run)),
         ]
         self._background = [
             loop.create_task(self._poll()),
@@ -371,7 +373,11 @@ class Node:
         self.registry = registry
         self.context.registry = registry
         await self.writer.run(self._record_registry)
-        log.info("registry reloaded", serial=registry.serial, expires_at=registry.expires_at)
+        log.info(
+            "registry reloaded",
+            serial=registry.serial,
+            expires_at=registry.expires_at.isoformat(),
+        )
 
     async def _update_health(self) -> None:
         serving = True

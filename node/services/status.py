@@ -47,5 +47,7 @@ def item_status(error: Exception, rpc: str) -> tuple[int, str]:
     """(grpc status code number, message) for one item of a stream that failed."""
     if isinstance(error, ExchangeError):
         return STATUS_FOR_REASON[error.reason].value[0], error.message
+    if isinstance(error, WriterStopped):
+        return grpc.StatusCode.UNAVAILABLE.value[0], str(error)
     log.error("internal error", rpc=rpc, error=repr(error))
     return grpc.StatusCode.INTERNAL.value[0], f"internal error in {rpc}; see the node's log"

@@ -41,6 +41,18 @@ def test_rendered_config_loads_with_defaults(tmp_path: Path) -> None:
         ),
         ('[node]\nagency = "140400/ecology"\nlisten = "h:1"\n[spam]\n', "unknown section [spam]"),
         ("[node\n", "not valid TOML"),
+        (
+            '[node]\nagency = "140400/ecology"\nlisten = "h:1"\n[delivery]\nconcurrency = 0.5\n',
+            "'delivery.concurrency' must be at least 1",
+        ),
+        (
+            '[node]\nagency = "140400/ecology"\nlisten = "h:1"\npoll_seconds = 0\n',
+            "'node.poll_seconds' must be greater than 0",
+        ),
+        (
+            '[node]\nagency = "140400/ecology"\nlisten = "h:1"\n[logging]\nlevel = "loud"\n',
+            "'logging.level' must be",
+        ),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
