@@ -7,6 +7,7 @@ the demo exercises is what a deployment does.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 from collections.abc import Sequence
@@ -38,10 +39,24 @@ class NodeSetup:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A free loopback port below the ephemeral range.
+
+    Port 0 would hand out an ephemeral port, which outgoing connections also draw from: a
+    node restarted after a crash could then find its port taken by a peer's reconnect.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(10000, max(low - 1, 10001))  # noqa: S311 (not security)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def create_federation(
