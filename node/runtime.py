@@ -230,8 +230,9 @@ class Node:
         )
         self.outbox = Outbox(self.context, self.writer, self.blobs, self.delivery.enqueue)
         self.health = health.aio.HealthServicer()
+        self.exchange_servicer = ExchangeServicer(self.receiver, self.blobs)
         self.peer_server = build_peer_server(
-            ExchangeServicer(self.receiver, self.blobs),
+            self.exchange_servicer,
             self.health,
             self.config.listen,
             max_envelope_bytes=self.config.limits.max_envelope_bytes,
@@ -242,8 +243,11 @@ class Node:
         socket_path = self.config.admin_socket
         if socket_path.exists():
             socket_path.unlink()  # left behind by a killed node
+        self.admin_servicer = LocalAdminServicer(
+            self.context, self.outbox, self.sessions, self.config.listen
+        )
         self.admin_server = build_admin_server(
-            LocalAdminServicer(self.context, self.outbox, self.sessions, self.config.listen),
+            self.admin_servicer,
             self.health,
             str(socket_path),
             max_envelope_bytes=self.config.limits.max_envelope_bytes,
@@ -409,6 +413,8 @@ class Node:
         for task in self._background:
             task.cancel()
         self.handoff.stop()
+        self.exchange_servicer.draining.set()
+        self.admin_servicer.draining.set()
         await asyncio.gather(self.peer_server.stop(grace), self.admin_server.stop(grace))
         await self.delivery.stop(grace)
         leftovers = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from sqlalchemy import create_engine, text
 from node._pb.liandong.v1 import envelope_pb2, exchange_pb2_grpc
 from node.config import load_config
 from node.envelope import MESSAGE_PAYLOAD_TYPE, sign_envelope
-from node.exchange.messages import compose_message
+from node.exchange.messages import AttachmentInput, compose_message
 from node.federation_setup import NodeSetup
 from node.identity import SigningKey, load_signing_key
 
@@ -81,3 +82,26 @@ def audit_events(setup: NodeSetup) -> list[dict[str, Any]]:
         json.loads(row[0])
         for row in database_rows(setup, "SELECT entry FROM audit_entries ORDER BY idx")
     ]
+
+
+def attachment_message(
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    *,
+    title: str,
+    file_name: str = "file.bin",
+    media_type: str = "application/octet-stream",
+) -> tuple[envelope_pb2.Message, bytes]:
+    """A clue that references `data` as its one attachment; returns (message, sha256)."""
+    digest = hashlib.sha256(data).digest()
+    message = compose_message(
+        sender=sender,
+        family="clue",
+        recipients=recipients,
+        body={"title": title},
+        body_type="",
+        created_at=datetime.now(UTC),
+        attachments=[AttachmentInput(digest, len(data), media_type, file_name)],
+    )
+    return message, digest

@@ -95,6 +95,8 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         self.outbox = outbox
         self.sessions = sessions
         self.endpoint = endpoint
+        # Set when the node stops: open SubmitStreams finish what they hold and end.
+        self.draining = asyncio.Event()
 
     async def Submit(
         self, request: admin_pb2.SubmitRequest, context: grpc.aio.ServicerContext
@@ -119,7 +121,7 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
                 return admin_pb2.SubmitResult(seq=request.seq, code=code, message=message)
             return admin_pb2.SubmitResult(seq=request.seq, message_id=message_id)
 
-        async for result in answer_concurrently(request_iterator, submit_one):
+        async for result in answer_concurrently(request_iterator, submit_one, self.draining):
             yield result
 
     async def ListItems(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator
 
@@ -46,6 +47,8 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     def __init__(self, receiver: Receiver, blobs: BlobStore) -> None:
         self.receiver = receiver
         self.blobs = blobs
+        # Set when the node stops: open Deliver streams finish what they hold and end.
+        self.draining = asyncio.Event()
 
     async def _receive(
         self, request: envelope_pb2.Envelope, context: grpc.aio.ServicerContext, family: str
@@ -103,7 +106,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                 return exchange_pb2.DeliveryResult(seq=request.seq, code=code, message=message)
             return exchange_pb2.DeliveryResult(seq=request.seq, receipt=receipt)
 
-        async for result in answer_concurrently(request_iterator, receive_one):
+        async for result in answer_concurrently(request_iterator, receive_one, self.draining):
             yield result
 
     async def QueryAttachment(

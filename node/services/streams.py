@@ -18,12 +18,16 @@ STREAM_WINDOW = 64
 async def answer_concurrently(
     requests: AsyncIterator[Request],
     handle: Callable[[Request], Awaitable[Result]],
+    draining: asyncio.Event,
     window: int = STREAM_WINDOW,
 ) -> AsyncIterator[Result]:
     """Yield `handle(request)` for every request, in completion order.
 
     Concurrency is what lets the group-commit writer batch the requests of one stream;
-    `handle` must turn every refusal into a result (it is not allowed to raise).
+    `handle` must turn every refusal into a result (it is not allowed to raise). When
+    `draining` is set (the node is stopping) no further request is read: those in flight are
+    answered and the stream ends, so shutdown does not wait for clients to hang up. A client
+    reconnects later and resends what got no answer (receivers are idempotent).
     """
     results: asyncio.Queue[Result | None] = asyncio.Queue()
     slots = asyncio.Semaphore(window)
@@ -31,17 +35,25 @@ async def answer_concurrently(
     async def one(request: Request) -> None:
         await results.put(await handle(request))
 
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def read() -> None:
+        async for request in requests:
+            await slots.acquire()
+            task = asyncio.create_task(one(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
     async def read_all() -> None:
-        tasks: set[asyncio.Task[None]] = set()
+        reading = asyncio.create_task(read())
+        stopping = asyncio.create_task(draining.wait())
         try:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            reading.cancel()
+            stopping.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             await results.put(None)
 
     reader = asyncio.create_task(read_all())

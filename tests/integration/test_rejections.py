@@ -10,7 +10,6 @@ the police's and ecology's real TLS certificates and signing keys.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -34,12 +33,19 @@ from node.envelope import (
     sign_envelope,
     verify_envelope,
 )
-from node.exchange.messages import AttachmentInput, compose_message
 from node.federation import DEFAULT_PERMISSIONS, Registry, sign_registry
 from node.federation_setup import NodeSetup, create_federation
 from node.identity import SigningKey, load_signing_key
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
-from tests.peer import audit_events, clue_message, database_rows, exchange_stub, sign, signing_key
+from tests.peer import (
+    attachment_message,
+    audit_events,
+    clue_message,
+    database_rows,
+    exchange_stub,
+    sign,
+    signing_key,
+)
 
 RPC_TIMEOUT = 20.0
 # Messages up to 31 days old must be signable: keys are back-dated this far in the registry.
@@ -250,17 +256,8 @@ def too_large(fed: Federation) -> envelope_pb2.Envelope:
 
 
 def attachment_not_uploaded(fed: Federation) -> envelope_pb2.Envelope:
-    content = b"never uploaded"
-    message = compose_message(
-        sender=POLICE,
-        family="clue",
-        recipients=[PROCURATORATE],
-        body={"title": "附件线索"},
-        body_type="",
-        created_at=datetime.now(UTC),
-        attachments=[
-            AttachmentInput(hashlib.sha256(content).digest(), len(content), "text/plain", "a.txt")
-        ],
+    message, _digest = attachment_message(
+        POLICE, [PROCURATORATE], b"never uploaded", title="附件线索", file_name="a.txt"
     )
     return sign(message, signing_key(fed.setups[POLICE]))
 
@@ -350,15 +347,13 @@ def test_upload_not_matching_its_digest_is_discarded(federation: Federation) -> 
     content = b"%PDF-1.7 sampling report " * 400
     forged = b"%PDF-1.7 doctored report " * 400
     assert len(forged) == len(content)
-    digest = hashlib.sha256(content).digest()
-    message = compose_message(
-        sender=POLICE,
-        family="clue",
-        recipients=[PROCURATORATE],
-        body={"title": "监测报告"},
-        body_type="",
-        created_at=datetime.now(UTC),
-        attachments=[AttachmentInput(digest, len(content), "application/pdf", "report.pdf")],
+    message, digest = attachment_message(
+        POLICE,
+        [PROCURATORATE],
+        content,
+        title="监测报告",
+        file_name="report.pdf",
+        media_type="application/pdf",
     )
     envelope = sign(message, signing_key(police))
     stub = exchange_stub(police, federation.target)

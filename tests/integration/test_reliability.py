@@ -7,7 +7,6 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -16,9 +15,15 @@ import pytest
 from node._pb.liandong.v1 import exchange_pb2
 from node.admin_client import AdminClient, AdminError
 from node.envelope import envelope_digest
-from node.exchange.messages import AttachmentInput, compose_message
 from tests.conftest import ECOLOGY, PROCURATORATE, NodeProcess, wait_for
-from tests.peer import audit_events, database_rows, exchange_stub, sign, signing_key
+from tests.peer import (
+    attachment_message,
+    audit_events,
+    database_rows,
+    exchange_stub,
+    sign,
+    signing_key,
+)
 
 Federation = Callable[..., dict[str, NodeProcess]]
 
@@ -120,16 +125,7 @@ def test_attachment_upload_resumes_after_a_break(
 ) -> None:
     sender, receiver = running[ECOLOGY], running[PROCURATORATE]
     data = bytes(range(256)) * 12_000  # ~3 MiB: several chunks
-    digest = hashlib.sha256(data).digest()
-    message = compose_message(
-        sender=ECOLOGY,
-        family="clue",
-        recipients=[PROCURATORATE],
-        body={"title": "附件续传"},
-        body_type="",
-        created_at=datetime.now(UTC),
-        attachments=[AttachmentInput(digest, len(data), "application/octet-stream", "big.bin")],
-    )
+    message, digest = attachment_message(ECOLOGY, [PROCURATORATE], data, title="附件续传")
     envelope = sign(message, signing_key(sender.setup))
     stub = exchange_stub(sender.setup, receiver.setup)
     half = len(data) // 2
@@ -205,16 +201,7 @@ def test_a_second_upload_of_the_same_digest_waits_its_turn(
 ) -> None:
     sender, receiver = running[ECOLOGY], running[PROCURATORATE]
     data = bytes(range(256)) * 8192  # 2 MiB
-    digest = hashlib.sha256(data).digest()
-    message = compose_message(
-        sender=ECOLOGY,
-        family="clue",
-        recipients=[PROCURATORATE],
-        body={"title": "并发上传"},
-        body_type="",
-        created_at=datetime.now(UTC),
-        attachments=[AttachmentInput(digest, len(data), "application/octet-stream", "x.bin")],
-    )
+    message, digest = attachment_message(ECOLOGY, [PROCURATORATE], data, title="并发上传")
     envelope = sign(message, signing_key(sender.setup))
     stub = exchange_stub(sender.setup, receiver.setup)
     first_chunk_sent = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 
 import grpc
 
@@ -84,3 +85,28 @@ def test_submit_stream_accepts_good_requests_and_refuses_bad_ones(
         item = client.get_item(results[2].message_id)
     assert json.loads(item.body_json) == {"title": "类型化正文", "facts": "暗管"}
     assert database_rows(ecology.setup, "SELECT count(*) FROM messages") == [(2,)]
+
+
+def test_sigterm_ends_open_delivery_streams_cleanly(running: dict[str, NodeProcess]) -> None:
+    """A stopping node answers what a stream holds and ends it (status OK), not cancels it."""
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    key = signing_key(police.setup)
+    outgoing: queue.Queue[exchange_pb2.DeliveryRequest | None] = queue.Queue()
+
+    def requests():  # type: ignore[no-untyped-def]
+        while (request := outgoing.get()) is not None:
+            yield request
+
+    call = exchange_stub(police.setup, procuratorate.setup).Deliver(requests(), timeout=60)
+    outgoing.put(
+        exchange_pb2.DeliveryRequest(
+            seq=1, envelope=sign(clue_message(POLICE, [PROCURATORATE]), key)
+        )
+    )
+    first = next(call)
+    assert first.code == 0
+    # The client keeps its side open; the node is told to stop.
+    assert procuratorate.stop() == 0
+    assert list(call) == []  # the stream ended without error
+    assert call.code() == grpc.StatusCode.OK
+    outgoing.put(None)
