@@ -50,7 +50,7 @@ from google.protobuf import json_format
 
 from bench import echo
 from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, envelope_pb2
-from node.federation_setup import NodeSetup, create_federation, free_port
+from node.federation_setup import NodeProcess, NodeSetup, create_federation, free_port
 
 SENDER, RECEIVER = "140400/ecology", "140400/procuratorate"
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -93,68 +93,14 @@ def self_cpu_seconds() -> float:
     return times.user + times.system
 
 
-class NodeProcess:
-    """One `liandong serve` process, started as tests/conftest.NodeProcess does."""
+class BenchNode(NodeProcess):
+    """A node process, plus what the benchmark reports about it."""
 
-    def __init__(self, setup: NodeSetup) -> None:
-        self.setup = setup
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.setup.directory / "node.log"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.setup.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        log.close()
-
-    async def wait_serving(self, stub: admin_pb2_grpc.LocalAdminStub, seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise BenchFailed(f"{self.setup.agency} exited at start-up:\n{self.log_tail()}")
-            if self.setup.admin_socket.exists():
-                try:
-                    await stub.NodeInfo(admin_pb2.NodeInfoRequest(), timeout=2)
-                    return
-                except grpc.aio.AioRpcError:
-                    pass
-            await asyncio.sleep(0.1)
-        raise BenchFailed(f"{self.setup.agency} did not start:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 60.0) -> tuple[int | None, float]:
+    def timed_stop(self, timeout: float = 60.0) -> tuple[int | None, float]:
         """SIGTERM; returns (exit code, seconds to stop). None: had to SIGKILL."""
-        if self.process is None:
-            return 0, 0.0
-        if self.process.poll() is not None:
-            return self.process.returncode, 0.0
         started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            code = None
+        code = self.stop(timeout=timeout)
         return code, time.monotonic() - started
-
-    def log_tail(self, lines: int = 20) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def log_summary(self, keep: int = 5) -> dict[str, Any]:
         """Lines of node.log by level, and the first distinct warning/error events."""
@@ -479,7 +425,7 @@ async def run_once(number: int, args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ld-bench-"))
     pg_urls: dict[str, str] = {}
-    nodes: list[NodeProcess] = []
+    nodes: list[BenchNode] = []
     channel: grpc.aio.Channel | None = None
     try:
         if args.backend == "postgresql":
@@ -489,16 +435,14 @@ async def run_once(number: int, args: argparse.Namespace) -> dict[str, Any]:
         )
         for setup in setups:
             set_log_level(setup, args.log_level)
-        nodes = [NodeProcess(s) for s in setups]
+        nodes = [BenchNode(s) for s in setups]
         sender, receiver = nodes
         for node in nodes:
-            node.start()
+            node.start(wait=False)
         channel = grpc.aio.insecure_channel(f"unix:{sender.setup.admin_socket}")
         stub = admin_pb2_grpc.LocalAdminStub(channel)
-        await sender.wait_serving(stub)
-        receiver_channel = grpc.aio.insecure_channel(f"unix:{receiver.setup.admin_socket}")
-        await receiver.wait_serving(admin_pb2_grpc.LocalAdminStub(receiver_channel))
-        await receiver_channel.close()
+        await asyncio.to_thread(sender.wait_serving)
+        await asyncio.to_thread(receiver.wait_serving)
 
         say(f"run {number}: submitting for {args.seconds:g} s with {args.clients} clients ...")
         cpu0 = [cpu_seconds(n.pid) for n in nodes]
@@ -522,7 +466,7 @@ async def run_once(number: int, args: argparse.Namespace) -> dict[str, Any]:
         peaks = [proc_status(n.pid, "VmHWM") / 2**20 for n in nodes]
         await channel.close()
         channel = None
-        stops = [n.stop() for n in nodes]
+        stops = [n.timed_stop() for n in nodes]
         logs = [n.log_summary() for n in nodes]
         urls = [pg_urls.get(s.agency) or f"sqlite:///{s.directory / 'node.db'}" for s in setups]
         outcome = read_outcome(urls[0], urls[1], submit.accepted)

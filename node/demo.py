@@ -12,11 +12,7 @@ notice for both others into its drop folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +21,7 @@ from pathlib import Path
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.admin_client import AdminClient, AdminError
-from node.federation_setup import NodeSetup, create_federation
+from node.federation_setup import NodeProcess, NodeProcessError, NodeSetup, create_federation
 
 ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
 NAMES = {
@@ -54,18 +50,16 @@ def run_demo(workdir: Path | None) -> int:
         say(f"liandong: error: --workdir {root} is not empty; give a new or empty directory")
         return 1
     root.mkdir(parents=True, exist_ok=True)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    processes: list[NodeProcess] = []
     try:
         say(f"Setting up a federation of three agencies in {root}")
         nodes = {n.agency: n for n in create_federation(root, list(NAMES), names=NAMES)}
         for node in nodes.values():
-            processes[node.agency] = start_node(node)
+            processes.append(NodeProcess(node).start(wait=False))
             say(f"  started {node.agency:<22} {NAMES[node.agency]}  on {node.endpoint} (mTLS)")
+        for process in processes:
+            process.wait_serving(STARTUP_SECONDS)
         clients = {agency: AdminClient(node.admin_socket) for agency, node in nodes.items()}
-        for agency, client in clients.items():
-            wait_until(
-                partial(_serving, client), STARTUP_SECONDS, f"{agency} did not start", nodes[agency]
-            )
         say("Running the scenario")
         run_scenario(root, nodes, clients)
         say("")
@@ -74,11 +68,12 @@ def run_demo(workdir: Path | None) -> int:
         summarize(clients)
         for client in clients.values():
             client.close()
-    except (DemoFailed, AdminError) as error:
+    except (DemoFailed, AdminError, NodeProcessError) as error:
         say(f"liandong demo: FAILED: {error}")
         return 1
     finally:
-        stop_nodes(processes)
+        for process in processes:
+            process.stop(timeout=20)
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
     say(f"Demo finished in {time.monotonic() - started:.1f} s; nodes stopped.")
@@ -87,48 +82,12 @@ def run_demo(workdir: Path | None) -> int:
     return 0
 
 
-def start_node(node: NodeSetup) -> subprocess.Popen[bytes]:
-    log = (node.directory / "node.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "serve", "--config", str(node.config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def stop_nodes(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes.values():
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _serving(client: AdminClient) -> bool:
-    try:
-        client.node_info()
-    except AdminError:
-        return False
-    return True
-
-
-def wait_until(
-    condition: Callable[[], bool], seconds: float, failure: str, node: NodeSetup | None = None
-) -> None:
+def wait_until(condition: Callable[[], bool], seconds: float, failure: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.1)
-    if node is not None:
-        tail = (node.directory / "node.log").read_text(errors="replace").splitlines()[-5:]
-        failure += " — last log lines:\n    " + "\n    ".join(tail)
     raise DemoFailed(failure)
 
 

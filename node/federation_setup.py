@@ -7,14 +7,20 @@ the demo exercises is what a deployment does.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from node import pki
+from node.admin_client import AdminClient, AdminError
 from node.config import CONFIG_FILE_NAME, render_config
 from node.identity import agency_kind
 
@@ -97,3 +103,87 @@ def publish_registry(workdir: Path, nodes: Sequence[NodeSetup], *, valid_days: i
     for node in nodes:
         for name in ("ca.crt", "operator.pub", "registry.json"):
             shutil.copy(operator / name, node.directory / name)
+
+
+class NodeProcessError(RuntimeError):
+    pass
+
+
+class NodeProcess:
+    """One `liandong serve` process on a prepared node directory: what the demo, the tests
+    and the benchmarks run, exactly as an operator would."""
+
+    def __init__(self, setup: NodeSetup) -> None:
+        self.setup = setup
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def agency(self) -> str:
+        return self.setup.agency
+
+    @property
+    def log_path(self) -> Path:
+        return self.setup.directory / "node.log"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise NodeProcessError(f"{self.agency} was never started")
+        return self.process.pid
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.setup.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        if wait:
+            self.wait_serving()
+        return self
+
+    def serving(self) -> bool:
+        """True once the node answers on its admin socket."""
+        try:
+            with self.client() as client:
+                client.node_info()
+        except AdminError:
+            return False
+        return True
+
+    def wait_serving(self, seconds: float = 60.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise NodeProcessError(f"{self.agency} exited at start-up:\n{self.log_tail()}")
+            if self.serving():
+                return
+            time.sleep(0.1)
+        raise NodeProcessError(f"{self.agency} did not start:\n{self.log_tail()}")
+
+    def client(self) -> AdminClient:
+        return AdminClient(self.setup.admin_socket)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal the node and wait; its exit code (None: it had to be killed)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is not None:
+            return self.process.returncode
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

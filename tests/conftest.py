@@ -8,88 +8,18 @@ and drop it afterwards.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from node.admin_client import AdminClient, AdminError
-from node.federation_setup import NodeSetup, create_federation
+from node.federation_setup import NodeProcess, create_federation
 
 ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
 POSTGRES_ADMIN_URL = os.environ.get(
     "LIANDONG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
-
-
-class NodeProcess:
-    """One `liandong serve` process, with helpers to wait for it and to talk to it."""
-
-    def __init__(self, setup: NodeSetup) -> None:
-        self.setup = setup
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def agency(self) -> str:
-        return self.setup.agency
-
-    @property
-    def log_path(self) -> Path:
-        return self.setup.directory / "node.log"
-
-    def start(self, wait: bool = True) -> NodeProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.setup.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if wait:
-            self.wait_serving()
-        return self
-
-    def wait_serving(self, seconds: float = 60.0) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.agency} exited at start-up:\n{self.log_tail()}")
-            try:
-                with self.client() as client:
-                    client.node_info()
-                return
-            except AdminError:
-                time.sleep(0.1)
-        raise AssertionError(f"{self.agency} did not start:\n{self.log_tail()}")
-
-    def client(self) -> AdminClient:
-        return AdminClient(self.setup.admin_socket)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"{self.agency} did not stop on signal {sig}") from None
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 60.0, what: str = "condition") -> None:
