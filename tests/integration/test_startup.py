@@ -27,6 +27,7 @@ from node.federation import Registry, sign_registry
 from node.federation_setup import NodeSetup, publish_registry
 from node.identity import generate_signing_key, load_signing_key
 from tests.conftest import ECOLOGY, POLICE, NodeProcess, wait_for
+from tests.peer import audit_events
 
 MakeFederation = Callable[..., dict[str, NodeProcess]]
 
@@ -195,7 +196,10 @@ def test_a_newly_published_registry_is_taken_without_a_restart(
     publish_registry(setup.directory.parent, [setup])
     with node.client() as client:
         wait_for(lambda: client.node_info().registry_serial == 2, seconds=30, what="reload")
-    assert "registry reloaded" in node.log_path.read_text()
+    # The swap is visible before its audit entry commits; the log line follows the commit.
+    wait_for(lambda: "registry reloaded" in node.log_path.read_text(), what="reload logged")
+    events = [e["event"] for e in audit_events(setup)]
+    assert events.count("registry_accepted") == 2
 
 
 def test_an_agency_without_a_builtin_plugin_starts(make_federation: MakeFederation) -> None:
