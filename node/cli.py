@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--body-type",
         default="",
-        choices=["", *FAMILY_BODIES["reply"]],
+        choices=FAMILY_BODIES["reply"],
         help="for reply: evidence_response, recommendation_reply or feedback",
     )
     send.add_argument("--case-ref", default="", help="case reference (thread)")
