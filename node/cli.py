@@ -247,11 +247,13 @@ def cmd_serve(options: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
 
     async def run() -> None:
-        await node.start()
+        # Handlers first: the admin API answers while start() is still finishing, and a
+        # SIGTERM in that window must still mean a graceful stop.
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
+        await node.start()
         await stopping.wait()
         await node.stop()
 
