@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -151,10 +152,17 @@ class Registry:
 
     def public_keys(self, agency_id: str) -> dict[str, Ed25519PublicKey]:
         """Every key ever listed for the member; validity is checked by key_valid_at."""
-        m = self.member(agency_id)
-        if m is None:
-            return {}
-        return {k.key_id: Ed25519PublicKey.from_public_bytes(k.public_key) for k in m.signing_keys}
+        return dict(self._parsed_keys.get(agency_id, {}))
+
+    @cached_property
+    def _parsed_keys(self) -> dict[str, dict[str, Ed25519PublicKey]]:
+        # Parsed once per registry: every inbound message and every receipt needs them.
+        return {
+            m.agency_id: {
+                k.key_id: Ed25519PublicKey.from_public_bytes(k.public_key) for k in m.signing_keys
+            }
+            for m in self.members
+        }
 
     def key_valid_at(self, agency_id: str, key_id: str, when: datetime) -> bool:
         m = self.member(agency_id)

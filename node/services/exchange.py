@@ -93,7 +93,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     ) -> AsyncIterator[exchange_pb2.DeliveryResult]:
         """Many messages on one stream; each gets its own result, in completion order."""
         try:
-            peer = peer_identity(context)
+            peer = await self._peer(envelope_pb2.Envelope(), context)  # audited like the others
         except ExchangeError as error:
             await context.abort(STATUS_FOR_REASON[error.reason], error.message)
             return
