@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import BinaryIO
 
@@ -155,8 +154,3 @@ class Upload:
         if discard:
             self.partial.unlink(missing_ok=True)
         self.store.uploading.discard(self.sha256_hex)
-
-
-def copy_blob(store: BlobStore, sha256_hex: str, destination: Path) -> None:
-    with store.open(sha256_hex) as source, destination.open("wb") as target:
-        shutil.copyfileobj(source, target, CHUNK_SIZE)

@@ -140,9 +140,6 @@ class DeliveryWorker:
         self._finished_during_poll: set[tuple[str, str]] = set()
         self.delivered = 0
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def enqueue(self, items: list[Due]) -> None:
         """Hand over deliveries that were just committed (no database poll needed)."""
         for item in items:

@@ -94,11 +94,14 @@ def test_cli_reports_bad_input_in_one_line(running: dict[str, NodeProcess], tmp_
     )
     assert result.returncode == 1
     assert "INVALID_ARGUMENT" in result.stderr and "no_such_field" in result.stderr
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"title": "整改建议"}), encoding="utf-8")
     result = cli(
-        "send", "recommendation", "--to", POLICE, "--body", str(body), config=ecology.setup.config
+        "send", "recommendation", "--to", POLICE, "--body", str(good), config=ecology.setup.config
     )
     assert result.returncode == 1
-    assert "no_such_field" in result.stderr or "PERMISSION_DENIED" in result.stderr
+    assert "PERMISSION_DENIED" in result.stderr
+    assert "does not permit" in result.stderr
     assert database_rows(ecology.setup, "SELECT count(*) FROM messages") == [(0,)]
 
 
