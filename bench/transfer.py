@@ -201,6 +201,7 @@ async def submit_load(
     payload: int,
     mode: str = "stream",
     typed: bool = False,
+    batch: int = 16,
 ) -> SubmitPhase:
     phase = SubmitPhase()
     counter = iter(range(1 << 62))
@@ -209,26 +210,31 @@ async def submit_load(
     deadline = started + seconds
 
     async def stream_caller() -> None:
-        # One SubmitStream call with up to `clients` submissions in flight.
-        slots = asyncio.Semaphore(clients)
+        # One SubmitStream call: batches of `batch` submissions, up to `clients` submissions
+        # (clients // batch batches) in flight.
+        slots = asyncio.Semaphore(max(1, clients // batch))
         sent_at: dict[int, float] = {}
 
-        async def requests() -> AsyncIterator[admin_pb2.SubmitRequest]:
+        async def batches() -> AsyncIterator[admin_pb2.SubmitBatch]:
             while time.monotonic() < deadline:
                 await slots.acquire()
-                request = submit_request(payload, next(counter), typed)
-                request.seq = len(sent_at) + 1
-                sent_at[request.seq] = time.monotonic()
-                yield request
+                group = admin_pb2.SubmitBatch()
+                for _ in range(batch):
+                    request = submit_request(payload, next(counter), typed)
+                    request.seq = len(sent_at) + 1
+                    sent_at[request.seq] = time.monotonic()
+                    group.requests.append(request)
+                yield group
 
         try:
-            async for result in stub.SubmitStream(requests()):
+            async for answer in stub.SubmitStream(batches()):
                 slots.release()
-                if result.code:
-                    phase.errors[f"code {result.code}: {result.message[:200]}"] += 1
-                    continue
-                phase.latencies.append(time.monotonic() - sent_at[result.seq])
-                phase.accepted.append(result.message_id)
+                for result in answer.results:
+                    if result.code:
+                        phase.errors[f"code {result.code}: {result.message[:200]}"] += 1
+                        continue
+                    phase.latencies.append(time.monotonic() - sent_at[result.seq])
+                    phase.accepted.append(result.message_id)
         except grpc.aio.AioRpcError as error:
             phase.errors[f"{error.code().name}: {(error.details() or '')[:200]}"] += 1
 
@@ -454,6 +460,7 @@ async def run_once(number: int, args: argparse.Namespace) -> dict[str, Any]:
             payload=args.payload,
             mode=args.submit,
             typed=args.body == "typed",
+            batch=args.batch,
         )
         cpu_submit = [cpu_seconds(n.pid) - c for n, c in zip(nodes, cpu0, strict=True)]
         self_submit = self_cpu_seconds() - self0
@@ -558,7 +565,8 @@ def median(runs: list[dict[str, Any]], key: str) -> float:
 def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Liandong clue-transfer benchmark: {SENDER} -> {RECEIVER}, backend {args.backend}, "
-        f"{args.clients} clients, {args.seconds:g} s, body {args.payload} B, "
+        f"{args.clients} clients ({args.submit} submit, batches of {args.batch}), "
+        f"{args.seconds:g} s, body {args.payload} B, "
         f"{len(runs)} run(s), {os.cpu_count()} CPU(s), node log level {args.log_level}",
         "",
     ]
@@ -711,13 +719,17 @@ def main(argv: list[str] | None = None) -> int:
         "--submit",
         choices=["stream", "unary"],
         default="stream",
-        help="local API: one SubmitStream with --clients in flight, or --clients unary callers",
+        help="local API: one SubmitStream with --clients submissions in flight in batches of "
+        "--batch, or --clients unary callers",
     )
     parser.add_argument(
         "--body",
         choices=["json", "typed"],
         default="json",
         help="submit the body as JSON text or as a typed protobuf message",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=16, help="submissions per SubmitBatch on the stream"
     )
     parser.add_argument("--runs", type=int, default=3, help="runs; the report gives medians")
     parser.add_argument("--payload", type=int, default=2048, help="body size in bytes")

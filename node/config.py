@@ -35,7 +35,8 @@ class Limits:
 class Delivery:
     initial_backoff_seconds: float = 0.5
     max_backoff_seconds: float = 300.0
-    concurrency: int = 64
+    concurrency: int = 256
+    batch_size: int = 64
     rpc_timeout_seconds: float = 30.0
 
 
@@ -129,6 +130,7 @@ def load_config(path: Path) -> NodeConfig:
     )
     for section, key, value in (
         ("delivery", "concurrency", delivery.concurrency),
+        ("delivery", "batch_size", delivery.batch_size),
         ("delivery", "rpc_timeout_seconds", delivery.rpc_timeout_seconds),
         ("limits", "max_envelope_bytes", limits.max_envelope_bytes),
         ("limits", "max_recipients", limits.max_recipients),

@@ -86,6 +86,12 @@ def envelope_digest(envelope: envelope_pb2.Envelope) -> bytes:
     return hashlib.sha256(envelope.SerializeToString(deterministic=True)).digest()
 
 
+def serialize_envelope(envelope: envelope_pb2.Envelope) -> tuple[bytes, bytes]:
+    """The deterministic serialization and its digest (as envelope_digest), in one pass."""
+    data = envelope.SerializeToString(deterministic=True)
+    return data, hashlib.sha256(data).digest()
+
+
 def envelope_to_json(envelope: envelope_pb2.Envelope) -> bytes:
     """Standard DSSE JSON form (base64 with padding, as in the DSSE spec)."""
     doc = {

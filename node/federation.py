@@ -171,12 +171,23 @@ class Registry:
         return any(k.key_id == key_id and k.valid_at(when) for k in m.signing_keys)
 
     def is_permitted(self, family: str, sender: str, recipient: str) -> bool:
-        return any(
-            p.family == family
-            and _pattern_matches(p.sender, sender)
-            and _pattern_matches(p.recipient, recipient)
-            for p in self.permissions
-        )
+        # Asked for every message sent and received, with few distinct triples: remembered.
+        triple = (family, sender, recipient)
+        answer = self._permitted.get(triple)
+        if answer is None:
+            answer = any(
+                p.family == family
+                and _pattern_matches(p.sender, sender)
+                and _pattern_matches(p.recipient, recipient)
+                for p in self.permissions
+            )
+            if len(self._permitted) < 4096:
+                self._permitted[triple] = answer
+        return answer
+
+    @cached_property
+    def _permitted(self) -> dict[tuple[str, str, str], bool]:
+        return {}
 
     def to_json_bytes(self) -> bytes:
         doc = {

@@ -69,6 +69,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
@@ -132,16 +134,20 @@ def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
 
 
 @hookspec
-def liandong_delivery_confirmed(confirmation: DeliveryConfirmation, api: NodeAPI) -> None:
-    """Called when a valid signed receipt for an outbound message has been stored.
+def liandong_deliveries_confirmed(
+    confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
+) -> None:
+    """Called when valid signed receipts for outbound messages have been stored, with every
+    receipt that was stored together (one per message and recipient; a busy node stores them
+    by the dozen, so write them to the local system in one go).
 
-    Lets the local system record that the recipient has the message (and when, and where in
-    the recipient's audit log). Called once per recipient for every plugin; the return value is
-    ignored. At most once: a node killed between storing the receipt and this call does not
+    Lets the local system record that each recipient has the message (and when, and where in
+    the recipient's audit log). Called for every plugin, in a worker thread; the return value
+    is ignored. At most once: a node killed between storing the receipts and this call does not
     call it again (``liandong outbox`` and the audit log are the record), and a later call for
     the same receipt is possible only by replaying, so write idempotently. An exception is
-    logged; the receipt itself is already safe in the node.
+    logged; the receipts themselves are already safe in the node.
 
-    :param confirmation: the recipient, delivery time and receipt digest.
+    :param confirmations: per receipt, the message, recipient, delivery time and digest.
     :param api: the node API.
     """

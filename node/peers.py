@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import BinaryIO
 
 import grpc
@@ -35,28 +35,31 @@ CHANNEL_OPTIONS = [
 
 
 class DeliveryStream:
-    """One long-lived Deliver stream to a peer; many messages in flight, matched by seq."""
+    """One long-lived Deliver stream to a peer; many batches in flight, matched by seq."""
 
     def __init__(self, stub: exchange_pb2_grpc.ExchangeStub, member: Member) -> None:
         self.member = member
         self.broken: TransportError | None = None
         self.unimplemented = False
-        self._requests: asyncio.Queue[exchange_pb2.DeliveryRequest | None] = asyncio.Queue()
-        self._pending: dict[int, asyncio.Future[exchange_pb2.DeliveryResult]] = {}
+        self._requests: asyncio.Queue[exchange_pb2.DeliveryBatch | None] = asyncio.Queue()
+        # Keyed by the first seq of each batch: a batch's seqs are consecutive.
+        self._pending: dict[int, asyncio.Future[exchange_pb2.DeliveryResults]] = {}
         self._seq = itertools.count(1)
         self._call = stub.Deliver(self._outgoing())
         self._reader = asyncio.create_task(self._read())
 
-    async def _outgoing(self) -> AsyncIterator[exchange_pb2.DeliveryRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
+    async def _outgoing(self) -> AsyncIterator[exchange_pb2.DeliveryBatch]:
+        while (batch := await self._requests.get()) is not None:
+            yield batch
 
     async def _read(self) -> None:
         try:
-            async for result in self._call:
-                future = self._pending.pop(result.seq, None)
+            async for answer in self._call:
+                if not answer.results:
+                    continue
+                future = self._pending.pop(min(r.seq for r in answer.results), None)
                 if future is not None and not future.done():
-                    future.set_result(result)
+                    future.set_result(answer)
             error = TransportError(f"{self.member.agency_id}: the peer closed the delivery stream")
         except grpc.aio.AioRpcError as rpc_error:
             self.unimplemented = rpc_error.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -70,24 +73,42 @@ class DeliveryStream:
         self._pending.clear()
 
     async def send(
-        self, envelope: envelope_pb2.Envelope, timeout: float
-    ) -> exchange_pb2.DeliveryResult:
+        self, envelopes: Sequence[envelope_pb2.Envelope], timeout: float
+    ) -> list[envelope_pb2.Envelope | TransportError]:
+        """Send one batch; per envelope, the receipt or the peer's refusal."""
         if self.broken is not None:
             raise self.broken
-        seq = next(self._seq)
-        future: asyncio.Future[exchange_pb2.DeliveryResult] = (
+        batch = exchange_pb2.DeliveryBatch()
+        seqs = [next(self._seq) for _ in envelopes]
+        for seq, envelope in zip(seqs, envelopes, strict=True):
+            batch.requests.add(seq=seq, envelope=envelope)
+        future: asyncio.Future[exchange_pb2.DeliveryResults] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending[seq] = future
-        self._requests.put_nowait(exchange_pb2.DeliveryRequest(seq=seq, envelope=envelope))
+        self._pending[seqs[0]] = future
+        self._requests.put_nowait(batch)
         try:
-            return await asyncio.wait_for(future, timeout)
+            answer = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise TransportError(
                 f"{self.member.agency_id}: no answer within {timeout:g} s on the delivery stream"
             ) from None
         finally:
-            self._pending.pop(seq, None)
+            self._pending.pop(seqs[0], None)
+        by_seq = {result.seq: result for result in answer.results}
+        return [self._outcome(by_seq.get(seq)) for seq in seqs]
+
+    def _outcome(
+        self, result: exchange_pb2.DeliveryResult | None
+    ) -> envelope_pb2.Envelope | TransportError:
+        if result is None:
+            return TransportError(f"{self.member.agency_id}: no result for this message")
+        if result.code != grpc.StatusCode.OK.value[0]:
+            name = next((c.name for c in grpc.StatusCode if c.value[0] == result.code), "UNKNOWN")
+            return TransportError(
+                f"{self.member.agency_id} at {self.member.endpoint}: {name}: {result.message}"
+            )
+        return result.receipt
 
     async def close(self) -> None:
         self._requests.put_nowait(None)
@@ -122,30 +143,34 @@ class GrpcPeerTransport:
             await channel.close()
         self._channels.clear()
 
-    async def deliver(
-        self, member: Member, family: str, envelope: envelope_pb2.Envelope
-    ) -> envelope_pb2.Envelope:
-        if member.endpoint in self._unary_only:
-            return await self.deliver_unary(member, family, envelope)
-        stream = self._streams.get(member.endpoint)
-        if stream is None or stream.broken is not None:
-            if stream is not None:
-                await stream.close()
-            stream = DeliveryStream(self._stub(member), member)
-            self._streams[member.endpoint] = stream
-        try:
-            result = await stream.send(envelope, self.timeout)
-        except TransportError:
-            if stream.unimplemented:
+    async def deliver_many(
+        self, member: Member, items: Sequence[tuple[str, envelope_pb2.Envelope]]
+    ) -> list[envelope_pb2.Envelope | TransportError]:
+        if not items:
+            return []
+        if member.endpoint not in self._unary_only:
+            stream = self._streams.get(member.endpoint)
+            if stream is None or stream.broken is not None:
+                if stream is not None:
+                    await stream.close()
+                stream = DeliveryStream(self._stub(member), member)
+                self._streams[member.endpoint] = stream
+            try:
+                return await stream.send([envelope for _, envelope in items], self.timeout)
+            except TransportError as error:
+                if not stream.unimplemented:
+                    return [error] * len(items)
                 self._unary_only.add(member.endpoint)
-                return await self.deliver_unary(member, family, envelope)
-            raise
-        if result.code != grpc.StatusCode.OK.value[0]:
-            name = next((c.name for c in grpc.StatusCode if c.value[0] == result.code), "UNKNOWN")
-            raise TransportError(
-                f"{member.agency_id} at {member.endpoint}: {name}: {result.message}"
-            )
-        return result.receipt
+        answers = await asyncio.gather(
+            *(self.deliver_unary(member, family, envelope) for family, envelope in items),
+            return_exceptions=True,
+        )
+        return [
+            answer
+            if isinstance(answer, envelope_pb2.Envelope | TransportError)
+            else TransportError(f"{member.agency_id}: {answer!r}")
+            for answer in answers
+        ]
 
     async def deliver_unary(
         self, member: Member, family: str, envelope: envelope_pb2.Envelope

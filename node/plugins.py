@@ -77,7 +77,7 @@ def load_plugin_manager(
 class PluginHooks:
     """Typed facade over the plugin manager's hooks.
 
-    Broadcast hooks (``node_started``, ``poll_local_system``, ``delivery_confirmed``) call each
+    Broadcast hooks (``node_started``, ``poll_local_system``, ``deliveries_confirmed``) call each
     plugin on its own and log an exception with the plugin's name instead of raising: pluggy
     would otherwise stop at the first failing plugin, and one agency's broken adapter must not
     stop another's. ``hand_off`` lets exceptions through, because there they mean "retry later".
@@ -108,9 +108,11 @@ class PluginHooks:
         result: str | None = self._pm.hook.liandong_hand_off(item=item, api=api)
         return result
 
-    def delivery_confirmed(self, confirmation: DeliveryConfirmation, api: NodeAPI) -> None:
-        """Call ``liandong_delivery_confirmed`` on every plugin."""
-        self._broadcast("liandong_delivery_confirmed", confirmation=confirmation, api=api)
+    def deliveries_confirmed(
+        self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
+    ) -> None:
+        """Call ``liandong_deliveries_confirmed`` on every plugin."""
+        self._broadcast("liandong_deliveries_confirmed", confirmations=confirmations, api=api)
 
     def _broadcast(self, hook_name: str, **kwargs: Any) -> None:
         api: NodeAPI = kwargs["api"]

@@ -313,17 +313,18 @@ class Node:
     def _hand_off(self, item: InboundItem) -> str | None:
         return self.hooks.hand_off(item, self.api)
 
-    async def _confirmed(self, confirmation: Confirmation) -> None:
+    async def _confirmed(self, confirmations: list[Confirmation]) -> None:
         """Queue the plugins' notification; delivery does not wait for the local system."""
-        self._confirmations.put_nowait(
-            DeliveryConfirmation(
-                message_id=confirmation.message_id,
-                recipient=confirmation.recipient,
-                delivered_at=confirmation.delivered_at,
-                receipt_sha256=confirmation.receipt_sha256,
-                receiver_log_index=confirmation.receiver_log_index,
+        for confirmation in confirmations:
+            self._confirmations.put_nowait(
+                DeliveryConfirmation(
+                    message_id=confirmation.message_id,
+                    recipient=confirmation.recipient,
+                    delivered_at=confirmation.delivered_at,
+                    receipt_sha256=confirmation.receipt_sha256,
+                    receiver_log_index=confirmation.receiver_log_index,
+                )
             )
-        )
 
     async def _notify_confirmations(self) -> None:
         while True:
@@ -333,11 +334,12 @@ class Node:
             await asyncio.to_thread(self._call_confirmation_hooks, group)
 
     def _call_confirmation_hooks(self, group: list[DeliveryConfirmation]) -> None:
-        for confirmation in group:
-            try:
-                self.hooks.delivery_confirmed(confirmation, self.api)
-            except Exception as error:  # a plugin's failure must not stop the node
-                log.error("delivery_confirmed hook failed", error=str(error))
+        if not group:
+            return
+        try:
+            self.hooks.deliveries_confirmed(group, self.api)
+        except Exception as error:  # a plugin's failure must not stop the node
+            log.error("deliveries_confirmed hook failed", error=str(error))
 
     async def _poll(self) -> None:
         while True:

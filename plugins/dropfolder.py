@@ -9,10 +9,11 @@ the node's data directory)::
     root/drafts/processing/                  drafts being submitted (the node's, do not touch)
     root/drafts/processed/<name>             submitted drafts, <name>.message_id beside each
     root/drafts/failed/<name>                refused drafts, <name>.error.txt beside each
-    root/receipts/<message_id>--<recipient>.json   delivery confirmations
+    root/receipts/<YYYY-MM-DD>.jsonl         delivery confirmations, one JSON line each
 
-Everything the node writes appears atomically (temp file named ``.*.tmp`` in the same folder,
-fsync, rename), so the local system never reads half a file; it must write its drafts the same
+Every file the node writes appears atomically (temp file named ``.*.tmp`` in the same folder,
+fsync, rename), so the local system never reads half a file; receipts are appended to a log
+instead, whole lines at a time; it must write its drafts the same
 way, because files whose names start with ``.`` or end in ``.tmp`` are ignored. The formats are
 documented in docs/plugins.md.
 """
@@ -25,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -394,19 +395,48 @@ class DropFolder:
 
     # -- receipts ----------------------------------------------------------------------------
 
-    def write_confirmation(self, c: DeliveryConfirmation) -> Path:
+    def receipts_log(self, moment: datetime) -> Path:
+        """The day's receipts log (UTC date of delivery)."""
+        day = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+        return self.receipts / f"{day:%Y-%m-%d}.jsonl"
+
+    def append_confirmations(self, confirmations: Sequence[DeliveryConfirmation]) -> list[Path]:
+        """Append one JSON line per confirmation to the day's log, durably; return the logs.
+
+        One write and one fsync per log for the whole group: a file per receipt would cost a
+        file creation each, the dearest thing this adapter does.
+        """
         self.receipts.mkdir(parents=True, exist_ok=True)
-        name = f"{_slug(c.message_id, 'message')}--{_slug(c.recipient, 'recipient')}.json"
-        target = self.receipts / name
-        document = {
-            "message_id": c.message_id,
-            "recipient": c.recipient,
-            "delivered_at": _rfc3339(c.delivered_at),
-            "receipt_sha256": c.receipt_sha256,
-            "receiver_log_index": c.receiver_log_index,
-        }
-        _write_atomic(target, _json_bytes(document))
-        return target
+        lines: dict[Path, list[bytes]] = {}
+        for c in confirmations:
+            document = {
+                "message_id": c.message_id,
+                "recipient": c.recipient,
+                "delivered_at": _rfc3339(c.delivered_at),
+                "receipt_sha256": c.receipt_sha256,
+                "receiver_log_index": c.receiver_log_index,
+            }
+            line = json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n"
+            lines.setdefault(self.receipts_log(c.delivered_at), []).append(line)
+        for log_path, group in lines.items():
+            _append_lines(log_path, group)
+        return list(lines)
+
+
+def _append_lines(path: Path, lines: list[bytes]) -> None:
+    created = not path.exists()
+    with path.open("ab") as fh:
+        if not created and fh.tell() > 0:
+            with path.open("rb") as check:
+                check.seek(-1, os.SEEK_END)
+                if check.read(1) != b"\n":
+                    # A crash cut the last write short: end that line so ours stay whole.
+                    lines = [b"\n", *lines]
+        fh.write(b"".join(lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+    if created:
+        _fsync_dir(path.parent)
 
 
 def _sha256_file(path: Path) -> str:
@@ -467,5 +497,7 @@ class DropFolderPlugin:
         return str(self.folder(api).write_inbound(item))
 
     @hookimpl
-    def liandong_delivery_confirmed(self, confirmation: DeliveryConfirmation, api: NodeAPI) -> None:
-        self.folder(api).write_confirmation(confirmation)
+    def liandong_deliveries_confirmed(
+        self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
+    ) -> None:
+        self.folder(api).append_confirmations(confirmations)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -29,6 +29,7 @@ from node.envelope import RECEIPT_PAYLOAD_TYPE, EnvelopeError, envelope_digest, 
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
+from node.exchange.inbound import MAX_BATCH
 from node.federation import Member, Registry
 from node.store.models import DELIVERIES, DeliveryRecord, MessageRecord
 from node.store.writer import Batch, BatchWriter
@@ -42,9 +43,11 @@ class TransportError(Exception):
 
 
 class PeerTransport(Protocol):
-    async def deliver(
-        self, member: Member, family: str, envelope: envelope_pb2.Envelope
-    ) -> envelope_pb2.Envelope: ...
+    async def deliver_many(
+        self, member: Member, items: Sequence[tuple[str, envelope_pb2.Envelope]]
+    ) -> list[envelope_pb2.Envelope | TransportError]:
+        """Deliver (family, envelope) pairs to one peer: each one's receipt or why not."""
+        ...
 
     async def attachment_held(
         self, member: Member, envelope: envelope_pb2.Envelope, sha256: bytes
@@ -115,6 +118,12 @@ def verify_receipt(
 
 
 class DeliveryWorker:
+    """Sends the outbox, in batches per peer, several batches in flight at once.
+
+    New messages are handed over in memory (``enqueue``) right after they commit; a poll of
+    the outbox finds retries that have come due and, after a restart, whatever was pending.
+    """
+
     def __init__(
         self,
         context: NodeContext,
@@ -123,7 +132,7 @@ class DeliveryWorker:
         blobs: BlobStore,
         transport: PeerTransport,
         settings: Delivery,
-        on_confirmed: Callable[[Confirmation], Awaitable[None]] | None = None,
+        on_confirmed: Callable[[list[Confirmation]], Awaitable[None]] | None = None,
     ) -> None:
         self.context = context
         self.writer = writer
@@ -132,27 +141,32 @@ class DeliveryWorker:
         self.transport = transport
         self.settings = settings
         self.on_confirmed = on_confirmed
+        self.batch_size = max(1, min(settings.batch_size, MAX_BATCH))
         self._wake = asyncio.Event()
         self._stopping = False
-        self._ready: deque[Due] = deque()
-        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._ready: dict[str, deque[Due]] = {}  # by recipient
+        self._waiting: set[tuple[str, str]] = set()  # keys in _ready
+        self._inflight: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         # Deliveries finished while a database poll was running: its snapshot may predate them.
         self._finished_during_poll: set[tuple[str, str]] = set()
         self.delivered = 0
 
-    def enqueue(self, items: list[Due]) -> None:
+    def enqueue(self, items: Iterable[Due]) -> None:
         """Hand over deliveries that were just committed (no database poll needed)."""
         for item in items:
-            if item.key not in self._inflight:
-                self._ready.append(item)
+            key = item.key
+            if key not in self._inflight and key not in self._waiting:
+                self._waiting.add(key)
+                self._ready.setdefault(item.recipient, deque()).append(item)
         self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()), timeout=timeout)
-        for task in self._inflight.values():
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in self._tasks:
             task.cancel()
 
     async def run(self) -> None:
@@ -168,26 +182,44 @@ class DeliveryWorker:
                 last_poll = loop.time()
                 self._finished_during_poll.clear()
                 polled = await asyncio.to_thread(self._due, self.settings.concurrency * 4)
-                waiting = {item.key for item in self._ready} | set(self._inflight)
-                waiting |= self._finished_during_poll
-                self._ready.extend(item for item in polled if item.key not in waiting)
-            while (
-                self._ready
-                and len(self._inflight) < self.settings.concurrency
-                and not self._stopping
-            ):
-                item = self._ready.popleft()
-                if item.key in self._inflight:
-                    continue
-                task = asyncio.create_task(self._deliver(item))
-                self._inflight[item.key] = task
-                task.add_done_callback(partial(self._finished, item.key))
+                self.enqueue(item for item in polled if item.key not in self._finished_during_poll)
+            self._dispatch()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
 
-    def _finished(self, key: tuple[str, str], _task: asyncio.Task[None]) -> None:
-        self._inflight.pop(key, None)
-        self._finished_during_poll.add(key)
+    def _dispatch(self) -> None:
+        """Start batches, one peer after another, while fewer than `concurrency` are in flight."""
+        budget = self.context.limits.max_envelope_bytes
+        while self._ready and len(self._inflight) < self.settings.concurrency:
+            for recipient in list(self._ready):
+                if self._stopping or len(self._inflight) >= self.settings.concurrency:
+                    return
+                queue = self._ready[recipient]
+                batch: list[Due] = []
+                size = 0
+                while queue and len(batch) < self.batch_size:
+                    if batch and size + len(queue[0].envelope) > budget:
+                        break  # the receiver's gRPC message limit is twice the envelope limit
+                    item = queue.popleft()
+                    self._waiting.discard(item.key)
+                    if item.key in self._inflight:
+                        continue
+                    batch.append(item)
+                    size += len(item.envelope)
+                if not queue:
+                    del self._ready[recipient]
+                if not batch:
+                    continue
+                self._inflight.update(item.key for item in batch)
+                task = asyncio.create_task(self._deliver_batch(recipient, batch))
+                self._tasks.add(task)
+                task.add_done_callback(partial(self._finished, batch))
+
+    def _finished(self, batch: list[Due], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        for item in batch:
+            self._inflight.discard(item.key)
+            self._finished_during_poll.add(item.key)
         self._wake.set()
 
     def _due(self, limit: int) -> list[Due]:
@@ -224,39 +256,100 @@ class DeliveryWorker:
             for row in rows
         ]
 
-    async def _deliver(self, item: Due) -> None:
-        envelope = envelope_pb2.Envelope.FromString(item.envelope)
+    async def _deliver_batch(self, recipient: str, batch: list[Due]) -> None:
+        """One attempt at each item of `batch` (all to `recipient`); record every outcome."""
+        outcomes: list[Confirmation | str] = []
+        receipts: list[envelope_pb2.Envelope | None] = []
+        try:
+            outcomes, receipts = await self._attempt(recipient, batch)
+        except Exception as error:  # a bug or a storage fault: log it, back off, go on
+            log.exception("delivery attempt failed unexpectedly", recipient=recipient)
+            outcomes = [f"internal error: {error.__class__.__name__}: {error}"] * len(batch)
+            receipts = [None] * len(batch)
+        units: list[Callable[[Batch], None]] = []
+        confirmed: list[Confirmation] = []
+        failures: dict[str, list[Due]] = {}
+        for item, outcome, receipt in zip(batch, outcomes, receipts, strict=True):
+            if isinstance(outcome, Confirmation) and receipt is not None:
+                units.append(partial(self._mark_delivered, item, receipt, outcome))
+                confirmed.append(outcome)
+            else:
+                failures.setdefault(str(outcome), []).append(item)
+        for problem, items in failures.items():
+            delays = [self._backoff(item) for item in items]
+            log.info(
+                "delivery failed; will retry",
+                recipient=recipient,
+                messages=len(items),
+                message_ids=[item.message_id for item in items[:5]],
+                attempt=min(item.attempts for item in items) + 1,
+                retry_in_seconds=round(min(delays), 2),
+                error=problem,
+            )
+            units.extend(
+                partial(self._mark_failed, item, problem, delay)
+                for item, delay in zip(items, delays, strict=True)
+            )
+        for result in await self.writer.run_many(units):
+            if isinstance(result, Exception):
+                log.error("recording a delivery outcome failed", error=str(result))
+        self.delivered += len(confirmed)
+        if confirmed and self.on_confirmed is not None:
+            await self.on_confirmed(confirmed)
+
+    async def _attempt(
+        self, recipient: str, batch: list[Due]
+    ) -> tuple[list[Confirmation | str], list[envelope_pb2.Envelope | None]]:
+        """Send `batch`; per item, a verified confirmation and its receipt, or why not."""
+        outcomes: list[Confirmation | str] = [""] * len(batch)
+        receipts: list[envelope_pb2.Envelope | None] = [None] * len(batch)
         try:
             registry = self.context.usable_registry(datetime.now(UTC))
-            member = registry.member(item.recipient)
+            member = registry.member(recipient)
             if member is None:
                 raise ExchangeError(
                     Reason.PRECONDITION,
-                    f"'{item.recipient}' is not in registry serial {registry.serial}",
+                    f"'{recipient}' is not in registry serial {registry.serial}",
                 )
-            await self._upload_attachments(member, envelope)
-            receipt = await self.transport.deliver(member, item.family, envelope)
-            body = verify_receipt(
-                registry, item.recipient, receipt, item.message_id, envelope_digest(envelope)
-            )
-        except (TransportError, ExchangeError) as error:
-            await self._failed(item, str(error))
-            return
-        except Exception as error:  # a bug or a storage fault: log it, back off, go on
-            log.exception("delivery attempt failed unexpectedly", message_id=item.message_id)
-            await self._failed(item, f"internal error: {error.__class__.__name__}: {error}")
-            return
-        confirmation = Confirmation(
-            message_id=item.message_id,
-            recipient=item.recipient,
-            delivered_at=datetime.now(UTC),
-            receipt_sha256=envelope_digest(receipt).hex(),
-            receiver_log_index=body.log_index,
+        except ExchangeError as error:
+            return [str(error)] * len(batch), receipts
+        envelopes = [envelope_pb2.Envelope.FromString(item.envelope) for item in batch]
+        sending: list[int] = []
+        for position, envelope in enumerate(envelopes):
+            try:
+                await self._upload_attachments(member, envelope)
+                sending.append(position)
+            except (TransportError, ExchangeError) as error:
+                outcomes[position] = str(error)
+        answers = await self.transport.deliver_many(
+            member, [(batch[n].family, envelopes[n]) for n in sending]
         )
-        await self.writer.run(partial(self._mark_delivered, item, receipt, confirmation))
-        self.delivered += 1
-        if self.on_confirmed is not None:
-            await self.on_confirmed(confirmation)
+        delivered_at = datetime.now(UTC)
+        for position, answer in zip(sending, answers, strict=True):
+            item = batch[position]
+            if isinstance(answer, TransportError):
+                outcomes[position] = str(answer)
+                continue
+            try:
+                body = verify_receipt(
+                    registry,
+                    recipient,
+                    answer,
+                    item.message_id,
+                    bytes.fromhex(item.envelope_sha256),
+                )
+            except ExchangeError as error:
+                outcomes[position] = str(error)
+                continue
+            outcomes[position] = Confirmation(
+                message_id=item.message_id,
+                recipient=recipient,
+                delivered_at=delivered_at,
+                receipt_sha256=envelope_digest(answer).hex(),
+                receiver_log_index=body.log_index,
+            )
+            receipts[position] = answer
+        return outcomes, receipts
 
     async def _upload_attachments(self, member: Member, envelope: envelope_pb2.Envelope) -> None:
         message = envelope_pb2.Message.FromString(envelope.payload)
@@ -303,29 +396,18 @@ class DeliveryWorker:
             f"receiver_log_index={confirmation.receiver_log_index}",
         )
 
-    async def _failed(self, item: Due, error: str) -> None:
-        delay = min(
-            self.settings.initial_backoff_seconds * (2 ** min(item.attempts, 30)),
-            self.settings.max_backoff_seconds,
-        ) * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not security)
-        log.info(
-            "delivery failed; will retry",
-            message_id=item.message_id,
-            recipient=item.recipient,
-            attempt=item.attempts + 1,
-            retry_in_seconds=round(delay, 2),
-            error=error,
+    def _backoff(self, item: Due) -> float:
+        ceiling: float = self.settings.max_backoff_seconds
+        delay = min(self.settings.initial_backoff_seconds * 2.0 ** min(item.attempts, 30), ceiling)
+        return delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not security)
+
+    def _mark_failed(self, item: Due, error: str, delay: float, batch: Batch) -> None:
+        batch.update(
+            DELIVERIES,
+            {"message_id": item.message_id, "recipient": item.recipient},
+            {
+                "attempts": item.attempts + 1,
+                "last_error": error[:2000],
+                "next_attempt_at": datetime.now(UTC) + timedelta(seconds=delay),
+            },
         )
-
-        def write(batch: Batch) -> None:
-            batch.update(
-                DELIVERIES,
-                {"message_id": item.message_id, "recipient": item.recipient},
-                {
-                    "attempts": item.attempts + 1,
-                    "last_error": error[:2000],
-                    "next_attempt_at": datetime.now(UTC) + timedelta(seconds=delay),
-                },
-            )
-
-        await self.writer.run(write)

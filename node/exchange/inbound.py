@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -25,6 +25,7 @@ from node.envelope import (
     RECEIPT_PAYLOAD_TYPE,
     EnvelopeError,
     envelope_digest,
+    serialize_envelope,
     sign_envelope,
     verify_envelope,
 )
@@ -36,10 +37,16 @@ from node.exchange.messages import (
     confidentiality_label,
     family_of,
     parse_message,
+    set_timestamp,
 )
 from node.federation import Registry
 from node.store.models import ATTACHMENTS, MESSAGES, message_row
 from node.store.writer import Batch, BatchWriter
+
+# Messages one delivery batch may carry (DeliveryBatch in docs/protocol.md).
+MAX_BATCH = 256
+# Stands for an outcome still to come while a batch is being received.
+_NOT_YET = Exception("not yet received")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class PeerIdentity:
 @dataclass(frozen=True)
 class VerifiedMessage:
     envelope: envelope_pb2.Envelope
+    serialized: bytes  # the envelope's deterministic serialization: what is stored
+    created_at: datetime
     message: envelope_pb2.Message
     digest: bytes
     family: str
@@ -98,7 +107,8 @@ class Receiver:
         now: datetime,
     ) -> VerifiedMessage:
         limits = self.context.limits
-        size = envelope.ByteSize()
+        serialized, digest = serialize_envelope(envelope)
+        size = len(serialized)
         if size > limits.max_envelope_bytes:
             raise ExchangeError(
                 Reason.TOO_LARGE,
@@ -118,7 +128,9 @@ class Receiver:
                 Reason.UNAUTHENTICATED,
                 f"message sender '{message.sender}' is not the TLS peer '{peer.agency_id}'",
             )
-        created = message.created_at.ToDatetime(tzinfo=UTC)
+        created = datetime.fromtimestamp(message.created_at.seconds, UTC).replace(
+            microsecond=message.created_at.nanos // 1000
+        )
         if not registry.key_valid_at(peer.agency_id, key_id, created):
             raise ExchangeError(
                 Reason.UNAUTHENTICATED,
@@ -165,7 +177,7 @@ class Receiver:
                     f"attachment '{ref.file_name}' of {ref.size} bytes exceeds the limit of "
                     f"{limits.max_attachment_bytes}",
                 )
-        return VerifiedMessage(envelope, message, envelope_digest(envelope), family)
+        return VerifiedMessage(envelope, serialized, created, message, digest, family)
 
     def _verify_audited(
         self,
@@ -190,41 +202,94 @@ class Receiver:
         self, envelope: envelope_pb2.Envelope, peer: PeerIdentity, expected_family: str | None
     ) -> envelope_pb2.Envelope:
         """Verify, store, audit and answer with a signed receipt (or raise ExchangeError)."""
-        now = datetime.now(UTC)
-        try:
-            verified = self._verify_audited(envelope, peer, expected_family, now)
-            for ref in verified.message.attachments:
-                if not self.blobs.has(ref.sha256.hex()):
-                    raise ExchangeError(
-                        Reason.PRECONDITION,
-                        f"attachment '{ref.file_name}' ({ref.sha256.hex()[:16]}…) has not been "
-                        "uploaded; upload it with UploadAttachment before delivering the message",
-                    )
-            receipt: envelope_pb2.Envelope = await self.writer.run(
-                partial(self._store, verified, peer)
+        [outcome] = await self.receive_many([envelope], peer, expected_family)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def receive_many(
+        self,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        peer: PeerIdentity,
+        expected_family: str | None = None,
+    ) -> list[envelope_pb2.Envelope | Exception]:
+        """receive() for each envelope, sharing one commit: a receipt or the error, in order.
+
+        Each envelope is checked, stored or refused on its own; refusals are audited.
+        """
+        if len(envelopes) > MAX_BATCH:
+            error = ExchangeError(
+                Reason.TOO_LARGE,
+                f"a batch of {len(envelopes)} messages is over the limit of {MAX_BATCH}; "
+                "send the rest in another batch",
             )
-        except ExchangeError as error:
-            await self.record_rejection(envelope, peer, error)
-            raise
-        self.on_stored()
-        return receipt
+            await self.record_rejections([(None, error)], peer)
+            return [error] * len(envelopes)
+        now = datetime.now(UTC)
+        outcomes: list[envelope_pb2.Envelope | Exception] = []
+        to_store: list[tuple[int, VerifiedMessage]] = []
+        for position, envelope in enumerate(envelopes):
+            try:
+                verified = self._verify_audited(envelope, peer, expected_family, now)
+                self._check_attachments_held(verified.message)
+            except ExchangeError as error:
+                outcomes.append(error)
+                continue
+            outcomes.append(_NOT_YET)
+            to_store.append((position, verified))
+        stored = await self.writer.run_many([partial(self._store, v, peer) for _, v in to_store])
+        for (position, _), result in zip(to_store, stored, strict=True):
+            outcomes[position] = result
+        refused = [
+            (envelopes[position], outcome)
+            for position, outcome in enumerate(outcomes)
+            if isinstance(outcome, ExchangeError)
+        ]
+        if refused:
+            await self.record_rejections(refused, peer)
+        if len(refused) < len(envelopes):
+            self.on_stored()
+        return outcomes
+
+    def _check_attachments_held(self, message: envelope_pb2.Message) -> None:
+        for ref in message.attachments:
+            if not self.blobs.has(ref.sha256.hex()):
+                raise ExchangeError(
+                    Reason.PRECONDITION,
+                    f"attachment '{ref.file_name}' ({ref.sha256.hex()[:16]}…) has not been "
+                    "uploaded; upload it with UploadAttachment before delivering the message",
+                )
 
     async def record_rejection(
         self, envelope: envelope_pb2.Envelope, peer: PeerIdentity, error: ExchangeError
     ) -> None:
-        digest = envelope_digest(envelope).hex()
+        await self.record_rejections([(envelope, error)], peer)
 
-        def write(batch: Batch) -> None:
+    async def record_rejections(
+        self,
+        refused: Sequence[tuple[envelope_pb2.Envelope | None, ExchangeError]],
+        peer: PeerIdentity,
+    ) -> None:
+        """One audit entry per refusal, naming the envelope's digest when there is one."""
+
+        def write(
+            envelope: envelope_pb2.Envelope | None, error: ExchangeError, batch: Batch
+        ) -> None:
             audit.append(
                 batch,
                 AuditEvent.REJECTED,
                 node=self.context.agency,
-                envelope_sha256=digest,
+                envelope_sha256=None if envelope is None else envelope_digest(envelope).hex(),
                 peer=peer.agency_id,
                 detail=f"{error.reason.value}: {error.message}",
             )
 
-        await self.writer.run(write)
+        outcomes = await self.writer.run_many(
+            [partial(write, envelope, error) for envelope, error in refused]
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
 
     def _store(
         self, verified: VerifiedMessage, peer: PeerIdentity, batch: Batch
@@ -269,7 +334,7 @@ class Receiver:
             receiver=self.context.agency,
             log_index=index,
         )
-        receipt_body.received_at.FromDatetime(now)
+        set_timestamp(receipt_body.received_at, now)
         receipt = sign_envelope(
             receipt_body.SerializeToString(deterministic=True),
             RECEIPT_PAYLOAD_TYPE,
@@ -287,9 +352,9 @@ class Receiver:
                 case_ref=message.case_ref,
                 in_reply_to=message.in_reply_to,
                 confidentiality=confidentiality_label(message),
-                created_at=message.created_at.ToDatetime(tzinfo=UTC),
+                created_at=verified.created_at,
                 stored_at=now,
-                envelope=verified.envelope.SerializeToString(deterministic=True),
+                envelope=verified.serialized,
                 envelope_sha256=digest_hex,
                 receipt=receipt.SerializeToString(deterministic=True),
                 log_index=index,

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import calendar
+import functools
 import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.exchange.errors import ExchangeError, Reason
@@ -41,7 +44,8 @@ def uuid7() -> str:
     value |= ((rand >> 62) & 0xFFF) << 64
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,13 @@ def compose_message(
         in_reply_to=in_reply_to,
         confidentiality=CONFIDENTIALITY_NAMES[confidentiality],  # type: ignore[arg-type]
     )
-    message.created_at.FromDatetime(created_at)
+    set_timestamp(message.created_at, created_at)
     target = getattr(message, body_type)
     if isinstance(body, ProtoMessage):
         if body.DESCRIPTOR is not target.DESCRIPTOR:
             raise _invalid(f"body is a {body.DESCRIPTOR.name}, not a {target.DESCRIPTOR.name}")
         target.CopyFrom(body)
-    else:
+    elif not _set_plain_strings(target, body):
         try:
             json_format.ParseDict(dict(body), target)
         except json_format.ParseError as error:
@@ -121,6 +125,47 @@ def compose_message(
             file_name=attachment.file_name,
         )
     return message
+
+
+def set_timestamp(field: Timestamp, moment: datetime) -> None:
+    """Timestamp.FromDatetime (a naive datetime is taken as UTC), at a fraction of its cost."""
+    field.seconds = calendar.timegm(moment.utctimetuple())
+    field.nanos = moment.microsecond * 1000
+
+
+@functools.cache
+def _string_fields(descriptor: Descriptor) -> dict[str, str]:
+    """JSON and proto names of a message's singular string fields -> the proto name."""
+    names: dict[str, str] = {}
+    for field in descriptor.fields:
+        if field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
+            names[field.name] = field.name
+            names[field.json_name] = field.name
+    return names
+
+
+def _set_plain_strings(target: ProtoMessage, body: Mapping[str, Any]) -> bool:
+    """Fill `target` from a body whose every value is a string for a string field.
+
+    The common case, done directly: json_format's general parser costs ~0.2 ms for a 2 KiB
+    body. Anything else (or a string protobuf refuses, e.g. a lone surrogate) returns False
+    with `target` untouched, and the caller parses it with json_format, which gives the
+    precise error.
+    """
+    names = _string_fields(target.DESCRIPTOR)
+    plain: dict[str, str] = {}
+    for key, value in body.items():
+        name = names.get(key)
+        if name is None or not isinstance(value, str) or name in plain:
+            return False
+        plain[name] = value
+    try:
+        for name, value in plain.items():
+            setattr(target, name, value)
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        target.Clear()
+        return False
+    return True
 
 
 def parse_message(payload: bytes) -> envelope_pb2.Message:
@@ -161,7 +206,12 @@ def family_of(message: envelope_pb2.Message) -> str:
 
 
 def body_dict(message: envelope_pb2.Message) -> dict[str, Any]:
+    """The body in protobuf's JSON mapping, with the proto field names."""
     body = getattr(message, body_type_of(message))
+    fields = body.ListFields()
+    if all(field.type == FieldDescriptor.TYPE_STRING for field, _ in fields):
+        # What MessageToDict gives for string fields, without its general machinery.
+        return {field.name: list(value) if field.is_repeated else value for field, value in fields}
     result: dict[str, Any] = json_format.MessageToDict(body, preserving_proto_field_name=True)
     return result
 

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from node.audit import log as audit
 from node.audit.log import AuditEvent
-from node.envelope import MESSAGE_PAYLOAD_TYPE, envelope_digest, sign_envelope
+from node.envelope import MESSAGE_PAYLOAD_TYPE, serialize_envelope, sign_envelope
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Due
@@ -46,6 +46,13 @@ class Submission:
     client_key: str = ""
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    row: dict[str, Any]
+    recipients: list[str]
+    attachments: list[AttachmentInput]
+
+
 class Outbox:
     def __init__(
         self,
@@ -61,6 +68,45 @@ class Outbox:
 
     async def submit(self, submission: Submission) -> str:
         """Store, sign and audit a new outbound message; return its id."""
+        [outcome] = await self.submit_many([submission])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def submit_many(self, submissions: Sequence[Submission]) -> list[str | Exception]:
+        """submit() for each, sharing one commit: the message id or the refusal, in order."""
+        outcomes: list[str | Exception] = []
+        prepared: list[tuple[int, _Prepared]] = []
+        for position, submission in enumerate(submissions):
+            try:
+                prepared.append((position, await self._prepare(submission)))
+                outcomes.append("")
+            except ExchangeError as error:
+                outcomes.append(error)
+        stored = await self.writer.run_many(
+            [partial(self._store, p.row, p.recipients, p.attachments) for _, p in prepared]
+        )
+        queued: list[Due] = []
+        for (position, p), result in zip(prepared, stored, strict=True):
+            outcomes[position] = result
+            if result == p.row["message_id"]:  # not a repeat of an earlier submission
+                queued.extend(
+                    Due(
+                        recipient,
+                        p.row["message_id"],
+                        p.row["family"],
+                        p.row["envelope"],
+                        p.row["envelope_sha256"],
+                        0,
+                    )
+                    for recipient in p.recipients
+                )
+        if queued:
+            self.on_queued(queued)
+        return outcomes
+
+    async def _prepare(self, submission: Submission) -> _Prepared:
+        """Check, compose and sign one submission: the row to store (nothing stored yet)."""
         now = datetime.now(UTC)
         registry = self.context.usable_registry(now)
         for recipient in submission.recipients:
@@ -99,10 +145,11 @@ class Outbox:
             MESSAGE_PAYLOAD_TYPE,
             self.context.signing_key,
         )
-        if envelope.ByteSize() > self.context.limits.max_envelope_bytes:
+        signed, digest = serialize_envelope(envelope)
+        if len(signed) > self.context.limits.max_envelope_bytes:
             raise ExchangeError(
                 Reason.TOO_LARGE,
-                f"the message is {envelope.ByteSize()} bytes signed, over the limit of "
+                f"the message is {len(signed)} bytes signed, over the limit of "
                 f"{self.context.limits.max_envelope_bytes}; send long content as an attachment",
             )
         row = message_row(
@@ -117,28 +164,11 @@ class Outbox:
             confidentiality=submission.confidentiality,
             created_at=now,
             stored_at=now,
-            envelope=envelope.SerializeToString(deterministic=True),
-            envelope_sha256=envelope_digest(envelope).hex(),
+            envelope=signed,
+            envelope_sha256=digest.hex(),
             client_key=submission.client_key or None,
         )
-        message_id: str = await self.writer.run(
-            partial(self._store, row, list(message.recipients), attachments)
-        )
-        if message_id == row["message_id"]:  # not a repeat of an earlier submission
-            self.on_queued(
-                [
-                    Due(
-                        recipient,
-                        message_id,
-                        submission.family,
-                        row["envelope"],
-                        row["envelope_sha256"],
-                        0,
-                    )
-                    for recipient in message.recipients
-                ]
-            )
-        return message_id
+        return _Prepared(row, list(message.recipients), attachments)
 
     def _ingest(self, path: Path) -> AttachmentInput:
         if not path.is_file():

@@ -22,6 +22,9 @@ from node.exchange.outbox import Outbox, Submission
 from node.services.status import domain_errors, item_status
 from node.services.streams import answer_concurrently
 
+# Submissions one SubmitBatch may carry.
+MAX_SUBMIT_BATCH = 256
+
 
 def _time(moment: datetime | None) -> str:
     return "" if moment is None else moment.isoformat().replace("+00:00", "Z")
@@ -108,21 +111,45 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
 
     async def SubmitStream(
         self,
-        request_iterator: AsyncIterator[admin_pb2.SubmitRequest],
+        request_iterator: AsyncIterator[admin_pb2.SubmitBatch],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[admin_pb2.SubmitResult]:
-        """Each request is submitted concurrently; results come back as they commit."""
+    ) -> AsyncIterator[admin_pb2.SubmitResults]:
+        """Each batch is stored in one commit and answered whole; batches run concurrently."""
 
-        async def submit_one(request: admin_pb2.SubmitRequest) -> admin_pb2.SubmitResult:
-            try:
-                message_id = await self.outbox.submit(submission_from(request))
-            except Exception as error:
-                code, message = item_status(error, "SubmitStream")
-                return admin_pb2.SubmitResult(seq=request.seq, code=code, message=message)
-            return admin_pb2.SubmitResult(seq=request.seq, message_id=message_id)
+        async def submit_batch(batch: admin_pb2.SubmitBatch) -> admin_pb2.SubmitResults:
+            requests = batch.requests
+            outcomes: list[str | Exception]
+            if len(requests) > MAX_SUBMIT_BATCH:
+                error = ExchangeError(
+                    Reason.TOO_LARGE,
+                    f"a batch of {len(requests)} submissions is over the limit of "
+                    f"{MAX_SUBMIT_BATCH}; send the rest in another batch",
+                )
+                outcomes = [error] * len(requests)
+            else:
+                submissions: list[Submission] = []
+                refused: dict[int, Exception] = {}
+                for position, request in enumerate(requests):
+                    try:
+                        submissions.append(submission_from(request))
+                    except ExchangeError as error:
+                        refused[position] = error
+                try:
+                    accepted = iter(await self.outbox.submit_many(submissions))
+                except Exception as error:  # e.g. the node is stopping: every request gets it
+                    accepted = iter([error] * len(submissions))
+                outcomes = [refused.get(n) or next(accepted) for n in range(len(requests))]
+            results = admin_pb2.SubmitResults()
+            for request, outcome in zip(requests, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    code, message = item_status(outcome, "SubmitStream")
+                    results.results.add(seq=request.seq, code=code, message=message)
+                else:
+                    results.results.add(seq=request.seq, message_id=outcome)
+            return results
 
-        async for result in answer_concurrently(request_iterator, submit_one, self.draining):
-            yield result
+        async for results in answer_concurrently(request_iterator, submit_batch, self.draining):
+            yield results
 
     async def ListItems(
         self, request: admin_pb2.ListItemsRequest, context: grpc.aio.ServicerContext

@@ -88,26 +88,33 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
 
     async def Deliver(
         self,
-        request_iterator: AsyncIterator[exchange_pb2.DeliveryRequest],
+        request_iterator: AsyncIterator[exchange_pb2.DeliveryBatch],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[exchange_pb2.DeliveryResult]:
-        """Many messages on one stream; each gets its own result, in completion order."""
+    ) -> AsyncIterator[exchange_pb2.DeliveryResults]:
+        """Batches of messages on one stream; each batch answered whole, in completion order."""
         try:
             peer = await self._peer(envelope_pb2.Envelope(), context)  # audited like the others
         except ExchangeError as error:
             await context.abort(STATUS_FOR_REASON[error.reason], error.message)
             return
 
-        async def receive_one(request: exchange_pb2.DeliveryRequest) -> exchange_pb2.DeliveryResult:
+        async def receive_batch(batch: exchange_pb2.DeliveryBatch) -> exchange_pb2.DeliveryResults:
+            requests = batch.requests
             try:
-                receipt = await self.receiver.receive(request.envelope, peer, None)
-            except Exception as error:
-                code, message = item_status(error, "Deliver")
-                return exchange_pb2.DeliveryResult(seq=request.seq, code=code, message=message)
-            return exchange_pb2.DeliveryResult(seq=request.seq, receipt=receipt)
+                outcomes = await self.receiver.receive_many([r.envelope for r in requests], peer)
+            except Exception as error:  # e.g. the node is stopping: every request gets it
+                outcomes = [error] * len(requests)
+            results = exchange_pb2.DeliveryResults()
+            for request, outcome in zip(requests, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    code, message = item_status(outcome, "Deliver")
+                    results.results.add(seq=request.seq, code=code, message=message)
+                else:
+                    results.results.add(seq=request.seq, receipt=outcome)
+            return results
 
-        async for result in answer_concurrently(request_iterator, receive_one, self.draining):
-            yield result
+        async for results in answer_concurrently(request_iterator, receive_batch, self.draining):
+            yield results
 
     async def QueryAttachment(
         self, request: exchange_pb2.AttachmentQuery, context: grpc.aio.ServicerContext

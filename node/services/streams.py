@@ -9,10 +9,11 @@ from typing import TypeVar
 Request = TypeVar("Request")
 Result = TypeVar("Result")
 
-# Requests one stream may have in flight, counting answers not yet sent; the client waits
-# beyond it (gRPC flow control holds its writes). With 4 MiB envelopes that bounds a stream
-# to 256 MiB even against a peer that never reads its answers.
-STREAM_WINDOW = 64
+# Requests (batches) one stream may have in flight, counting answers not yet sent; the
+# client waits beyond it (gRPC flow control holds its writes). A batch is bounded by gRPC's
+# message size (twice the envelope limit), so with the default limits this bounds a stream to
+# 64 MiB even against a peer that never reads its answers.
+STREAM_WINDOW = 8
 
 
 async def answer_concurrently(

@@ -1,11 +1,12 @@
 """Group commit: one writer thread applies queued units of work in shared transactions.
 
 Every durable change of the node goes through :class:`BatchWriter`. Callers hand
-it a function of a :class:`Batch`; the writer gathers what is queued (waiting a
-moment for more when there is load), runs every function, writes what they
-queued with one ``executemany`` per table and statement shape, commits once, and
-only then resolves the callers' awaits. A caller that has its result therefore
-knows its change is durable.
+it a function of a :class:`Batch` (``run``), or a list of them (``run_many``: a
+stream's worth of messages, one queue entry and one wake-up for all); the writer
+gathers what is queued (waiting a moment for more when there is load), runs
+every function, writes what they queued with one ``executemany`` per table and
+statement shape, commits once, and only then resolves the callers' awaits. A
+caller that has its result therefore knows its change is durable.
 
 Units of work read through ``batch.session`` and write only through
 ``batch.insert`` / ``batch.update``, so a unit that raises is undone in memory
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -99,6 +101,7 @@ class Batch:
             self.session.connection().execute(statement, params)
 
 
+@functools.cache
 def _table_order(table: Table) -> int:
     return list(table.metadata.sorted_tables).index(table)
 
@@ -106,9 +109,16 @@ def _table_order(table: Table) -> int:
 @dataclass
 class _Job:
     work: Callable[[Batch], Any]
-    future: asyncio.Future[Any]
     result: Any = None
-    error: BaseException | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class _Ticket:
+    """What one caller queued: its units of work, answered together once committed."""
+
+    jobs: list[_Job]
+    future: asyncio.Future[list[_Job]]
 
 
 class BatchWriter:
@@ -122,9 +132,10 @@ class BatchWriter:
         self._sessions = sessions
         self._max_batch = max_batch
         self._gather_seconds = gather_seconds
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Ticket | None] = asyncio.Queue()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writer")
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._next_index: int | None = None
         self.batches = 0
         self.jobs = 0
@@ -137,6 +148,7 @@ class BatchWriter:
         """Finish everything queued so far, then stop."""
         if self._task is None:
             return
+        self._closed = True  # nothing is queued behind the stop marker
         await self._queue.put(None)
         await self._task
         self._task = None
@@ -144,11 +156,23 @@ class BatchWriter:
 
     async def run(self, work: Callable[[Batch], T]) -> T:
         """Apply `work` in the next batch; return its result once committed."""
-        if self._task is None:
+        [outcome] = await self.run_many([work])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def run_many(self, works: Sequence[Callable[[Batch], T]]) -> list[T | Exception]:
+        """Apply each unit of `works` in the next batch; once committed, return each unit's
+        result, or the exception it raised, in order. Units stay independent: one that raises
+        is undone without touching the others."""
+        if self._task is None or self._closed:
             raise WriterStopped("the node is shutting down; try again when it is back")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(work, future))
-        return await future
+        if not works:
+            return []
+        ticket = _Ticket([_Job(work) for work in works], asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(ticket)
+        jobs = await ticket.future
+        return [job.error if job.error is not None else job.result for job in jobs]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -157,20 +181,23 @@ class BatchWriter:
             first = await self._queue.get()
             if first is None:
                 break
-            batch = [first]
+            tickets = [first]
+            units = len(first.jobs)
             deadline = loop.time() + self._gather_seconds
-            while len(batch) < self._max_batch:
+            while units < self._max_batch:
                 try:
-                    job = self._queue.get_nowait()
+                    ticket = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     if loop.time() >= deadline:
                         break
                     await asyncio.sleep(self._gather_seconds / 4)
                     continue
-                if job is None:
+                if ticket is None:
                     stopping = True
                     break
-                batch.append(job)
+                tickets.append(ticket)
+                units += len(ticket.jobs)
+            batch = [job for ticket in tickets for job in ticket.jobs]
             try:
                 await loop.run_in_executor(self._executor, self._commit, batch)
             except Exception as error:  # the commit itself failed: nobody's change is durable
@@ -178,18 +205,14 @@ class BatchWriter:
                 self._next_index = None
                 for job in batch:
                     job.error = error
-            for job in batch:
-                if job.future.done():  # the caller went away (cancelled RPC)
-                    continue
-                if job.error is not None:
-                    job.future.set_exception(job.error)
-                else:
-                    job.future.set_result(job.result)
+            for ticket in tickets:
+                if not ticket.future.done():  # else the caller went away (cancelled RPC)
+                    ticket.future.set_result(ticket.jobs)
         # Fail whatever raced in behind the stop marker.
         while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if job is not None and not job.future.done():
-                job.future.set_exception(WriterStopped("the node is shutting down"))
+            ticket = self._queue.get_nowait()
+            if ticket is not None and not ticket.future.done():
+                ticket.future.set_exception(WriterStopped("the node is shutting down"))
 
     def _commit(self, jobs: list[_Job]) -> None:
         try:

@@ -21,4 +21,4 @@ _plugin = DropFolderPlugin("ecology")
 liandong_node_started = _plugin.liandong_node_started
 liandong_poll_local_system = _plugin.liandong_poll_local_system
 liandong_hand_off = _plugin.liandong_hand_off
-liandong_delivery_confirmed = _plugin.liandong_delivery_confirmed
+liandong_deliveries_confirmed = _plugin.liandong_deliveries_confirmed

@@ -398,26 +398,49 @@ def test_draft_with_byte_order_mark_is_accepted(tmp_path: Path) -> None:
 # -- receipts ------------------------------------------------------------------------------
 
 
-def test_write_confirmation(tmp_path: Path) -> None:
-    folder = DropFolder(tmp_path / "local")
-    confirmation = DeliveryConfirmation(
-        message_id="01J9Z3K6N2",
+def confirmation(message_id: str, delivered_at: datetime = NOW) -> DeliveryConfirmation:
+    return DeliveryConfirmation(
+        message_id=message_id,
         recipient="procuratorate/sz",
-        delivered_at=NOW,
+        delivered_at=delivered_at,
         receipt_sha256="cd" * 32,
         receiver_log_index=4711,
     )
-    path = folder.write_confirmation(confirmation)
-    assert path == folder.receipts / "01J9Z3K6N2--procuratorate_sz.json"
-    assert json.loads(path.read_text(encoding="utf-8")) == {
-        "message_id": "01J9Z3K6N2",
-        "recipient": "procuratorate/sz",
-        "delivered_at": "2025-03-01T02:15:00Z",
-        "receipt_sha256": "cd" * 32,
-        "receiver_log_index": 4711,
-    }
-    assert folder.write_confirmation(confirmation) == path
-    assert os.listdir(folder.receipts) == [path.name]
+
+
+def test_confirmations_are_appended_to_the_days_log(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    [path] = folder.append_confirmations([confirmation("01J9Z3K6N2"), confirmation("01J9Z3K6N3")])
+    assert path == folder.receipts / "2025-03-01.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {
+            "message_id": message_id,
+            "recipient": "procuratorate/sz",
+            "delivered_at": "2025-03-01T02:15:00Z",
+            "receipt_sha256": "cd" * 32,
+            "receiver_log_index": 4711,
+        }
+        for message_id in ("01J9Z3K6N2", "01J9Z3K6N3")
+    ]
+    # A later group goes after them; one delivered the next (UTC) day goes to that day's log.
+    later = folder.append_confirmations(
+        [confirmation("01J9Z3K6N4"), confirmation("01J9Z3K6N5", NOW + timedelta(days=1))]
+    )
+    assert later == [path, folder.receipts / "2025-03-02.jsonl"]
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 3
+    assert sorted(os.listdir(folder.receipts)) == ["2025-03-01.jsonl", "2025-03-02.jsonl"]
+
+
+def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    [path] = folder.append_confirmations([confirmation("01J9Z3K6N2")])
+    with path.open("ab") as fh:
+        fh.write(b'{"message_id": "01J9Z3K6N3", "recip')  # the node died mid-write
+    folder.append_confirmations([confirmation("01J9Z3K6N4")])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3
+    assert json.loads(lines[2])["message_id"] == "01J9Z3K6N4"
 
 
 # -- the built-in plugin's hooks -----------------------------------------------------------
@@ -438,10 +461,11 @@ def test_police_plugin_hooks_use_the_configured_folder(tmp_path: Path) -> None:
     assert police.liandong_hand_off(make_item(), api) == str(root / "inbound" / "01J9Z3K6N2.json")
     assert police.liandong_hand_off(make_item(recipients=("ecology.sz",)), api) is None
 
-    police.liandong_delivery_confirmed(
-        DeliveryConfirmation("m1", "ecology.sz", NOW, "00" * 32, 1), api
+    police.liandong_deliveries_confirmed(
+        [DeliveryConfirmation("m1", "ecology.sz", NOW, "00" * 32, 1)], api
     )
-    assert (root / "receipts" / "m1--ecology.sz.json").exists()
+    log = (root / "receipts" / "2025-03-01.jsonl").read_text(encoding="utf-8")
+    assert json.loads(log)["message_id"] == "m1"
 
 
 def test_plugin_folder_must_be_a_string(tmp_path: Path) -> None:

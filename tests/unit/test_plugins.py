@@ -155,7 +155,7 @@ def test_broadcast_hooks_isolate_a_failing_plugin(tmp_path: Path) -> None:
         plugin(
             liandong_node_started=lambda api: seen.append("started"),
             liandong_poll_local_system=lambda api: seen.append("polled"),
-            liandong_delivery_confirmed=lambda confirmation: seen.append("confirmed"),
+            liandong_deliveries_confirmed=lambda confirmations: seen.append("confirmed"),
         ),
         plugin(liandong_node_started=fails, liandong_poll_local_system=fails),
     ]
@@ -164,7 +164,7 @@ def test_broadcast_hooks_isolate_a_failing_plugin(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         hooks.node_started(api)
         hooks.poll_local_system(api)
-        hooks.delivery_confirmed(object(), api)  # type: ignore[arg-type]
+        hooks.deliveries_confirmed([], api)
     assert seen == ["started", "polled", "confirmed"]
     failures = [entry for entry in logs if entry["event"] == "plugin hook failed"]
     assert [f["hook"] for f in failures] == [
@@ -215,7 +215,7 @@ def _hook_names() -> list[str]:
 
 def test_hookspecs_are_discovered() -> None:
     assert _hook_names() == [
-        "liandong_delivery_confirmed",
+        "liandong_deliveries_confirmed",
         "liandong_hand_off",
         "liandong_node_started",
         "liandong_poll_local_system",

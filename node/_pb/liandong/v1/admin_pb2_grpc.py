@@ -42,8 +42,8 @@ class LocalAdminStub:
                 _registered_method=True)
         self.SubmitStream = channel.stream_stream(
                 '/liandong.v1.LocalAdmin/SubmitStream',
-                request_serializer=liandong_dot_v1_dot_admin__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitResult.FromString,
+                request_serializer=liandong_dot_v1_dot_admin__pb2.SubmitBatch.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitResults.FromString,
                 _registered_method=True)
         self.ListItems = channel.unary_unary(
                 '/liandong.v1.LocalAdmin/ListItems',
@@ -72,7 +72,9 @@ class LocalAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitStream(self, request_iterator, context):
-        """Bulk submission: many requests on one stream, one result each (by `seq`, in any order).
+        """Bulk submission: batches of requests on one stream. Each SubmitBatch is answered by one
+        SubmitResults with one result per request (matched by `seq`), once all of them are
+        stored; batches may be answered in any order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,8 +108,8 @@ def add_LocalAdminServicer_to_server(servicer, server):
             ),
             'SubmitStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitStream,
-                    request_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitRequest.FromString,
-                    response_serializer=liandong_dot_v1_dot_admin__pb2.SubmitResult.SerializeToString,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.SubmitBatch.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.SubmitResults.SerializeToString,
             ),
             'ListItems': grpc.unary_unary_rpc_method_handler(
                     servicer.ListItems,
@@ -177,8 +179,8 @@ class LocalAdmin:
             request_iterator,
             target,
             '/liandong.v1.LocalAdmin/SubmitStream',
-            liandong_dot_v1_dot_admin__pb2.SubmitRequest.SerializeToString,
-            liandong_dot_v1_dot_admin__pb2.SubmitResult.FromString,
+            liandong_dot_v1_dot_admin__pb2.SubmitBatch.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.SubmitResults.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,8 +35,11 @@ class LocalAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LocalAdminAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResponse]
-    SubmitStream: _grpc.StreamStreamMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResult]
-    """Bulk submission: many requests on one stream, one result each (by `seq`, in any order)."""
+    SubmitStream: _grpc.StreamStreamMultiCallable[_admin_pb2.SubmitBatch, _admin_pb2.SubmitResults]
+    """Bulk submission: batches of requests on one stream. Each SubmitBatch is answered by one
+    SubmitResults with one result per request (matched by `seq`), once all of them are
+    stored; batches may be answered in any order.
+    """
     ListItems: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListItemsRequest, _admin_pb2.ListItemsResponse]
     GetItem: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetItemRequest, _admin_pb2.Item]
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_admin_pb2.NodeInfoRequest, _admin_pb2.NodeInfoResponse]
@@ -45,8 +48,11 @@ class LocalAdminStub:
 class LocalAdminAsyncStub(LocalAdminStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResponse]  # type: ignore[assignment]
-    SubmitStream: _aio.StreamStreamMultiCallable[_admin_pb2.SubmitRequest, _admin_pb2.SubmitResult]  # type: ignore[assignment]
-    """Bulk submission: many requests on one stream, one result each (by `seq`, in any order)."""
+    SubmitStream: _aio.StreamStreamMultiCallable[_admin_pb2.SubmitBatch, _admin_pb2.SubmitResults]  # type: ignore[assignment]
+    """Bulk submission: batches of requests on one stream. Each SubmitBatch is answered by one
+    SubmitResults with one result per request (matched by `seq`), once all of them are
+    stored; batches may be answered in any order.
+    """
     ListItems: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListItemsRequest, _admin_pb2.ListItemsResponse]  # type: ignore[assignment]
     GetItem: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetItemRequest, _admin_pb2.Item]  # type: ignore[assignment]
     NodeInfo: _aio.UnaryUnaryMultiCallable[_admin_pb2.NodeInfoRequest, _admin_pb2.NodeInfoResponse]  # type: ignore[assignment]
@@ -62,10 +68,13 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def SubmitStream(
         self,
-        request_iterator: _MaybeAsyncIterator[_admin_pb2.SubmitRequest],
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.SubmitBatch],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_admin_pb2.SubmitResult], _abc.AsyncIterator[_admin_pb2.SubmitResult]]:
-        """Bulk submission: many requests on one stream, one result each (by `seq`, in any order)."""
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.SubmitResults], _abc.AsyncIterator[_admin_pb2.SubmitResults]]:
+        """Bulk submission: batches of requests on one stream. Each SubmitBatch is answered by one
+        SubmitResults with one result per request (matched by `seq`), once all of them are
+        stored; batches may be answered in any order.
+        """
 
     @_abc_1.abstractmethod
     def ListItems(

@@ -6,8 +6,10 @@ Node-to-node service, reached over mutual TLS. Every request carries an
 envelope signed by the calling agency.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from node._pb.liandong.v1 import envelope_pb2 as _envelope_pb2
 import builtins as _builtins
 import sys
@@ -43,6 +45,50 @@ class DeliveryRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryRequest: _TypeAlias = DeliveryRequest  # noqa: Y015
+
+@_typing.final
+class DeliveryBatch(_message.Message):
+    """At most 256 requests; the receiver refuses every request of a larger batch with
+    RESOURCE_EXHAUSTED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___DeliveryRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
+
+@_typing.final
+class DeliveryResults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___DeliveryResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryResults: _TypeAlias = DeliveryResults  # noqa: Y015
 
 @_typing.final
 class DeliveryResult(_message.Message):

@@ -68,8 +68,8 @@ class ExchangeStub:
                 _registered_method=True)
         self.Deliver = channel.stream_stream(
                 '/liandong.v1.Exchange/Deliver',
-                request_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryRequest.SerializeToString,
-                response_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryResult.FromString,
+                request_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryBatch.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryResults.FromString,
                 _registered_method=True)
         self.UploadAttachment = channel.stream_unary(
                 '/liandong.v1.Exchange/UploadAttachment',
@@ -132,8 +132,9 @@ class ExchangeServicer:
 
     def Deliver(self, request_iterator, context):
         """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
-        Each request is checked exactly as on its family's RPC; each result carries the
-        request's `seq`, and results may come back in any order.
+        Each DeliveryBatch is answered by one DeliveryResults holding one result per request
+        (matched by `seq`); batches may be answered in any order. Each request is checked
+        exactly as on its family's RPC, and refused or accepted on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,8 +194,8 @@ def add_ExchangeServicer_to_server(servicer, server):
             ),
             'Deliver': grpc.stream_stream_rpc_method_handler(
                     servicer.Deliver,
-                    request_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryRequest.FromString,
-                    response_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryResult.SerializeToString,
+                    request_deserializer=liandong_dot_v1_dot_exchange__pb2.DeliveryBatch.FromString,
+                    response_serializer=liandong_dot_v1_dot_exchange__pb2.DeliveryResults.SerializeToString,
             ),
             'UploadAttachment': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAttachment,
@@ -399,8 +400,8 @@ class Exchange:
             request_iterator,
             target,
             '/liandong.v1.Exchange/Deliver',
-            liandong_dot_v1_dot_exchange__pb2.DeliveryRequest.SerializeToString,
-            liandong_dot_v1_dot_exchange__pb2.DeliveryResult.FromString,
+            liandong_dot_v1_dot_exchange__pb2.DeliveryBatch.SerializeToString,
+            liandong_dot_v1_dot_exchange__pb2.DeliveryResults.FromString,
             options,
             channel_credentials,
             insecure,

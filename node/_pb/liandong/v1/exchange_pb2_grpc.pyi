@@ -45,10 +45,11 @@ class ExchangeStub:
     IssueRecommendation: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]
     Reply: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]
     """Evidence responses, recommendation replies and feedback."""
-    Deliver: _grpc.StreamStreamMultiCallable[_exchange_pb2.DeliveryRequest, _exchange_pb2.DeliveryResult]
+    Deliver: _grpc.StreamStreamMultiCallable[_exchange_pb2.DeliveryBatch, _exchange_pb2.DeliveryResults]
     """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
-    Each request is checked exactly as on its family's RPC; each result carries the
-    request's `seq`, and results may come back in any order.
+    Each DeliveryBatch is answered by one DeliveryResults holding one result per request
+    (matched by `seq`); batches may be answered in any order. Each request is checked
+    exactly as on its family's RPC, and refused or accepted on its own.
     """
     UploadAttachment: _grpc.StreamUnaryMultiCallable[_exchange_pb2.AttachmentChunk, _exchange_pb2.AttachmentStatus]
     """Attachments travel before the message that references them."""
@@ -68,10 +69,11 @@ class ExchangeAsyncStub(ExchangeStub):
     IssueRecommendation: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]  # type: ignore[assignment]
     Reply: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _exchange_pb2.DeliveryReceipt]  # type: ignore[assignment]
     """Evidence responses, recommendation replies and feedback."""
-    Deliver: _aio.StreamStreamMultiCallable[_exchange_pb2.DeliveryRequest, _exchange_pb2.DeliveryResult]  # type: ignore[assignment]
+    Deliver: _aio.StreamStreamMultiCallable[_exchange_pb2.DeliveryBatch, _exchange_pb2.DeliveryResults]  # type: ignore[assignment]
     """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
-    Each request is checked exactly as on its family's RPC; each result carries the
-    request's `seq`, and results may come back in any order.
+    Each DeliveryBatch is answered by one DeliveryResults holding one result per request
+    (matched by `seq`); batches may be answered in any order. Each request is checked
+    exactly as on its family's RPC, and refused or accepted on its own.
     """
     UploadAttachment: _aio.StreamUnaryMultiCallable[_exchange_pb2.AttachmentChunk, _exchange_pb2.AttachmentStatus]  # type: ignore[assignment]
     """Attachments travel before the message that references them."""
@@ -128,12 +130,13 @@ class ExchangeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Deliver(
         self,
-        request_iterator: _MaybeAsyncIterator[_exchange_pb2.DeliveryRequest],
+        request_iterator: _MaybeAsyncIterator[_exchange_pb2.DeliveryBatch],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_exchange_pb2.DeliveryResult], _abc.AsyncIterator[_exchange_pb2.DeliveryResult]]:
+    ) -> _typing.Union[_abc.Iterator[_exchange_pb2.DeliveryResults], _abc.AsyncIterator[_exchange_pb2.DeliveryResults]]:
         """Any family, many messages on one stream: what a node uses to deliver to a busy peer.
-        Each request is checked exactly as on its family's RPC; each result carries the
-        request's `seq`, and results may come back in any order.
+        Each DeliveryBatch is answered by one DeliveryResults holding one result per request
+        (matched by `seq`); batches may be answered in any order. Each request is checked
+        exactly as on its family's RPC, and refused or accepted on its own.
         """
 
     @_abc_1.abstractmethod
