@@ -1,17 +1,19 @@
 """Clue-transfer throughput between two real nodes, against a bare gRPC echo baseline.
 
-    python -m bench.transfer [--seconds 20] [--clients 32] [--runs 3] [--payload 2048]
-                             [--backend sqlite|postgresql] [--echo tls|insecure|both] [--json]
+    python -m bench.transfer [--seconds 20] [--clients 64] [--batch 16] [--runs 3]
+                             [--payload 2048] [--backend sqlite|postgresql]
+                             [--echo tls|insecure|both] [--json]
 
 Each run:
 
 1. creates a two-node federation (140400/ecology -> 140400/procuratorate) in a temp
    dir with node.federation_setup.create_federation, sets ``[logging] level`` (default
    "warning", JSON to node.log) and starts both as ``liandong serve`` processes;
-2. for ``--seconds``, ``--clients`` concurrent callers submit clue transfers with a
-   body of about ``--payload`` bytes through the sender's local admin API (the
-   LocalAdmin service on the unix socket, grpc.aio), each as soon as the last was
-   accepted; then waits until the sender has no pending delivery (or ``--drain-cap``);
+2. for ``--seconds``, submits clue transfers with a body of about ``--payload`` bytes
+   through the sender's local admin API (the LocalAdmin service on the unix socket,
+   grpc.aio) on one SubmitStream, in batches of ``--batch`` with ``--clients``
+   submissions in flight; then waits until the sender has no pending delivery (or
+   ``--drain-cap``);
 3. reads each node's peak RSS (VmHWM) and CPU time, stops both nodes, and reads the
    sender's database: per delivery, submit (messages.created_at) to receipt stored
    (deliveries.delivered_at);
@@ -714,7 +716,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Clue-transfer throughput between two nodes vs a bare gRPC echo.",
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="submit phase length")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent submitters")
+    parser.add_argument(
+        "--clients", type=int, default=64, help="submissions in flight (unary: callers)"
+    )
     parser.add_argument(
         "--submit",
         choices=["stream", "unary"],

@@ -218,7 +218,7 @@ class Node:
         self.handoff = HandOffWorker(
             self.config.agency, self.writer, self.sessions, self.blobs, self._hand_off
         )
-        self.receiver = Receiver(self.context, self.writer, self.blobs, self.handoff.wake)
+        self.receiver = Receiver(self.context, self.writer, self.blobs, self.handoff.offer)
         self.delivery = DeliveryWorker(
             self.context,
             self.writer,

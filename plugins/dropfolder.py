@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,11 +111,30 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+_TEMP_NUMBERS = itertools.count()
+
+
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """A new, empty, private temp file beside `target` (its folder is made if missing).
+
+    Named from the process id and a counter rather than by tempfile.mkstemp: the adapter
+    writes one per inbound message, and mkstemp's random names cost more than the write.
+    """
+    while True:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{next(_TEMP_NUMBERS)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except FileExistsError:  # left by an earlier process with the same pid
+            continue
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+
+
 @contextlib.contextmanager
 def _atomic_file(target: Path) -> Iterator[Any]:
     """Yield a binary file object; on success it replaces ``target`` atomically."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    fd, tmp = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -260,7 +279,6 @@ class DropFolder:
 
     def write_inbound(self, item: InboundItem) -> Path:
         """Write ``item`` (attachments first, then the JSON) and return the JSON's path."""
-        self.inbound.mkdir(parents=True, exist_ok=True)
         target = self.inbound_path(item.message_id)
         attachment_dir = self.inbound / target.stem
         attachments: list[dict[str, Any]] = []
@@ -273,7 +291,7 @@ class DropFolder:
                 name = f"{stem}-{counter}{suffix}"
                 counter += 1
             used.add(name)
-            attachment_dir.mkdir(exist_ok=True)
+            attachment_dir.mkdir(parents=True, exist_ok=True)
             copy = attachment_dir / name
             self._copy_verified(attachment.path, copy, attachment.sha256, attachment.size)
             attachments.append(
@@ -459,12 +477,17 @@ class DropFolderPlugin:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._folders: dict[Path, DropFolder] = {}
 
     def folder(self, api: NodeAPI) -> DropFolder:
         configured = api.plugin_config(self.name).get("folder", "local")
         if not isinstance(configured, str) or not configured:
             raise ValueError(f"[plugins.{self.name}] folder: expected a non-empty path string")
-        return DropFolder(api.data_dir / configured)
+        root = api.data_dir / configured
+        folder = self._folders.get(root)
+        if folder is None:
+            folder = self._folders.setdefault(root, DropFolder(root))
+        return folder
 
     @hookimpl
     def liandong_node_started(self, api: NodeAPI) -> None:

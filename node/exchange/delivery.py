@@ -324,6 +324,23 @@ class DeliveryWorker:
         answers = await self.transport.deliver_many(
             member, [(batch[n].family, envelopes[n]) for n in sending]
         )
+        # Off the event loop: Ed25519 releases the GIL.
+        await asyncio.to_thread(
+            self._check_receipts, registry, recipient, batch, sending, answers, outcomes, receipts
+        )
+        return outcomes, receipts
+
+    def _check_receipts(
+        self,
+        registry: Registry,
+        recipient: str,
+        batch: list[Due],
+        sending: list[int],
+        answers: list[envelope_pb2.Envelope | TransportError],
+        outcomes: list[Confirmation | str],
+        receipts: list[envelope_pb2.Envelope | None],
+    ) -> None:
+        """Fill in `outcomes` and `receipts` for the items sent: verified or why not."""
         delivered_at = datetime.now(UTC)
         for position, answer in zip(sending, answers, strict=True):
             item = batch[position]
@@ -349,7 +366,6 @@ class DeliveryWorker:
                 receiver_log_index=body.log_index,
             )
             receipts[position] = answer
-        return outcomes, receipts
 
     async def _upload_attachments(self, member: Member, envelope: envelope_pb2.Envelope) -> None:
         message = envelope_pb2.Message.FromString(envelope.payload)

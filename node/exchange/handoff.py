@@ -8,11 +8,12 @@ plugin's write and our record of it, the same message is offered again.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import mimetypes
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
+from typing import cast
 
 import structlog
 from sqlalchemy import select
@@ -22,7 +23,7 @@ from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.exchange.attachments import BlobStore
-from node.exchange.messages import body_dict
+from node.exchange.messages import body_dict, body_type_of, confidentiality_label, family_of
 from node.plugin_api import AttachmentFile, Confidentiality, InboundItem
 from node.store.models import MESSAGES, MessageRecord
 from node.store.writer import Batch, BatchWriter
@@ -30,11 +31,20 @@ from node.store.writer import Batch, BatchWriter
 log = structlog.get_logger(__name__)
 
 NOT_TAKEN = ""  # handed_off value when no plugin took the message
+HAND_OFF_GROUP = 100  # messages handed to the plugins in one thread hop and one commit
 
 
 def inbound_item(record: MessageRecord, blobs: BlobStore) -> InboundItem:
+    """The item for a stored inbound message."""
     envelope = envelope_pb2.Envelope.FromString(record.envelope)
     message = envelope_pb2.Message.FromString(envelope.payload)
+    return item_for(message, record.envelope_sha256, record.stored_at, blobs)
+
+
+def item_for(
+    message: envelope_pb2.Message, envelope_sha256: str, received_at: datetime, blobs: BlobStore
+) -> InboundItem:
+    """The item for a verified inbound message, as the plugins see it."""
     attachments = tuple(
         AttachmentFile(
             file_name=ref.file_name,
@@ -47,25 +57,33 @@ def inbound_item(record: MessageRecord, blobs: BlobStore) -> InboundItem:
         )
         for ref in message.attachments
     )
-    confidentiality: Confidentiality = record.confidentiality  # type: ignore[assignment]
     return InboundItem(
-        message_id=record.message_id,
-        family=record.family,
-        body_type=record.body_type,
-        sender=record.sender,
-        recipients=tuple(json.loads(record.recipients)),
-        created_at=record.created_at,
-        received_at=record.stored_at,
-        case_ref=record.case_ref,
-        in_reply_to=record.in_reply_to,
-        confidentiality=confidentiality,
+        message_id=message.message_id,
+        family=family_of(message),
+        body_type=body_type_of(message),
+        sender=message.sender,
+        recipients=tuple(message.recipients),
+        created_at=datetime.fromtimestamp(message.created_at.seconds, UTC).replace(
+            microsecond=message.created_at.nanos // 1000
+        ),
+        received_at=received_at,
+        case_ref=message.case_ref,
+        in_reply_to=message.in_reply_to,
+        confidentiality=cast(Confidentiality, confidentiality_label(message)),
         body=body_dict(message),
         attachments=attachments,
-        envelope_sha256=record.envelope_sha256,
+        envelope_sha256=envelope_sha256,
     )
 
 
 class HandOffWorker:
+    """Hands each stored inbound message to the plugins and records the outcome.
+
+    Messages just stored are offered in memory (``offer``), so the common path reads nothing
+    back from the database. A poll of the messages table, at start-up and every
+    ``retry_seconds``, finds what a crash left behind and retries failed hand-offs.
+    """
+
     def __init__(
         self,
         agency: str,
@@ -81,10 +99,14 @@ class HandOffWorker:
         self.blobs = blobs
         self.hand_off = hand_off
         self.retry_seconds = retry_seconds
+        self._offered: dict[str, InboundItem] = {}
         self._wake = asyncio.Event()
         self._stopping = False
 
-    def wake(self) -> None:
+    def offer(self, items: list[InboundItem]) -> None:
+        """Hand over messages that were just stored (committed)."""
+        for item in items:
+            self._offered[item.message_id] = item
         self._wake.set()
 
     def stop(self) -> None:
@@ -92,27 +114,41 @@ class HandOffWorker:
         self._wake.set()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         failed: set[str] = set()
+        next_poll = loop.time()  # at once: whatever a crash left behind
         while not self._stopping:
             self._wake.clear()
-            items = await asyncio.to_thread(self._pending, set(failed))
-            if items:
-                # One thread hop for the whole group: the plugins' file writes are the slow part.
-                outcomes = await asyncio.to_thread(self._hand_off_all, items)
-                done = [(item, reference) for item, reference, error in outcomes if error is None]
-                for item, _reference, error in outcomes:
-                    if error is not None:
-                        log.error(
-                            "hand-off failed; will retry", message_id=item.message_id, error=error
-                        )
-                        failed.add(item.message_id)
-                if done:
-                    await self.writer.run(partial(self._record_all, done))
-                    continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.retry_seconds)
-            except TimeoutError:
-                failed.clear()
+            if self._offered:
+                items = list(self._offered.values())[:HAND_OFF_GROUP]
+                for item in items:
+                    del self._offered[item.message_id]
+            elif loop.time() >= next_poll:
+                polled = await asyncio.to_thread(self._pending, set(failed))
+                # A message stored while the poll ran may be in both: keep the offered one.
+                items = [item for item in polled if item.message_id not in self._offered]
+                if len(polled) < HAND_OFF_GROUP:  # caught up: wait for the next round
+                    next_poll = loop.time() + self.retry_seconds
+                    failed.clear()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), timeout=max(0.0, next_poll - loop.time())
+                    )
+                continue
+            if not items:
+                continue
+            # One thread hop for the whole group: the plugins' file writes are the slow part.
+            outcomes = await asyncio.to_thread(self._hand_off_all, items)
+            done = [(item, reference) for item, reference, error in outcomes if error is None]
+            for item, _reference, error in outcomes:
+                if error is not None:
+                    log.error(
+                        "hand-off failed; will retry", message_id=item.message_id, error=error
+                    )
+                    failed.add(item.message_id)
+            if done:
+                await self.writer.run(partial(self._record_all, done))
 
     def _hand_off_all(
         self, items: list[InboundItem]
@@ -139,7 +175,7 @@ class HandOffWorker:
                     MessageRecord.message_id.not_in(failed),
                 )
                 .order_by(MessageRecord.id)
-                .limit(100)
+                .limit(HAND_OFF_GROUP)
             ).all()
             return [inbound_item(record, self.blobs) for record in records]
 

@@ -32,6 +32,7 @@ from node.envelope import (
 from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
+from node.exchange.handoff import item_for
 from node.exchange.messages import (
     body_type_of,
     confidentiality_label,
@@ -40,6 +41,7 @@ from node.exchange.messages import (
     set_timestamp,
 )
 from node.federation import Registry
+from node.plugin_api import InboundItem
 from node.store.models import ATTACHMENTS, MESSAGES, message_row
 from node.store.writer import Batch, BatchWriter
 
@@ -73,7 +75,7 @@ class Receiver:
         context: NodeContext,
         writer: BatchWriter,
         blobs: BlobStore,
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[list[InboundItem]], None] = lambda _items: None,
     ) -> None:
         self.context = context
         self.writer = writer
@@ -225,21 +227,31 @@ class Receiver:
             )
             await self.record_rejections([(None, error)], peer)
             return [error] * len(envelopes)
-        now = datetime.now(UTC)
+        # Off the event loop: Ed25519 releases the GIL, so checking signatures overlaps
+        # with the loop's own work instead of stalling every stream on this node.
+        checked = await asyncio.to_thread(self._verify_all, envelopes, peer, expected_family)
         outcomes: list[envelope_pb2.Envelope | Exception] = []
         to_store: list[tuple[int, VerifiedMessage]] = []
-        for position, envelope in enumerate(envelopes):
-            try:
-                verified = self._verify_audited(envelope, peer, expected_family, now)
-                self._check_attachments_held(verified.message)
-            except ExchangeError as error:
-                outcomes.append(error)
+        for position, check in enumerate(checked):
+            if isinstance(check, ExchangeError):
+                outcomes.append(check)
                 continue
             outcomes.append(_NOT_YET)
-            to_store.append((position, verified))
+            to_store.append((position, check))
         stored = await self.writer.run_many([partial(self._store, v, peer) for _, v in to_store])
-        for (position, _), result in zip(to_store, stored, strict=True):
-            outcomes[position] = result
+        new_items: list[InboundItem] = []
+        for (position, verified), result in zip(to_store, stored, strict=True):
+            if isinstance(result, Exception):
+                outcomes[position] = result
+                continue
+            receipt, received_at = result
+            outcomes[position] = receipt
+            if received_at is not None:  # not a repeat
+                new_items.append(
+                    item_for(verified.message, verified.digest.hex(), received_at, self.blobs)
+                )
+        if new_items:
+            self.on_stored(new_items)
         refused = [
             (envelopes[position], outcome)
             for position, outcome in enumerate(outcomes)
@@ -247,9 +259,25 @@ class Receiver:
         ]
         if refused:
             await self.record_rejections(refused, peer)
-        if len(refused) < len(envelopes):
-            self.on_stored()
         return outcomes
+
+    def _verify_all(
+        self,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        peer: PeerIdentity,
+        expected_family: str | None,
+    ) -> list[VerifiedMessage | ExchangeError]:
+        now = datetime.now(UTC)
+        results: list[VerifiedMessage | ExchangeError] = []
+        for envelope in envelopes:
+            try:
+                verified = self._verify_audited(envelope, peer, expected_family, now)
+                self._check_attachments_held(verified.message)
+            except ExchangeError as error:
+                results.append(error)
+                continue
+            results.append(verified)
+        return results
 
     def _check_attachments_held(self, message: envelope_pb2.Message) -> None:
         for ref in message.attachments:
@@ -293,7 +321,7 @@ class Receiver:
 
     def _store(
         self, verified: VerifiedMessage, peer: PeerIdentity, batch: Batch
-    ) -> envelope_pb2.Envelope:
+    ) -> tuple[envelope_pb2.Envelope, datetime | None]:
         message = verified.message
         digest_hex = verified.digest.hex()
         # Repeats are rare (a retry after a lost answer), so in a shared batch the unique
@@ -310,7 +338,7 @@ class Receiver:
         )
         if existing is not None:
             if existing.sender == message.sender and existing.envelope_sha256 == digest_hex:
-                return _parse_envelope(existing.receipt)
+                return _parse_envelope(existing.receipt), None
             raise ExchangeError(
                 Reason.INVALID,
                 f"message id {message.message_id} was already received with other content or "
@@ -360,7 +388,7 @@ class Receiver:
                 log_index=index,
             ),
         )
-        return receipt
+        return receipt, now
 
     # -- attachments ------------------------------------------------------------------
 

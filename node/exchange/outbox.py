@@ -29,6 +29,7 @@ from node.exchange.context import NodeContext
 from node.exchange.delivery import Due
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import AttachmentInput, compose_message
+from node.federation import Registry
 from node.store.models import ATTACHMENTS, DELIVERIES, MESSAGES, message_row
 from node.store.writer import Batch, BatchWriter
 
@@ -75,14 +76,30 @@ class Outbox:
 
     async def submit_many(self, submissions: Sequence[Submission]) -> list[str | Exception]:
         """submit() for each, sharing one commit: the message id or the refusal, in order."""
+        files: list[list[AttachmentInput] | ExchangeError] = []
+        for submission in submissions:
+            try:
+                if submission.attachment_paths:  # no copying for a message that is refused
+                    self._check_recipients(submission, datetime.now(UTC))
+                # Copying and hashing a file may take seconds: not on the event loop.
+                files.append(
+                    [
+                        await asyncio.to_thread(self._ingest, Path(path))
+                        for path in submission.attachment_paths
+                    ]
+                )
+            except ExchangeError as error:
+                files.append(error)
+        # Composing and signing off the loop too: Ed25519 releases the GIL.
+        composed = await asyncio.to_thread(self._prepare_all, submissions, files)
         outcomes: list[str | Exception] = []
         prepared: list[tuple[int, _Prepared]] = []
-        for position, submission in enumerate(submissions):
-            try:
-                prepared.append((position, await self._prepare(submission)))
+        for position, ready in enumerate(composed):
+            if isinstance(ready, ExchangeError):
+                outcomes.append(ready)
+            else:
+                prepared.append((position, ready))
                 outcomes.append("")
-            except ExchangeError as error:
-                outcomes.append(error)
         stored = await self.writer.run_many(
             [partial(self._store, p.row, p.recipients, p.attachments) for _, p in prepared]
         )
@@ -105,22 +122,26 @@ class Outbox:
             self.on_queued(queued)
         return outcomes
 
-    async def _prepare(self, submission: Submission) -> _Prepared:
+    def _prepare_all(
+        self,
+        submissions: Sequence[Submission],
+        files: Sequence[list[AttachmentInput] | ExchangeError],
+    ) -> list[_Prepared | ExchangeError]:
+        results: list[_Prepared | ExchangeError] = []
+        for submission, attachments in zip(submissions, files, strict=True):
+            if isinstance(attachments, ExchangeError):
+                results.append(attachments)
+                continue
+            try:
+                results.append(self._prepare(submission, attachments))
+            except ExchangeError as error:
+                results.append(error)
+        return results
+
+    def _prepare(self, submission: Submission, attachments: list[AttachmentInput]) -> _Prepared:
         """Check, compose and sign one submission: the row to store (nothing stored yet)."""
         now = datetime.now(UTC)
-        registry = self.context.usable_registry(now)
-        for recipient in submission.recipients:
-            if registry.member(recipient) is None:
-                raise ExchangeError(
-                    Reason.INVALID,
-                    f"recipient '{recipient}' is not a member of federation registry serial "
-                    f"{registry.serial}",
-                )
-        # Copying and hashing a file may take seconds: not on the event loop.
-        attachments = [
-            await asyncio.to_thread(self._ingest, Path(path))
-            for path in submission.attachment_paths
-        ]
+        registry = self._check_recipients(submission, now)
         message = compose_message(
             sender=self.context.agency,
             family=submission.family,
@@ -169,6 +190,17 @@ class Outbox:
             client_key=submission.client_key or None,
         )
         return _Prepared(row, list(message.recipients), attachments)
+
+    def _check_recipients(self, submission: Submission, now: datetime) -> Registry:
+        registry = self.context.usable_registry(now)
+        for recipient in submission.recipients:
+            if registry.member(recipient) is None:
+                raise ExchangeError(
+                    Reason.INVALID,
+                    f"recipient '{recipient}' is not a member of federation registry serial "
+                    f"{registry.serial}",
+                )
+        return registry
 
     def _ingest(self, path: Path) -> AttachmentInput:
         if not path.is_file():
