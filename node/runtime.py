@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.audit import log as audit
 from node.audit.log import AuditEvent
+from node.audit.tree import TreeSequencer
 from node.config import NodeConfig, default_plugins
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
@@ -207,7 +208,8 @@ class Node:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.writer = BatchWriter(self.sessions)
+        self.tree = TreeSequencer()
+        self.writer = BatchWriter(self.sessions, sequencer=self.tree)
         self.writer.start()
         await self.writer.run(self._record_registry)
         self.api = PluginAPI(self, loop)

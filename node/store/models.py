@@ -99,6 +99,20 @@ class AuditEntryRecord(Base):
     entry: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class MerkleNodeRecord(Base):
+    """A perfect subtree of the audit log's Merkle tree, at a level that is a multiple of 8.
+
+    The hash of the 2**level entries from index idx * 2**level (node.audit.tree): the levels
+    between are recomputed from these or from the entries, 256 hashes at most.
+    """
+
+    __tablename__ = "merkle_nodes"
+
+    level: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class NodeStateRecord(Base):
     """Small durable facts, e.g. the highest registry serial accepted (rollback guard)."""
 
@@ -114,6 +128,7 @@ DELIVERIES = cast(Table, DeliveryRecord.__table__)
 ATTACHMENTS = cast(Table, AttachmentRecord.__table__)
 AUDIT_ENTRIES = cast(Table, AuditEntryRecord.__table__)
 NODE_STATE = cast(Table, NodeStateRecord.__table__)
+MERKLE_NODES = cast(Table, MerkleNodeRecord.__table__)
 
 
 def message_row(**fields: Any) -> dict[str, Any]:

@@ -18,7 +18,9 @@ again alone, in its own transaction, where the check sees the other's row.
 Units must therefore be pure functions of the batch: no side effects elsewhere.
 
 The writer is also the audit log's sequencer: it is the only place audit indices
-are assigned (see node.audit.log), densely and in commit order.
+are assigned (see node.audit.log), densely and in commit order, and its
+``sequencer`` (node.audit.tree.TreeSequencer) hashes each batch's entries into the
+Merkle tree inside the same transaction.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import concurrent.futures
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import Table, and_, bindparam, func, insert, select, update
@@ -60,6 +62,10 @@ class Batch:
 
     def insert(self, table: Table, row: dict[str, Any]) -> None:
         self._inserts.setdefault(table, []).append(row)
+
+    def queued_rows(self, table: Table) -> list[dict[str, Any]]:
+        """The rows queued for insertion into `table` so far (for the sequencer)."""
+        return list(self._inserts.get(table, ()))
 
     def update(self, table: Table, where: dict[str, Any], values: dict[str, Any]) -> None:
         """UPDATE table SET values WHERE every `where` column equals its value."""
@@ -121,6 +127,19 @@ class _Ticket:
     future: asyncio.Future[list[_Job]]
 
 
+class Sequencer(Protocol):
+    """Extends each batch before it is written, in its transaction (the audit log's tree)."""
+
+    def integrate(self, batch: Batch) -> None:
+        """Called after the batch's units ran and before its writes; may queue more rows."""
+
+    def committed(self) -> None:
+        """The batch last integrated was committed."""
+
+    def rolled_back(self) -> None:
+        """The batch last integrated was not committed."""
+
+
 class BatchWriter:
     def __init__(
         self,
@@ -128,8 +147,10 @@ class BatchWriter:
         *,
         max_batch: int = 500,
         gather_seconds: float = 0.002,
+        sequencer: Sequencer | None = None,
     ) -> None:
         self._sessions = sessions
+        self._sequencer = sequencer
         self._max_batch = max_batch
         self._gather_seconds = gather_seconds
         self._queue: asyncio.Queue[_Ticket | None] = asyncio.Queue()
@@ -235,17 +256,26 @@ class BatchWriter:
         self.jobs += len(jobs)
 
     def _transaction(self, jobs: list[_Job]) -> None:
-        with self._sessions() as session, session.begin():
-            if self._next_index is None:
-                last = session.scalar(select(func.max(AuditEntryRecord.idx)))
-                self._next_index = 0 if last is None else last + 1
-            batch = Batch(session, self._next_index, isolated=len(jobs) == 1)
-            for job in jobs:
-                mark = batch.mark()
-                try:
-                    job.result = job.work(batch)
-                except Exception as error:
-                    batch.undo_to(mark)
-                    job.error = error
-            batch.write()
+        try:
+            with self._sessions() as session, session.begin():
+                if self._next_index is None:
+                    last = session.scalar(select(func.max(AuditEntryRecord.idx)))
+                    self._next_index = 0 if last is None else last + 1
+                batch = Batch(session, self._next_index, isolated=len(jobs) == 1)
+                for job in jobs:
+                    mark = batch.mark()
+                    try:
+                        job.result = job.work(batch)
+                    except Exception as error:
+                        batch.undo_to(mark)
+                        job.error = error
+                if self._sequencer is not None:
+                    self._sequencer.integrate(batch)
+                batch.write()
+        except BaseException:
+            if self._sequencer is not None:
+                self._sequencer.rolled_back()
+            raise
+        if self._sequencer is not None:
+            self._sequencer.committed()
         self._next_index = batch.next_audit_index

@@ -1,0 +1,166 @@
+"""The audit log's Merkle tree in the database, and the sequencer that grows it.
+
+Every entry is a leaf (node.audit.merkle). Stored are the perfect subtrees at levels 8, 16,
+24, ... (table ``merkle_nodes``): one row per 256 entries, so appending costs the log almost
+no extra writes. Any other node is recomputed on demand from at most 256 hashes: those of the
+stored level below it, or, under level 8, the entries themselves. A root or a proof at any
+size therefore reads O(log n) rows in a handful of range queries and never rebuilds the tree.
+
+The sequencer (``TreeSequencer``) runs inside the group-commit writer's transaction
+(node.store.writer): after the units of a batch have queued their audit entries it hashes
+them, in index order, into its in-memory right edge of the tree (``Frontier``) and queues the
+level-8k nodes they complete, so entries and tree commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from node.audit.merkle import Frontier, leaf_hash, node_hash
+from node.store.models import AUDIT_ENTRIES, MERKLE_NODES
+from node.store.writer import Batch
+
+TILE_HEIGHT = 8
+
+
+def _fold(hashes: list[bytes]) -> bytes:
+    """The root of a perfect subtree from its 2**k children (left to right)."""
+    while len(hashes) > 1:
+        hashes = [node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
+    return hashes[0]
+
+
+class StoredTree:
+    """A node.audit.merkle.NodeSource over the database: any perfect subtree, on demand."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __call__(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        # Each key needs the 2**(level - base) hashes of its stored base level below it.
+        wants: dict[int, list[tuple[int, int, tuple[int, int]]]] = {}
+        for level, index in keys:
+            base = level - level % TILE_HEIGHT
+            span = level - base
+            first = index << span
+            wants.setdefault(base, []).append((first, first + (1 << span), (level, index)))
+        found: dict[tuple[int, int], bytes] = {}
+        for base, ranges in wants.items():
+            hashes = self._base_hashes(base, [(start, end) for start, end, _ in ranges])
+            for start, end, key in ranges:
+                children = [hashes.get(i) for i in range(start, end)]
+                if all(child is not None for child in children):
+                    found[key] = _fold([c for c in children if c is not None])
+        return found
+
+    def _base_hashes(self, base: int, ranges: Iterable[tuple[int, int]]) -> dict[int, bytes]:
+        merged = _merge(ranges)
+        if base == 0:
+            column = AUDIT_ENTRIES.c.idx
+            rows = self.session.execute(
+                select(column, AUDIT_ENTRIES.c.entry).where(
+                    or_(*(and_(column >= start, column < end) for start, end in merged))
+                )
+            )
+            return {index: leaf_hash(entry) for index, entry in rows}
+        column = MERKLE_NODES.c.idx
+        rows = self.session.execute(
+            select(column, MERKLE_NODES.c.hash).where(
+                MERKLE_NODES.c.level == base,
+                or_(*(and_(column >= start, column < end) for start, end in merged)),
+            )
+        )
+        return {index: value for index, value in rows}
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def stored_nodes(nodes: Iterable[tuple[int, int, bytes]]) -> list[dict[str, object]]:
+    """The rows to store of the nodes an append completed: every 8th level above the leaves."""
+    return [
+        {"level": level, "idx": index, "hash": value}
+        for level, index, value in nodes
+        if level and level % TILE_HEIGHT == 0
+    ]
+
+
+class TreeSequencer:
+    """Integrates each batch's audit entries into the tree, in the batch's transaction.
+
+    Plugged into the BatchWriter (``sequencer=``); the writer calls ``integrate`` before it
+    writes a batch, then ``committed`` or ``rolled_back``.
+    """
+
+    def __init__(self) -> None:
+        self._frontier: Frontier | None = None  # as committed
+        self._working: Frontier | None = None  # with the current batch
+
+    @property
+    def size(self) -> int:
+        return 0 if self._frontier is None else self._frontier.size
+
+    def root(self) -> bytes:
+        """Root of the committed tree (the writer has committed at least one batch)."""
+        if self._frontier is None:
+            raise RuntimeError("the tree is loaded with the writer's first batch")
+        return self._frontier.root()
+
+    def integrate(self, batch: Batch) -> None:
+        if self._frontier is None:
+            self._frontier = self._load(batch)
+        working = self._frontier.copy()
+        entries = sorted(batch.queued_rows(AUDIT_ENTRIES), key=lambda row: int(row["idx"]))
+        for row in entries:
+            if row["idx"] != working.size:
+                raise RuntimeError(
+                    f"audit entry {row['idx']} queued while the tree has {working.size} "
+                    "leaves: indices must be dense"
+                )
+            for node in stored_nodes(working.append(leaf_hash(row["entry"]))):
+                batch.insert(MERKLE_NODES, node)
+        self._working = working
+
+    def committed(self) -> None:
+        if self._working is not None:
+            self._frontier, self._working = self._working, None
+
+    def rolled_back(self) -> None:
+        # Reloaded from the database with the next batch: the store is the truth.
+        self._frontier = self._working = None
+
+    def _load(self, batch: Batch) -> Frontier:
+        """The committed tree's right edge, first filling in nodes a log written before the
+        tree existed (or by an older version) does not have yet."""
+        session = batch.session
+        size = session.scalar(select(func.count()).select_from(AUDIT_ENTRIES)) or 0
+        tiles = (
+            session.scalar(
+                select(func.count())
+                .select_from(MERKLE_NODES)
+                .where(MERKLE_NODES.c.level == TILE_HEIGHT)
+            )
+            or 0
+        )
+        covered = min(size, tiles << TILE_HEIGHT)
+        frontier = Frontier.load(covered, StoredTree(session))
+        if covered < size:
+            rows = session.execute(
+                select(AUDIT_ENTRIES.c.entry)
+                .where(AUDIT_ENTRIES.c.idx >= covered)
+                .order_by(AUDIT_ENTRIES.c.idx)
+            )
+            for (entry,) in rows:
+                for node in stored_nodes(frontier.append(leaf_hash(entry))):
+                    batch.insert(MERKLE_NODES, node)
+        return frontier
