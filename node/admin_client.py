@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, audit_pb2
 
 
 class AdminError(Exception):
@@ -82,6 +82,23 @@ class AdminClient:
     def get_item(self, message_id: str) -> admin_pb2.Item:
         response = self._call("GetItem", admin_pb2.GetItemRequest(message_id=message_id))
         assert isinstance(response, admin_pb2.Item)
+        return response
+
+    def checkpoint(self, size: int = 0) -> audit_pb2.SignedCheckpoint:
+        response = self._call("GetCheckpoint", audit_pb2.GetCheckpointRequest(size=size))
+        assert isinstance(response, audit_pb2.SignedCheckpoint)
+        return response
+
+    def inclusion_proof(
+        self, *, message_id: str = "", index: int | None = None, size: int = 0
+    ) -> audit_pb2.InclusionProof:
+        request = audit_pb2.InclusionProofRequest(size=size)
+        if index is not None:
+            request.index = index
+        else:
+            request.message_id = message_id
+        response = self._call("GetInclusionProof", request)
+        assert isinstance(response, audit_pb2.InclusionProof)
         return response
 
     def node_info(self) -> admin_pb2.NodeInfoResponse:

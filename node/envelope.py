@@ -1,4 +1,4 @@
-"""DSSE v1 envelopes: the only module in Liandong that signs.
+"""DSSE v1 envelopes, and C2SP signed notes: the only module in Liandong that signs.
 
 Protocol: https://github.com/secure-systems-lab/dsse/blob/master/protocol.md
 The signature covers PAE(payload_type, payload), so the receiver verifies the exact
@@ -18,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node._pb.liandong.v1 import envelope_pb2
+from node.audit import note
 from node.identity import SigningKey
 
 MESSAGE_PAYLOAD_TYPE = "application/vnd.liandong.message+protobuf"
@@ -41,6 +42,28 @@ def sign_envelope(payload: bytes, payload_type: str, key: SigningKey) -> envelop
         payload=payload,
         payload_type=payload_type,
         signatures=[envelope_pb2.Signature(keyid=key.key_id, sig=signature)],
+    )
+
+
+def sign_note(text: bytes, name: str, key: SigningKey) -> bytes:
+    """A C2SP signed note of `text` (which must end in a newline) by `key` under `name`."""
+    if not text.endswith(b"\n"):
+        raise ValueError("a note's text ends in a newline")
+    public = key.public_bytes()
+    signature = key.private_key.sign(text)
+    return (
+        text + b"\n" + note.signature_line(name, note.key_id(name, note.ED25519, public), signature)
+    )
+
+
+def cosign_checkpoint(body: bytes, name: str, key: SigningKey, timestamp: int) -> bytes:
+    """A tlog-cosignature/v1 signature line for checkpoint `body`, as witness `name`."""
+    public = key.public_bytes()
+    signature = key.private_key.sign(note.cosigned_message(body, timestamp))
+    return note.signature_line(
+        name,
+        note.key_id(name, note.COSIGNATURE_V1, public),
+        timestamp.to_bytes(8, "big") + signature,
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.audit import log as audit
+from node.audit import note
+from node.audit.check import LogMismatch, check_log
+from node.audit.checkpoint import log_origin
 from node.audit.log import AuditEvent
+from node.audit.service import AuditLog
 from node.audit.tree import TreeSequencer
 from node.config import NodeConfig, default_plugins
+from node.envelope import sign_note
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Confirmation, DeliveryWorker
@@ -39,6 +45,7 @@ from node.plugin_api import DeliveryConfirmation, Draft, DraftRejected, InboundI
 from node.plugins import PluginError, PluginHooks, load_plugin_manager
 from node.server import build_admin_server, build_peer_server
 from node.services.admin import LocalAdminServicer
+from node.services.audit import AuditServicer
 from node.services.exchange import ExchangeServicer
 from node.store.db import make_engine, session_factory, upgrade
 from node.store.models import NODE_STATE, NodeStateRecord
@@ -150,6 +157,11 @@ class Node:
         self.registry = self._verify_registry(registry_bytes)
         self._check_own_membership(self.registry)
         self._registry_mtime = config.registry.stat().st_mtime
+        self.log_origin = log_origin(self.registry.federation, config.agency)
+        self.log_verifier = note.parse_vkey(
+            note.vkey(self.log_origin, self.signing_key.public_bytes())
+        )
+        self._check_audit_log(shown_url)
         try:
             self.hooks = PluginHooks(load_plugin_manager(default_plugins(config)))
         except PluginError as error:
@@ -166,6 +178,20 @@ class Node:
         self.stopped = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[None]] = []
+
+    def _check_audit_log(self, shown_url: str) -> None:
+        """Refuse to run on an audit log that does not match the checkpoints this node signed."""
+        with self.sessions() as session:
+            try:
+                checked = check_log(session, self.log_verifier, self.log_origin)
+            except LogMismatch as error:
+                raise StartupError(
+                    f"audit log in {shown_url}: first bad index {error.index}: {error}; the "
+                    "node will not add to a log that does not match what it signed. Restore the "
+                    "database from a backup (docs/operations.md) and keep this copy for the "
+                    "auditors"
+                ) from None
+        log.info("audit log checked", entries=checked.size, checkpoints=checked.checkpoints)
 
     def _check_own_membership(self, registry: Registry) -> None:
         """This node's agency, signing key and TLS certificate must be the registry's."""
@@ -208,7 +234,9 @@ class Node:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.tree = TreeSequencer()
+        self.tree = TreeSequencer(
+            self.log_origin, partial(sign_note, name=self.log_origin, key=self.signing_key)
+        )
         self.writer = BatchWriter(self.sessions, sequencer=self.tree)
         self.writer.start()
         await self.writer.run(self._record_registry)
@@ -233,8 +261,10 @@ class Node:
         self.outbox = Outbox(self.context, self.writer, self.blobs, self.delivery.enqueue)
         self.health = health.aio.HealthServicer()
         self.exchange_servicer = ExchangeServicer(self.receiver, self.blobs)
+        self.audit_log = AuditLog(self.context, self.sessions, self.writer)
         self.peer_server = build_peer_server(
             self.exchange_servicer,
+            AuditServicer(self.audit_log),
             self.health,
             self.config.listen,
             max_envelope_bytes=self.config.limits.max_envelope_bytes,
@@ -246,7 +276,7 @@ class Node:
         if socket_path.exists():
             socket_path.unlink()  # left behind by a killed node
         self.admin_servicer = LocalAdminServicer(
-            self.context, self.outbox, self.sessions, self.config.listen
+            self.context, self.outbox, self.sessions, self.config.listen, self.audit_log
         )
         self.admin_server = build_admin_server(
             self.admin_servicer,
@@ -404,7 +434,7 @@ class Node:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", "liandong.v1.Exchange", "liandong.v1.LocalAdmin"):
+        for service in ("", "liandong.v1.Exchange", "liandong.v1.Audit", "liandong.v1.LocalAdmin"):
             await self.health.set(service, status)
 
     def _ping_database(self) -> None:

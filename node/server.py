@@ -13,8 +13,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, exchange_pb2, exchange_pb2_grpc
+from node._pb.liandong.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+    exchange_pb2,
+    exchange_pb2_grpc,
+)
 from node.services.admin import LocalAdminServicer
+from node.services.audit import AuditServicer
 from node.services.exchange import ExchangeServicer
 
 UNIX_SOCKET_PATH_MAX = 107
@@ -40,6 +48,7 @@ class ServerBuildError(Exception):
 
 def build_peer_server(
     exchange: ExchangeServicer,
+    audit: AuditServicer,
     health_servicer: health.aio.HealthServicer,
     listen: str,
     *,
@@ -53,10 +62,12 @@ def build_peer_server(
         options=server_options(max_envelope_bytes), maximum_concurrent_rpcs=MAX_PEER_RPCS
     )
     exchange_pb2_grpc.add_ExchangeServicer_to_server(exchange, server)
+    audit_pb2_grpc.add_AuditServicer_to_server(audit, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
+            audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, text
 
 from node._pb.liandong.v1 import envelope_pb2, exchange_pb2_grpc
@@ -105,3 +109,32 @@ def attachment_message(
         attachments=[AttachmentInput(digest, len(data), media_type, file_name)],
     )
     return message, digest
+
+
+def anonymous_credentials(setup: NodeSetup) -> grpc.ChannelCredentials:
+    """TLS client credentials issued by the federation CA (so TLS accepts them) for a
+    certificate that names no agency: a caller that is no member."""
+    operator = setup.directory.parent / "operator"
+    ca_key = serialization.load_pem_private_key((operator / "ca.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((operator / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anonymous")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return grpc.ssl_channel_credentials(
+        root_certificates=(operator / "ca.crt").read_bytes(),
+        private_key=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
+    )

@@ -1,4 +1,4 @@
-"""Audit entries: what happened, as self-contained deterministic bytes.
+"""Audit entries: what happened, as self-contained deterministic bytes, the Merkle tree's leaves.
 
 An entry is canonical JSON (UTF-8, keys sorted, no insignificant white space,
 absent fields omitted, no floats) so that anyone can re-encode the fields and
@@ -19,6 +19,7 @@ from enum import StrEnum
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from node.audit.merkle import leaf_hash
 from node.store.models import AUDIT_ENTRIES, AuditEntryRecord
 from node.store.writer import Batch
 
@@ -33,6 +34,7 @@ class AuditEvent(StrEnum):
     ATTACHMENT_STORED = "attachment_stored"
     HANDED_OFF = "handed_off"
     REGISTRY_ACCEPTED = "registry_accepted"
+    AUDIT_QUERY = "audit_query"  # a member read this log (Audit service), or was refused
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def append(
     }
     fields.update({key: value for key, value in optional.items() if value})
     index = batch.take_audit_index()
+    entry = encode_entry(fields)
     batch.insert(
         AUDIT_ENTRIES,
         {
@@ -85,7 +88,8 @@ def append(
             "message_id": message_id,
             "envelope_sha256": envelope_sha256,
             "recorded_at": moment,
-            "entry": encode_entry(fields),
+            "entry": entry,
+            "leaf_hash": leaf_hash(entry),
         },
     )
     return index

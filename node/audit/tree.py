@@ -8,22 +8,30 @@ size therefore reads O(log n) rows in a handful of range queries and never rebui
 
 The sequencer (``TreeSequencer``) runs inside the group-commit writer's transaction
 (node.store.writer): after the units of a batch have queued their audit entries it hashes
-them, in index order, into its in-memory right edge of the tree (``Frontier``) and queues the
-level-8k nodes they complete, so entries and tree commit together or not at all.
+them, in index order, into its in-memory right edge of the tree (``Frontier``), queues the
+level-8k nodes they complete and a checkpoint of the new tree signed by the node, so entries,
+tree and checkpoint commit together or not at all. Each checkpoint extends the one before it
+by construction: the sequencer only ever appends to the tree it signed last.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from node.audit.checkpoint import Checkpoint
 from node.audit.merkle import Frontier, leaf_hash, node_hash
-from node.store.models import AUDIT_ENTRIES, MERKLE_NODES
+from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, MERKLE_NODES
 from node.store.writer import Batch
 
 TILE_HEIGHT = 8
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _fold(hashes: list[bytes]) -> bytes:
@@ -99,12 +107,18 @@ class TreeSequencer:
     """Integrates each batch's audit entries into the tree, in the batch's transaction.
 
     Plugged into the BatchWriter (``sequencer=``); the writer calls ``integrate`` before it
-    writes a batch, then ``committed`` or ``rolled_back``.
+    writes a batch, then ``committed`` or ``rolled_back``. With `sign` (the node's
+    node.envelope.sign_note, bound to its key and `origin`) every batch that adds entries
+    also stores a signed checkpoint of the tree it leaves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, origin: str = "", sign: Callable[[bytes], bytes] | None = None) -> None:
+        self.origin = origin
+        self._sign = sign
         self._frontier: Frontier | None = None  # as committed
         self._working: Frontier | None = None  # with the current batch
+        self._working_note: bytes | None = None
+        self.latest_note: bytes | None = None  # the last committed checkpoint
 
     @property
     def size(self) -> int:
@@ -120,6 +134,7 @@ class TreeSequencer:
         if self._frontier is None:
             self._frontier = self._load(batch)
         working = self._frontier.copy()
+        self._working_note = None
         entries = sorted(batch.queued_rows(AUDIT_ENTRIES), key=lambda row: int(row["idx"]))
         for row in entries:
             if row["idx"] != working.size:
@@ -127,17 +142,29 @@ class TreeSequencer:
                     f"audit entry {row['idx']} queued while the tree has {working.size} "
                     "leaves: indices must be dense"
                 )
-            for node in stored_nodes(working.append(leaf_hash(row["entry"]))):
+            leaf = row.get("leaf_hash") or leaf_hash(row["entry"])
+            for node in stored_nodes(working.append(leaf)):
                 batch.insert(MERKLE_NODES, node)
+        if entries and self._sign is not None:
+            root = working.root()
+            signed = self._sign(Checkpoint(self.origin, working.size, root).body())
+            batch.insert(
+                CHECKPOINTS,
+                {"size": working.size, "root": root, "note": signed, "signed_at": utc_now()},
+            )
+            self._working_note = signed
         self._working = working
 
     def committed(self) -> None:
         if self._working is not None:
             self._frontier, self._working = self._working, None
+        if self._working_note is not None:
+            self.latest_note, self._working_note = self._working_note, None
 
     def rolled_back(self) -> None:
         # Reloaded from the database with the next batch: the store is the truth.
         self._frontier = self._working = None
+        self._working_note = None
 
     def _load(self, batch: Batch) -> Frontier:
         """The committed tree's right edge, first filling in nodes a log written before the
@@ -151,6 +178,9 @@ class TreeSequencer:
                 .where(MERKLE_NODES.c.level == TILE_HEIGHT)
             )
             or 0
+        )
+        self.latest_note = session.scalar(
+            select(CHECKPOINTS.c.note).order_by(CHECKPOINTS.c.size.desc()).limit(1)
         )
         covered = min(size, tiles << TILE_HEIGHT)
         frontier = Frontier.load(covered, StoredTree(session))

@@ -12,13 +12,15 @@ import grpc
 from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy.orm import Session, sessionmaker
 
-from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc
+from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, audit_pb2
 from node.audit import log as audit
+from node.audit.service import AuditLog
 from node.exchange import queries
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import CONFIDENTIALITY_LABELS
 from node.exchange.outbox import Outbox, Submission
+from node.services.audit import checkpoint_message, inclusion_message
 from node.services.status import domain_errors, item_status
 from node.services.streams import answer_concurrently
 
@@ -92,10 +94,16 @@ def submission_from(request: admin_pb2.SubmitRequest) -> Submission:
 
 class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
     def __init__(
-        self, context: NodeContext, outbox: Outbox, sessions: sessionmaker[Session], endpoint: str
+        self,
+        context: NodeContext,
+        outbox: Outbox,
+        sessions: sessionmaker[Session],
+        endpoint: str,
+        audit_log: AuditLog,
     ) -> None:
         self.context = context
         self.outbox = outbox
+        self.audit_log = audit_log
         self.sessions = sessions
         self.endpoint = endpoint
         # Set when the node stops: open SubmitStreams finish what they hold and end.
@@ -183,6 +191,21 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
                 audit_entries=entries,
                 pending_deliveries=pending,
             )
+        raise AssertionError("unreachable")
+
+    async def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.SignedCheckpoint:
+        async with domain_errors(context, "GetCheckpoint"):
+            found = await asyncio.to_thread(self.audit_log.checkpoint, request.size)
+            return checkpoint_message(found)
+        raise AssertionError("unreachable")
+
+    async def GetInclusionProof(
+        self, request: audit_pb2.InclusionProofRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.InclusionProof:
+        async with domain_errors(context, "GetInclusionProof"):
+            return await asyncio.to_thread(inclusion_message, self.audit_log, request)
         raise AssertionError("unreachable")
 
     def _read(self, query, *args):  # type: ignore[no-untyped-def]

@@ -97,6 +97,10 @@ class AuditEntryRecord(Base):
     envelope_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     recorded_at: Mapped[datetime]
     entry: Mapped[bytes] = mapped_column(LargeBinary)
+    # SHA-256(0x00 || entry), the Merkle leaf, as written: the entry's own fingerprint, so a
+    # check can name the very entry that was changed afterwards (the signed checkpoints are
+    # what proves it; this only points at it). Empty in logs written before the tree.
+    leaf_hash: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
 class MerkleNodeRecord(Base):
@@ -111,6 +115,17 @@ class MerkleNodeRecord(Base):
     level: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class CheckpointRecord(Base):
+    """A checkpoint this node signed over its audit log (C2SP tlog-checkpoint, signed note)."""
+
+    __tablename__ = "checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root: Mapped[bytes] = mapped_column(LargeBinary)
+    note: Mapped[bytes] = mapped_column(LargeBinary)  # the whole signed note
+    signed_at: Mapped[datetime]
 
 
 class NodeStateRecord(Base):
@@ -129,6 +144,7 @@ ATTACHMENTS = cast(Table, AttachmentRecord.__table__)
 AUDIT_ENTRIES = cast(Table, AuditEntryRecord.__table__)
 NODE_STATE = cast(Table, NodeStateRecord.__table__)
 MERKLE_NODES = cast(Table, MerkleNodeRecord.__table__)
+CHECKPOINTS = cast(Table, CheckpointRecord.__table__)
 
 
 def message_row(**fields: Any) -> dict[str, Any]:

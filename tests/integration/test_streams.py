@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import json
 import queue
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from node._pb.liandong.v1 import (
     admin_pb2,
@@ -23,7 +18,15 @@ from node._pb.liandong.v1 import (
     exchange_pb2_grpc,
 )
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess
-from tests.peer import audit_events, clue_message, database_rows, exchange_stub, sign, signing_key
+from tests.peer import (
+    anonymous_credentials,
+    audit_events,
+    clue_message,
+    database_rows,
+    exchange_stub,
+    sign,
+    signing_key,
+)
 
 
 def test_deliver_stream_answers_each_message_and_survives_a_bad_one(
@@ -165,30 +168,7 @@ def test_a_certificate_without_an_agency_is_refused_and_audited(
 ) -> None:
     """Issued by the federation CA (so TLS accepts it) but naming no agency."""
     procuratorate = running[PROCURATORATE]
-    operator = procuratorate.setup.directory.parent / "operator"
-    ca_key = serialization.load_pem_private_key((operator / "ca.key").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate((operator / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anonymous")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=(operator / "ca.crt").read_bytes(),
-        private_key=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
-    )
+    credentials = anonymous_credentials(procuratorate.setup)
     with grpc.secure_channel(procuratorate.setup.endpoint, credentials) as channel:
         stub = exchange_pb2_grpc.ExchangeStub(channel)
         batch = exchange_pb2.DeliveryBatch(requests=[exchange_pb2.DeliveryRequest(seq=1)])

@@ -5,6 +5,7 @@ import grpc
 import warnings
 
 from node._pb.liandong.v1 import admin_pb2 as liandong_dot_v1_dot_admin__pb2
+from node._pb.liandong.v1 import audit_pb2 as liandong_dot_v1_dot_audit__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -60,6 +61,16 @@ class LocalAdminStub:
                 request_serializer=liandong_dot_v1_dot_admin__pb2.NodeInfoRequest.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_admin__pb2.NodeInfoResponse.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/GetCheckpoint',
+                request_serializer=liandong_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_audit__pb2.SignedCheckpoint.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/GetInclusionProof',
+                request_serializer=liandong_dot_v1_dot_audit__pb2.InclusionProofRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+                _registered_method=True)
 
 
 class LocalAdminServicer:
@@ -98,6 +109,19 @@ class LocalAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCheckpoint(self, request, context):
+        """This node's own audit log, as the Audit service gives it to members (not audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +149,16 @@ def add_LocalAdminServicer_to_server(servicer, server):
                     servicer.NodeInfo,
                     request_deserializer=liandong_dot_v1_dot_admin__pb2.NodeInfoRequest.FromString,
                     response_serializer=liandong_dot_v1_dot_admin__pb2.NodeInfoResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=liandong_dot_v1_dot_audit__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_audit__pb2.SignedCheckpoint.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=liandong_dot_v1_dot_audit__pb2.InclusionProofRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +296,60 @@ class LocalAdmin:
             '/liandong.v1.LocalAdmin/NodeInfo',
             liandong_dot_v1_dot_admin__pb2.NodeInfoRequest.SerializeToString,
             liandong_dot_v1_dot_admin__pb2.NodeInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/GetCheckpoint',
+            liandong_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+            liandong_dot_v1_dot_audit__pb2.SignedCheckpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/GetInclusionProof',
+            liandong_dot_v1_dot_audit__pb2.InclusionProofRequest.SerializeToString,
+            liandong_dot_v1_dot_audit__pb2.InclusionProof.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ for the CLI and the agency's own systems. Never exposed to the network.
 from collections import abc as _abc
 from grpc import aio as _aio
 from node._pb.liandong.v1 import admin_pb2 as _admin_pb2
+from node._pb.liandong.v1 import audit_pb2 as _audit_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -43,6 +44,9 @@ class LocalAdminStub:
     ListItems: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListItemsRequest, _admin_pb2.ListItemsResponse]
     GetItem: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetItemRequest, _admin_pb2.Item]
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_admin_pb2.NodeInfoRequest, _admin_pb2.NodeInfoResponse]
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.SignedCheckpoint]
+    """This node's own audit log, as the Audit service gives it to members (not audited)."""
+    GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.InclusionProofRequest, _audit_pb2.InclusionProof]
 
 @_typing.type_check_only
 class LocalAdminAsyncStub(LocalAdminStub):
@@ -56,6 +60,9 @@ class LocalAdminAsyncStub(LocalAdminStub):
     ListItems: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListItemsRequest, _admin_pb2.ListItemsResponse]  # type: ignore[assignment]
     GetItem: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetItemRequest, _admin_pb2.Item]  # type: ignore[assignment]
     NodeInfo: _aio.UnaryUnaryMultiCallable[_admin_pb2.NodeInfoRequest, _admin_pb2.NodeInfoResponse]  # type: ignore[assignment]
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.SignedCheckpoint]  # type: ignore[assignment]
+    """This node's own audit log, as the Audit service gives it to members (not audited)."""
+    GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.InclusionProofRequest, _audit_pb2.InclusionProof]  # type: ignore[assignment]
 
 class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -96,5 +103,20 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.NodeInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.NodeInfoResponse, _abc.Awaitable[_admin_pb2.NodeInfoResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _audit_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.SignedCheckpoint, _abc.Awaitable[_audit_pb2.SignedCheckpoint]]:
+        """This node's own audit log, as the Audit service gives it to members (not audited)."""
+
+    @_abc_1.abstractmethod
+    def GetInclusionProof(
+        self,
+        request: _audit_pb2.InclusionProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.InclusionProof, _abc.Awaitable[_audit_pb2.InclusionProof]]: ...
 
 def add_LocalAdminServicer_to_server(servicer: LocalAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,84 @@
+"""Offline proofs that an entry is in a node's log: the C2SP tlog-proof text format.
+
+https://c2sp.org/tlog-proof: a header line, an optional ``extra`` line (here: the entry
+itself, base64, so the proof stands alone), ``index N``, the inclusion proof one base64 hash
+per line, an empty line, then the signed checkpoint (with any cosignatures) verbatim.
+Anyone holding the node's verifier key can check it with nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from node.audit.checkpoint import Checkpoint, parse_checkpoint
+from node.audit.merkle import ProofError, leaf_hash, verify_inclusion
+from node.audit.note import NoteError, Verifier, split_note, verify_note
+
+HEADER = b"c2sp.org/tlog-proof@v1"
+
+
+@dataclass(frozen=True)
+class LogProof:
+    index: int
+    hashes: tuple[bytes, ...]
+    checkpoint_note: bytes  # the signed checkpoint, as the log served it
+    entry: bytes | None = None  # carried as the proof's extra data
+
+    @property
+    def size(self) -> int:
+        """The tree size of the checkpoint it is against (as written, not yet verified)."""
+        text, _signatures = split_note(self.checkpoint_note)
+        return parse_checkpoint(text).size
+
+    def text(self) -> bytes:
+        lines = [HEADER]
+        if self.entry is not None:
+            lines.append(b"extra " + base64.b64encode(self.entry))
+        lines.append(b"index %d" % self.index)
+        lines.extend(base64.b64encode(h) for h in self.hashes)
+        return b"\n".join(lines) + b"\n\n" + self.checkpoint_note
+
+
+def parse_proof(data: bytes) -> LogProof:
+    head, separator, note = data.partition(b"\n\n")
+    if not separator:
+        raise NoteError("tlog-proof: no empty line before the checkpoint")
+    lines = head.split(b"\n")
+    if lines[0] != HEADER:
+        raise NoteError(f"tlog-proof: the first line must be {HEADER.decode()}")
+    position = 1
+    entry = None
+    try:
+        if len(lines) > position and lines[position].startswith(b"extra "):
+            entry = base64.b64decode(lines[position][6:], validate=True)
+            position += 1
+        if len(lines) <= position or not lines[position].startswith(b"index "):
+            raise NoteError("tlog-proof: no 'index N' line")
+        number = lines[position][6:].decode("ascii")
+        if not number.isdigit() or (number.startswith("0") and number != "0"):
+            raise NoteError(f"tlog-proof: index {number!r} is not a decimal number")
+        hashes = tuple(base64.b64decode(line, validate=True) for line in lines[position + 1 :])
+    except (ValueError, binascii.Error) as error:
+        if isinstance(error, NoteError):
+            raise
+        raise NoteError("tlog-proof: a line is not valid base64") from None
+    return LogProof(int(number), hashes, note, entry)
+
+
+def verify_proof(proof: LogProof, verifier: Verifier, entry: bytes | None = None) -> Checkpoint:
+    """Check a proof of `entry` (default: the one it carries); return the checkpoint it is in."""
+    entry = proof.entry if entry is None else entry
+    if entry is None:
+        raise NoteError("tlog-proof carries no entry and none was given to check it against")
+    checkpoint = parse_checkpoint(verify_note(proof.checkpoint_note, verifier))
+    if checkpoint.origin != verifier.name:
+        raise NoteError(f"checkpoint origin {checkpoint.origin!r} is not {verifier.name!r}")
+    try:
+        verify_inclusion(
+            proof.index, checkpoint.size, leaf_hash(entry), proof.hashes, checkpoint.root
+        )
+    except ProofError as error:
+        raise NoteError(f"tlog-proof for index {proof.index}: {error}") from None
+    return checkpoint

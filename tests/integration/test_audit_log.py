@@ -1,0 +1,350 @@
+"""The audit log as a Merkle tree with signed checkpoints, on real nodes and real files.
+
+Each tamper test runs a node, sends it real deliveries, stops it, edits its SQLite file the
+way someone with access to the disk could, and checks that the node refuses to start again,
+naming the first bad entry index.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from node._pb.liandong.v1 import audit_pb2, audit_pb2_grpc
+from node.audit import note
+from node.audit.checkpoint import log_origin, parse_checkpoint
+from node.audit.merkle import leaf_hash, verify_consistency
+from node.audit.proof import parse_proof, verify_proof
+from node.federation_setup import NodeSetup
+from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess
+from tests.integration.test_exchange import cli
+from tests.integration.test_startup import assert_refused_to_start
+from tests.peer import (
+    anonymous_credentials,
+    audit_events,
+    clue_message,
+    database_rows,
+    exchange_stub,
+    sign,
+    signing_key,
+)
+from tests.unit.test_merkle import naive_root
+
+MakeFederation = Callable[..., dict[str, NodeProcess]]
+
+
+def deliver(sender: NodeProcess, receiver: NodeProcess, count: int) -> None:
+    """`count` clue transfers, one call each (so one batch, one checkpoint each)."""
+    key = signing_key(sender.setup)
+    stub = exchange_stub(sender.setup, receiver.setup)
+    for _ in range(count):
+        stub.TransferClue(sign(clue_message(sender.agency, [receiver.agency]), key), timeout=30)
+
+
+def verifier_of(setup: NodeSetup) -> note.Verifier:
+    origin = log_origin("demo-federation", setup.agency)
+    return note.parse_vkey(note.vkey(origin, signing_key(setup).public_bytes()))
+
+
+@pytest.fixture
+def stopped_procuratorate(make_federation: MakeFederation) -> NodeSetup:
+    """The procuratorate's node after it received 6 clues from the police, stopped."""
+    nodes = make_federation((POLICE, PROCURATORATE))
+    for node in nodes.values():
+        node.start()
+    deliver(nodes[POLICE], nodes[PROCURATORATE], 6)
+    assert nodes[PROCURATORATE].stop() == 0
+    return nodes[PROCURATORATE].setup
+
+
+def test_every_batch_leaves_a_signed_checkpoint_of_the_whole_log(
+    stopped_procuratorate: NodeSetup,
+) -> None:
+    setup = stopped_procuratorate
+    entries = [
+        row[0] for row in database_rows(setup, "SELECT entry FROM audit_entries ORDER BY idx")
+    ]
+    checkpoints = database_rows(setup, "SELECT size, root, note FROM checkpoints ORDER BY size")
+    assert checkpoints, "no checkpoint was signed"
+    verifier = verifier_of(setup)
+    previous = 0
+    for size, root, signed in checkpoints:
+        checkpoint = parse_checkpoint(note.verify_note(signed, verifier))
+        assert checkpoint.origin == f"demo-federation/{PROCURATORATE}"
+        assert checkpoint.size == size > previous
+        assert checkpoint.root == root == naive_root([leaf_hash(e) for e in entries[:size]])
+        previous = size
+    assert previous == len(entries)  # the last checkpoint covers the whole log
+
+
+def tamper(setup: NodeSetup, *statements: str) -> None:
+    with sqlite3.connect(setup.directory / "node.db") as connection:
+        for statement in statements:
+            connection.execute(statement)
+
+
+def received_index(setup: NodeSetup, nth: int) -> int:
+    rows = database_rows(
+        setup, "SELECT idx FROM audit_entries WHERE event = 'received' ORDER BY idx"
+    )
+    return int(rows[nth][0])
+
+
+def test_a_changed_byte_in_an_entry_is_named(stopped_procuratorate: NodeSetup) -> None:
+    setup = stopped_procuratorate
+    index = received_index(setup, 3)
+    [(entry,)] = database_rows(setup, f"SELECT entry FROM audit_entries WHERE idx = {index}")
+    changed = entry.replace(b'"received"', b'"rejected"')
+    assert changed != entry and len(changed) == len(entry)
+    with sqlite3.connect(setup.directory / "node.db") as connection:
+        connection.execute("UPDATE audit_entries SET entry = ? WHERE idx = ?", (changed, index))
+    assert_refused_to_start(setup.config, f"first bad index {index}:", f"entry {index}")
+
+
+def test_a_deleted_entry_is_named(stopped_procuratorate: NodeSetup) -> None:
+    setup = stopped_procuratorate
+    index = received_index(setup, 2)
+    tamper(setup, f"DELETE FROM audit_entries WHERE idx = {index}")
+    assert_refused_to_start(setup.config, f"first bad index {index}:", "is missing")
+
+
+def test_a_deleted_last_entry_is_named(stopped_procuratorate: NodeSetup) -> None:
+    setup = stopped_procuratorate
+    [(last,)] = database_rows(setup, "SELECT max(idx) FROM audit_entries")
+    tamper(setup, f"DELETE FROM audit_entries WHERE idx = {last}")
+    assert_refused_to_start(setup.config, f"first bad index {last}:", "are missing")
+
+
+def test_two_swapped_entries_are_named(stopped_procuratorate: NodeSetup) -> None:
+    setup = stopped_procuratorate
+    first, second = received_index(setup, 1), received_index(setup, 4)
+    rows = dict(database_rows(setup, "SELECT idx, entry FROM audit_entries"))
+    with sqlite3.connect(setup.directory / "node.db") as connection:
+        connection.execute(
+            "UPDATE audit_entries SET entry = ? WHERE idx = ?", (rows[second], first)
+        )
+        connection.execute(
+            "UPDATE audit_entries SET entry = ? WHERE idx = ?", (rows[first], second)
+        )
+    assert_refused_to_start(setup.config, f"first bad index {first}:")
+
+
+def test_a_replaced_checkpoint_is_named(stopped_procuratorate: NodeSetup) -> None:
+    """A checkpoint re-signed with another key (say, to hide a rewritten history)."""
+    setup = stopped_procuratorate
+    [(size, signed)] = database_rows(
+        setup, "SELECT size, note FROM checkpoints ORDER BY size LIMIT 1 OFFSET 2"
+    )
+    text, _ = note.split_note(signed)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from node.envelope import sign_note
+    from node.identity import SigningKey
+
+    forger = SigningKey.from_private_key(Ed25519PrivateKey.generate())
+    forged = sign_note(text, f"demo-federation/{PROCURATORATE}", forger)
+    with sqlite3.connect(setup.directory / "node.db") as connection:
+        connection.execute("UPDATE checkpoints SET note = ? WHERE size = ?", (forged, size))
+    assert_refused_to_start(
+        setup.config, f"first bad index {size - 1}:", f"checkpoint of size {size}", "not signed by"
+    )
+
+
+def test_an_untouched_log_restarts(stopped_procuratorate: NodeSetup, tmp_path: Path) -> None:
+    node = NodeProcess(stopped_procuratorate).start()
+    try:
+        log = node.log_path.read_text(encoding="utf-8")
+        checked = [json.loads(line) for line in log.splitlines() if "audit log checked" in line]
+        assert checked[-1]["entries"] == len(
+            database_rows(stopped_procuratorate, "SELECT idx FROM audit_entries")
+        )
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_checkpoints_on_both_backends(make_federation: MakeFederation, backend: str) -> None:
+    nodes = make_federation((ECOLOGY, PROCURATORATE), backend=backend)
+    for node in nodes.values():
+        node.start()
+    deliver(nodes[ECOLOGY], nodes[PROCURATORATE], 3)
+    setup = nodes[PROCURATORATE].setup
+    entries = [
+        row[0] for row in database_rows(setup, "SELECT entry FROM audit_entries ORDER BY idx")
+    ]
+    [(size, root, signed)] = database_rows(
+        setup, "SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+    )
+    assert parse_checkpoint(note.verify_note(signed, verifier_of(setup))).size == size
+    assert root == naive_root([leaf_hash(e) for e in entries[:size]])
+    # Restarted, it checks the log it wrote and goes on from there.
+    assert nodes[PROCURATORATE].stop() == 0
+    nodes[PROCURATORATE].start()
+    deliver(nodes[ECOLOGY], nodes[PROCURATORATE], 1)
+    [(later,)] = database_rows(setup, "SELECT max(size) FROM checkpoints")
+    assert later > size
+
+
+# -- the Audit service (members, mutual TLS) and the auditor's CLI ----------------------
+
+
+def audit_stub(caller: NodeSetup, target: NodeSetup) -> audit_pb2_grpc.AuditStub:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(caller.directory / "ca.crt").read_bytes(),
+        private_key=(caller.directory / "keys" / "tls.key").read_bytes(),
+        certificate_chain=(caller.directory / "tls.crt").read_bytes(),
+    )
+    return audit_pb2_grpc.AuditStub(grpc.secure_channel(target.endpoint, credentials))
+
+
+def test_members_get_checkpoints_and_proofs_that_verify_offline(
+    running: dict[str, NodeProcess],
+) -> None:
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    deliver(police, procuratorate, 3)
+    key = signing_key(police.setup)
+    message = clue_message(POLICE, [PROCURATORATE])
+    exchange_stub(police.setup, procuratorate.setup).TransferClue(sign(message, key), timeout=30)
+    stub = audit_stub(police.setup, procuratorate.setup)
+    verifier = verifier_of(procuratorate.setup)
+
+    latest = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=30)
+    checkpoint = parse_checkpoint(note.verify_note(latest.note, verifier))
+    assert (checkpoint.size, checkpoint.root) == (latest.size, latest.root)
+
+    answer = stub.GetInclusionProof(
+        audit_pb2.InclusionProofRequest(message_id=message.message_id), timeout=30
+    )
+    proof = parse_proof(answer.tlog_proof)
+    assert json.loads(proof.entry or b"")["message_id"] == message.message_id
+    assert json.loads(answer.entry)["event"] == "received"
+    covered = verify_proof(proof, verifier)
+    assert covered.size == answer.size >= answer.index + 1
+
+    earlier = database_rows(procuratorate.setup, "SELECT size, root FROM checkpoints ORDER BY size")
+    (old_size, old_root), (new_size, new_root) = earlier[0], earlier[-1]
+    consistency = stub.GetConsistencyProof(
+        audit_pb2.ConsistencyProofRequest(old_size=old_size, new_size=new_size), timeout=30
+    )
+    verify_consistency(old_size, new_size, old_root, new_root, list(consistency.hashes))
+
+    entries = stub.GetEntries(audit_pb2.GetEntriesRequest(start=0, limit=5), timeout=30)
+    assert [json.loads(e)["v"] for e in entries.entries] == [1] * 5
+
+    # Each call is in the log, with who asked.
+    queries = [e for e in audit_events(procuratorate.setup) if e["event"] == "audit_query"]
+    assert [q["detail"].split(" ")[0] for q in queries] == [
+        "GetCheckpoint",
+        "GetInclusionProof",
+        "GetConsistencyProof",
+        "GetEntries",
+    ]
+    assert {q["peer"] for q in queries} == {POLICE}
+
+
+def test_audit_service_refusals(running: dict[str, NodeProcess]) -> None:
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    deliver(police, procuratorate, 1)
+    stub = audit_stub(police.setup, procuratorate.setup)
+    for call, request, code, phrase in [
+        (
+            stub.GetInclusionProof,
+            audit_pb2.InclusionProofRequest(message_id="01a2087f-397b-7d93-9e6b-dca9fcaac36a"),
+            grpc.StatusCode.NOT_FOUND,
+            "no message",
+        ),
+        (
+            stub.GetInclusionProof,
+            audit_pb2.InclusionProofRequest(index=10_000),
+            grpc.StatusCode.NOT_FOUND,
+            "not in the checkpoint",
+        ),
+        (
+            stub.GetConsistencyProof,
+            audit_pb2.ConsistencyProofRequest(old_size=3, new_size=2),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "at most the new one",
+        ),
+        (
+            stub.GetCheckpoint,
+            audit_pb2.GetCheckpointRequest(size=10_000),
+            grpc.StatusCode.NOT_FOUND,
+            "no checkpoint of size 10000",
+        ),
+    ]:
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=30)
+        assert caught.value.code() == code, caught.value.details()
+        assert phrase in caught.value.details()
+    # A certificate from the federation CA that names no member: refused and logged.
+    channel = grpc.secure_channel(
+        procuratorate.setup.endpoint, anonymous_credentials(procuratorate.setup)
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        audit_pb2_grpc.AuditStub(channel).GetCheckpoint(
+            audit_pb2.GetCheckpointRequest(), timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    queries = [e for e in audit_events(procuratorate.setup) if e["event"] == "audit_query"]
+    assert queries[-1]["peer"] == "unknown"
+    assert "refused" in queries[-1]["detail"]
+
+
+def test_auditor_cli_prints_the_checkpoint_and_a_proof(
+    running: dict[str, NodeProcess], tmp_path: Path
+) -> None:
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    message = clue_message(POLICE, [PROCURATORATE])
+    exchange_stub(police.setup, procuratorate.setup).TransferClue(
+        sign(message, signing_key(police.setup)), timeout=30
+    )
+    config = procuratorate.setup.config
+    printed = cli("audit", "checkpoint", config=config)
+    assert printed.returncode == 0, printed.stderr
+    verifier = verifier_of(procuratorate.setup)
+    assert parse_checkpoint(note.verify_note(printed.stdout.encode(), verifier)).size >= 1
+
+    out = tmp_path / "clue.tlog-proof"
+    written = cli("audit", "prove", message.message_id, "--out", str(out), config=config)
+    assert written.returncode == 0, written.stderr
+    proof = parse_proof(out.read_bytes())
+    assert out.read_bytes().startswith(b"c2sp.org/tlog-proof@v1\nextra ")
+    verify_proof(proof, verifier)
+    # The same proof does not prove another entry.
+    with pytest.raises(note.NoteError, match="does not lead to the root"):
+        verify_proof(proof, verifier, entry=b'{"event":"received"}')
+
+    missing = cli("audit", "prove", "01a2087f-397b-7d93-9e6b-dca9fcaac36a", config=config)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("liandong: error: NOT_FOUND: no message")
+    neither = cli("audit", "prove", config=config)
+    assert neither.returncode == 1
+    assert "give either a MESSAGE_ID or --index N" in neither.stderr
+
+
+def test_the_auditing_guide_snippet_checks_a_real_proof(
+    running: dict[str, NodeProcess],
+) -> None:
+    """docs/auditing.md's dozen lines, run as printed, on a proof from a running node."""
+    police, procuratorate = running[POLICE], running[PROCURATORATE]
+    deliver(police, procuratorate, 5)
+    guide = (Path(__file__).parents[2] / "docs" / "auditing.md").read_text(encoding="utf-8")
+    section = guide.split("## Check one inclusion proof", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(snippet, namespace)
+    verify_inclusion = namespace["verify_inclusion"]
+    stub = audit_stub(police.setup, procuratorate.setup)
+    latest = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=30)
+    for index in range(latest.size):
+        request = audit_pb2.InclusionProofRequest(index=index, size=latest.size)
+        answer = stub.GetInclusionProof(request, timeout=30)
+        hashes = list(answer.hashes)
+        assert verify_inclusion(answer.entry, index, latest.size, hashes, latest.root)
+        assert not verify_inclusion(answer.entry + b" ", index, latest.size, hashes, latest.root)
