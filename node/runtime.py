@@ -47,7 +47,7 @@ from node.server import build_admin_server, build_peer_server
 from node.services.admin import LocalAdminServicer
 from node.services.audit import AuditServicer
 from node.services.exchange import ExchangeServicer
-from node.store.db import make_engine, session_factory, upgrade
+from node.store.db import SequencerBusy, SequencerLock, make_engine, session_factory, upgrade
 from node.store.models import NODE_STATE, NodeStateRecord
 from node.store.writer import Batch, BatchWriter
 
@@ -148,7 +148,10 @@ class Node:
         shown_url = make_url(config.database_url).render_as_string(hide_password=True)
         try:
             self.engine = make_engine(config.database_url)
+            self.sequencer_lock = SequencerLock(self.engine)
             upgrade(self.engine)
+        except SequencerBusy as error:
+            raise StartupError(f"database {shown_url}: {error}") from None
         except SQLAlchemyError as error:
             raise StartupError(
                 f"database {shown_url}: {error.__class__.__name__}: {str(error).splitlines()[0]}"
@@ -458,6 +461,7 @@ class Node:
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
         await self.writer.stop()
         await self.transport.close()
+        self.sequencer_lock.release()
         self.engine.dispose()
         self.config.admin_socket.unlink(missing_ok=True)
         log.info(

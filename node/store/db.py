@@ -7,6 +7,7 @@ synchronous=FULL so a committed row survives power loss; PostgreSQL
 
 from __future__ import annotations
 
+import fcntl
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,62 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN")
+
+
+# pg_advisory_lock key of the one writer of a node database: "liandong" in ASCII.
+SEQUENCER_LOCK_KEY = int.from_bytes(b"liandong", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SequencerBusy(Exception):
+    """Another node process already writes to this database."""
+
+
+class SequencerLock:
+    """Held while this process is the database's one writer (and so the audit log's sequencer).
+
+    The audit log's indices, tree and checkpoints come from one place; a second node process
+    on the same database would fork them. PostgreSQL: a session advisory lock on a connection
+    kept for the purpose. SQLite: an exclusive lock on ``<database>.lock``. Both are released
+    by the operating system or the server if the process dies.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._connection: Any = None
+        self._file: Any = None
+        url = engine.url
+        if url.get_backend_name() == "postgresql":
+            connection = engine.connect()
+            claimed = connection.exec_driver_sql(
+                f"SELECT pg_try_advisory_lock({SEQUENCER_LOCK_KEY})"
+            ).scalar()
+            if not claimed:
+                connection.close()
+                raise SequencerBusy(
+                    "another node process holds this database's writer lock (PostgreSQL "
+                    f"advisory lock {SEQUENCER_LOCK_KEY}); run one node process per database"
+                )
+            self._connection = connection
+        elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            path = Path(str(url.database)).with_name(Path(str(url.database)).name + ".lock")
+            handle = path.open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise SequencerBusy(
+                    f"another node process holds this database's writer lock ({path}); run "
+                    "one node process per database"
+                ) from None
+            self._file = handle
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.exec_driver_sql(f"SELECT pg_advisory_unlock({SEQUENCER_LOCK_KEY})")
+            self._connection.close()
+            self._connection = None
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -348,3 +348,15 @@ def test_the_auditing_guide_snippet_checks_a_real_proof(
         hashes = list(answer.hashes)
         assert verify_inclusion(answer.entry, index, latest.size, hashes, latest.root)
         assert not verify_inclusion(answer.entry + b" ", index, latest.size, hashes, latest.root)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_sequencer_per_database(make_federation: MakeFederation, backend: str) -> None:
+    """A second node process on the same database would fork the log: it refuses to start."""
+    nodes = make_federation((ECOLOGY, PROCURATORATE), backend=backend)
+    first = nodes[PROCURATORATE].start()
+    assert_refused_to_start(first.setup.config, "another node process holds", "writer lock")
+    assert first.serving()
+    assert first.stop() == 0
+    # Released at shutdown: the node starts again.
+    nodes[PROCURATORATE].start()
