@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -100,6 +100,19 @@ class AdminClient:
         response = self._call("GetInclusionProof", request)
         assert isinstance(response, audit_pb2.InclusionProof)
         return response
+
+    def export_audit(
+        self, path: Path, since: str = "", until: str = ""
+    ) -> Iterator[admin_pb2.ExportProgress]:
+        """Ask the node to write a bundle; yields its progress, the summary last."""
+        if not self.socket_path.exists():
+            self._call("NodeInfo", admin_pb2.NodeInfoRequest())  # raises the usual message
+        request = admin_pb2.ExportAuditRequest(path=str(path), since=since, until=until)
+        try:
+            # No overall deadline: a large log takes a while; progress shows it is alive.
+            yield from self._stub.ExportAudit(request)
+        except grpc.RpcError as error:
+            raise AdminError(f"{error.code().name}: {error.details()}") from None
 
     def node_info(self) -> admin_pb2.NodeInfoResponse:
         response = self._call("NodeInfo", admin_pb2.NodeInfoRequest())

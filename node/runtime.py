@@ -25,6 +25,7 @@ from node.audit import log as audit
 from node.audit import note
 from node.audit.check import LogMismatch, check_log
 from node.audit.checkpoint import log_origin
+from node.audit.export import LogIdentity
 from node.audit.log import AuditEvent
 from node.audit.service import AuditLog
 from node.audit.tree import TreeSequencer
@@ -196,6 +197,16 @@ class Node:
                 ) from None
         log.info("audit log checked", entries=checked.size, checkpoints=checked.checkpoints)
 
+    def _log_identity(self) -> LogIdentity:
+        """Who this log is, with the registry file and operator key an auditor needs."""
+        return LogIdentity(
+            agency=self.config.agency,
+            origin=self.log_origin,
+            federation=self.registry.federation,
+            registry=self.config.registry.read_bytes(),
+            operator_key_pem=self.config.operator_key.read_bytes(),
+        )
+
     def _check_own_membership(self, registry: Registry) -> None:
         """This node's agency, signing key and TLS certificate must be the registry's."""
         source = f"federation registry {self.config.registry} (serial {registry.serial})"
@@ -279,7 +290,12 @@ class Node:
         if socket_path.exists():
             socket_path.unlink()  # left behind by a killed node
         self.admin_servicer = LocalAdminServicer(
-            self.context, self.outbox, self.sessions, self.config.listen, self.audit_log
+            self.context,
+            self.outbox,
+            self.sessions,
+            self.config.listen,
+            self.audit_log,
+            self._log_identity,
         )
         self.admin_server = build_admin_server(
             self.admin_servicer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, audit_pb2
 from node.audit import log as audit
+from node.audit.export import LogIdentity, export_bundle
 from node.audit.service import AuditLog
 from node.exchange import queries
 from node.exchange.context import NodeContext
@@ -26,6 +27,24 @@ from node.services.streams import answer_concurrently
 
 # Submissions one SubmitBatch may carry.
 MAX_SUBMIT_BATCH = 256
+
+
+def parse_time(text: str, what: str) -> datetime | None:
+    """An RFC 3339 time with its zone (a bare local time is ambiguous for an audit)."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ExchangeError(
+            Reason.INVALID, f"{what} '{text}' is not a time like 2026-11-23T08:00:00+08:00"
+        ) from None
+    if moment.tzinfo is None:
+        raise ExchangeError(
+            Reason.INVALID,
+            f"{what} '{text}' has no time zone; add one, e.g. {text}+08:00 (Beijing) or {text}Z",
+        )
+    return moment
 
 
 def _time(moment: datetime | None) -> str:
@@ -100,10 +119,12 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         sessions: sessionmaker[Session],
         endpoint: str,
         audit_log: AuditLog,
+        log_identity: Callable[[], LogIdentity],
     ) -> None:
         self.context = context
         self.outbox = outbox
         self.audit_log = audit_log
+        self.log_identity = log_identity
         self.sessions = sessions
         self.endpoint = endpoint
         # Set when the node stops: open SubmitStreams finish what they hold and end.
@@ -207,6 +228,51 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         async with domain_errors(context, "GetInclusionProof"):
             return await asyncio.to_thread(inclusion_message, self.audit_log, request)
         raise AssertionError("unreachable")
+
+    async def ExportAudit(
+        self, request: admin_pb2.ExportAuditRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.ExportProgress]:
+        """Write the bundle in a worker thread; relay its progress, then the summary."""
+        async with domain_errors(context, "ExportAudit"):
+            since = parse_time(request.since, "since")
+            until = parse_time(request.until, "until")
+            loop = asyncio.get_running_loop()
+            updates: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+            def progress(done: int, total: int) -> None:
+                loop.call_soon_threadsafe(updates.put_nowait, (done, total))
+
+            work = asyncio.ensure_future(
+                asyncio.to_thread(
+                    export_bundle,
+                    self.sessions,
+                    Path(request.path),
+                    self.log_identity(),
+                    since=since,
+                    until=until,
+                    progress=progress,
+                )
+            )
+            while not work.done() or not updates.empty():
+                waiting = asyncio.ensure_future(updates.get())
+                await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    done, total = waiting.result()
+                    yield admin_pb2.ExportProgress(done=done, total=total)
+                else:
+                    waiting.cancel()
+            summary = work.result()
+            yield admin_pb2.ExportProgress(
+                finished=True,
+                path=str(summary.path),
+                done=summary.end_index - summary.first_index,
+                total=summary.end_index - summary.first_index,
+                first_index=summary.first_index,
+                end_index=summary.end_index,
+                checkpoints=summary.checkpoints,
+                messages=summary.messages,
+                size_bytes=summary.size_bytes,
+            )
 
     def _read(self, query, *args):  # type: ignore[no-untyped-def]
         with self.sessions() as session:

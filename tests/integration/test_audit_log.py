@@ -7,8 +7,12 @@ naming the first bad entry index.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,13 +20,13 @@ from typing import Any
 import grpc
 import pytest
 
-from node._pb.liandong.v1 import audit_pb2, audit_pb2_grpc
+from node._pb.liandong.v1 import audit_pb2, audit_pb2_grpc, envelope_pb2
 from node.audit import note
 from node.audit.checkpoint import log_origin, parse_checkpoint
 from node.audit.merkle import leaf_hash, verify_consistency
 from node.audit.proof import parse_proof, verify_proof
 from node.federation_setup import NodeSetup
-from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess
+from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
 from tests.integration.test_exchange import cli
 from tests.integration.test_startup import assert_refused_to_start
 from tests.peer import (
@@ -360,3 +364,173 @@ def test_one_sequencer_per_database(make_federation: MakeFederation, backend: st
     assert first.stop() == 0
     # Released at shutdown: the node starts again.
     nodes[PROCURATORATE].start()
+
+
+# -- export and offline verification -------------------------------------------------------
+
+
+def rewrite_bundle(path: Path, change: Callable[[str, bytes], bytes]) -> None:
+    """Rewrite a bundle file with `change(member name, content)` applied to every member."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, change(name, content))
+
+
+@pytest.fixture
+def bundles(running: dict[str, NodeProcess], tmp_path: Path) -> dict[str, Path]:
+    """Ecology sends the police and the procuratorate real messages; each exports a bundle."""
+    ecology = running[ECOLOGY]
+    for n in range(3):
+        sent = cli(
+            "send",
+            "notice",
+            "--to",
+            POLICE,
+            "--to",
+            PROCURATORATE,
+            "--body",
+            str(write_body(tmp_path / f"n{n}.json", {"title": f"通报 {n}"})),
+            config=ecology.setup.config,
+        )
+        assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: ecology.client().node_info().pending_deliveries == 0, what="deliveries")
+    paths = {}
+    for agency, node in running.items():
+        out = tmp_path / f"{agency.replace('/', '_')}.bundle"
+        exported = cli("audit", "export", "--out", str(out), config=node.setup.config)
+        assert exported.returncode == 0, exported.stderr
+        assert exported.stdout.startswith(f"wrote {out}: entries 0..")
+        paths[agency] = out
+    return paths
+
+
+def write_body(path: Path, body: dict[str, str]) -> Path:
+    path.write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def verify(*paths: Path) -> tuple[int, dict[str, Any]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "audit", "verify", *map(str, paths), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_exported_bundles_verify_alone_and_together(bundles: dict[str, Path]) -> None:
+    code, report = verify(*bundles.values())
+    assert code == 0, report
+    assert report["ok"] is True
+    assert report["matched_across_bundles"] == 6  # 3 notices to 2 recipients
+    by_agency = {b["agency"]: b for b in report["bundles"]}
+    assert by_agency[ECOLOGY]["messages"] == 3
+    assert all(
+        b["checkpoints"] >= 1 and b["signatures"] >= b["checkpoints"] for b in by_agency.values()
+    )
+    readable = subprocess.run(
+        [sys.executable, "-m", "node.cli", "audit", "verify", *map(str, bundles.values())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert readable.returncode == 0, readable.stderr
+    assert readable.stdout.rstrip().endswith("OK")
+    assert "messages matched across bundles: 6" in readable.stdout
+
+
+def test_a_changed_entry_in_a_bundle_is_named(bundles: dict[str, Path]) -> None:
+    path = bundles[POLICE]
+    lines = zipfile.ZipFile(path).read("entries.log").split(b"\n")
+    index = next(n for n, line in enumerate(lines) if b'"received"' in line)
+
+    def change(name: str, content: bytes) -> bytes:
+        if name != "entries.log":
+            return content
+        altered = content.split(b"\n")
+        altered[index] = altered[index].replace(b"received", b"rejected")
+        return b"\n".join(altered)
+
+    rewrite_bundle(path, change)
+    code, report = verify(path)
+    assert code == 1
+    assert report["problems"][0]["index"] == index
+    assert "signed checkpoint" in report["problems"][0]["problem"]
+
+
+def test_a_message_missing_on_one_side_is_listed(bundles: dict[str, Path]) -> None:
+    procuratorate = bundles[PROCURATORATE]
+    dropped: list[str] = []
+
+    def drop_first_message(name: str, content: bytes) -> bytes:
+        if name != "messages.jsonl":
+            return content
+        first, rest = content.split(b"\n", 1)
+        dropped.append(json.loads(first)["message_id"])
+        return rest
+
+    rewrite_bundle(procuratorate, drop_first_message)
+    code, report = verify(*bundles.values())
+    assert code == 1
+    assert report["problems"] == []
+    [one_sided] = report["one_sided"]
+    assert dropped[0] in one_sided
+    assert f"{PROCURATORATE}'s bundle has no such message" in one_sided
+
+
+def test_a_forged_envelope_in_a_bundle_is_named(bundles: dict[str, Path]) -> None:
+    path = bundles[ECOLOGY]
+
+    def forge(name: str, content: bytes) -> bytes:
+        if name != "messages.jsonl":
+            return content
+        first, rest = content.split(b"\n", 1)
+        item = json.loads(first)
+        envelope = envelope_pb2.Envelope.FromString(base64.b64decode(item["envelope"]))
+        envelope.payload = envelope.payload.replace("通报".encode(), "通知".encode())
+        item["envelope"] = base64.b64encode(envelope.SerializeToString()).decode()
+        return json.dumps(item).encode() + b"\n" + rest
+
+    rewrite_bundle(path, forge)
+    code, report = verify(path)
+    assert code == 1
+    problems = [p["problem"] for p in report["problems"]]
+    assert any("envelope signature" in p and "does not verify" in p for p in problems)
+
+
+def test_export_and_verify_refusals(running: dict[str, NodeProcess], tmp_path: Path) -> None:
+    config = running[PROCURATORATE].setup.config
+    deliver(running[POLICE], running[PROCURATORATE], 1)
+    nowhere = cli("audit", "export", "--out", str(tmp_path / "no" / "b.zip"), config=config)
+    assert nowhere.returncode == 1
+    assert "does not exist" in nowhere.stderr
+    zoneless = cli(
+        "audit",
+        "export",
+        "--out",
+        str(tmp_path / "b.zip"),
+        "--since",
+        "2026-01-01T00:00:00",
+        config=config,
+    )
+    assert zoneless.returncode == 1
+    assert "has no time zone" in zoneless.stderr
+    future = cli(
+        "audit",
+        "export",
+        "--out",
+        str(tmp_path / "b.zip"),
+        "--since",
+        "2999-01-01T00:00:00Z",
+        config=config,
+    )
+    assert future.returncode == 1
+    assert "no audit entry since" in future.stderr
+    not_a_bundle = tmp_path / "notes.txt"
+    not_a_bundle.write_text("hello", encoding="utf-8")
+    code, report = verify(not_a_bundle)
+    assert code == 1
+    assert "not an audit bundle" in report["problems"][0]["problem"]

@@ -27,39 +27,43 @@ from node._pb.liandong.v1 import audit_pb2 as liandong_dot_v1_dot_audit__pb2
 from node._pb.liandong.v1 import envelope_pb2 as liandong_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17liandong/v1/admin.proto\x12\x0bliandong.v1\x1a\x17liandong/v1/audit.proto\x1a\x1aliandong/v1/envelope.proto\"\xa2\x05\n\rSubmitRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nrecipients\x18\x02 \x03(\t\x12\x11\n\tbody_json\x18\x03 \x01(\t\x12\x11\n\tbody_type\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61se_ref\x18\x05 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x06 \x01(\t\x12\x35\n\x0f\x63onfidentiality\x18\x07 \x01(\x0e\x32\x1c.liandong.v1.Confidentiality\x12\x18\n\x10\x61ttachment_paths\x18\x08 \x03(\t\x12\x12\n\nclient_key\x18\t \x01(\t\x12\x0b\n\x03seq\x18\n \x01(\x04\x12)\n\x04\x63lue\x18\x14 \x01(\x0b\x32\x19.liandong.v1.ClueTransferH\x00\x12\x34\n\x0e\x63rime_transfer\x18\x15 \x01(\x0b\x32\x1a.liandong.v1.CrimeTransferH\x00\x12%\n\x06notice\x18\x16 \x01(\x0b\x32\x13.liandong.v1.NoticeH\x00\x12\x38\n\x10\x65vidence_request\x18\x17 \x01(\x0b\x32\x1c.liandong.v1.EvidenceRequestH\x00\x12:\n\x11\x65vidence_response\x18\x18 \x01(\x0b\x32\x1d.liandong.v1.EvidenceResponseH\x00\x12\x35\n\x0erecommendation\x18\x19 \x01(\x0b\x32\x1b.liandong.v1.RecommendationH\x00\x12@\n\x14recommendation_reply\x18\x1a \x01(\x0b\x32 .liandong.v1.RecommendationReplyH\x00\x12)\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x1b \x01(\x0b\x32\x15.liandong.v1.FeedbackH\x00\x42\x0c\n\ntyped_body\";\n\x0bSubmitBatch\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.liandong.v1.SubmitRequest\";\n\rSubmitResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.liandong.v1.SubmitResult\"N\n\x0cSubmitResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"$\n\x0eSubmitResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\xb0\x01\n\x10ListItemsRequest\x12:\n\tdirection\x18\x01 \x01(\x0e\x32\'.liandong.v1.ListItemsRequest.Direction\x12\r\n\x05limit\x18\x02 \x01(\r\"Q\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44IRECTION_INBOX\x10\x01\x12\x14\n\x10\x44IRECTION_OUTBOX\x10\x02\"\x9c\x01\n\x08\x44\x65livery\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65livered_at\x18\x05 \x01(\t\x12\x16\n\x0ereceipt_sha256\x18\x06 \x01(\t\x12\x1a\n\x12receiver_log_index\x18\x07 \x01(\x04\"\xf9\x02\n\x04Item\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tdirection\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x11\n\tbody_type\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x12\n\nrecipients\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61se_ref\x18\x08 \x01(\t\x12\x13\n\x0bin_reply_to\x18\t \x01(\t\x12\x17\n\x0f\x63onfidentiality\x18\n \x01(\t\x12\x11\n\tbody_json\x18\x0b \x01(\t\x12\x17\n\x0f\x65nvelope_sha256\x18\x0c \x01(\t\x12/\n\x0b\x61ttachments\x18\r \x03(\x0b\x32\x1a.liandong.v1.AttachmentRef\x12)\n\ndeliveries\x18\x0e \x03(\x0b\x32\x15.liandong.v1.Delivery\x12\x13\n\x0breceived_at\x18\x0f \x01(\t\x12\x12\n\nhanded_off\x18\x10 \x01(\t\"5\n\x11ListItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.liandong.v1.Item\"$\n\x0eGetItemRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\x11\n\x0fNodeInfoRequest\"\x9d\x01\n\x10NodeInfoResponse\x12\x0e\n\x06\x61gency\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x17\n\x0fregistry_serial\x18\x03 \x01(\x04\x12\x1b\n\x13registry_expires_at\x18\x04 \x01(\t\x12\x15\n\raudit_entries\x18\x05 \x01(\x04\x12\x1a\n\x12pending_deliveries\x18\x06 \x01(\r2\x92\x04\n\nLocalAdmin\x12\x41\n\x06Submit\x12\x1a.liandong.v1.SubmitRequest\x1a\x1b.liandong.v1.SubmitResponse\x12H\n\x0cSubmitStream\x12\x18.liandong.v1.SubmitBatch\x1a\x1a.liandong.v1.SubmitResults(\x01\x30\x01\x12J\n\tListItems\x12\x1d.liandong.v1.ListItemsRequest\x1a\x1e.liandong.v1.ListItemsResponse\x12\x39\n\x07GetItem\x12\x1b.liandong.v1.GetItemRequest\x1a\x11.liandong.v1.Item\x12G\n\x08NodeInfo\x12\x1c.liandong.v1.NodeInfoRequest\x1a\x1d.liandong.v1.NodeInfoResponse\x12Q\n\rGetCheckpoint\x12!.liandong.v1.GetCheckpointRequest\x1a\x1d.liandong.v1.SignedCheckpoint\x12T\n\x11GetInclusionProof\x12\".liandong.v1.InclusionProofRequest\x1a\x1b.liandong.v1.InclusionProofb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17liandong/v1/admin.proto\x12\x0bliandong.v1\x1a\x17liandong/v1/audit.proto\x1a\x1aliandong/v1/envelope.proto\"@\n\x12\x45xportAuditRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\t\x12\r\n\x05until\x18\x03 \x01(\t\"\xb0\x01\n\x0e\x45xportProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x05 \x01(\x04\x12\x11\n\tend_index\x18\x06 \x01(\x04\x12\x13\n\x0b\x63heckpoints\x18\x07 \x01(\r\x12\x10\n\x08messages\x18\x08 \x01(\r\x12\x12\n\nsize_bytes\x18\t \x01(\x04\"\xa2\x05\n\rSubmitRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nrecipients\x18\x02 \x03(\t\x12\x11\n\tbody_json\x18\x03 \x01(\t\x12\x11\n\tbody_type\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61se_ref\x18\x05 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x06 \x01(\t\x12\x35\n\x0f\x63onfidentiality\x18\x07 \x01(\x0e\x32\x1c.liandong.v1.Confidentiality\x12\x18\n\x10\x61ttachment_paths\x18\x08 \x03(\t\x12\x12\n\nclient_key\x18\t \x01(\t\x12\x0b\n\x03seq\x18\n \x01(\x04\x12)\n\x04\x63lue\x18\x14 \x01(\x0b\x32\x19.liandong.v1.ClueTransferH\x00\x12\x34\n\x0e\x63rime_transfer\x18\x15 \x01(\x0b\x32\x1a.liandong.v1.CrimeTransferH\x00\x12%\n\x06notice\x18\x16 \x01(\x0b\x32\x13.liandong.v1.NoticeH\x00\x12\x38\n\x10\x65vidence_request\x18\x17 \x01(\x0b\x32\x1c.liandong.v1.EvidenceRequestH\x00\x12:\n\x11\x65vidence_response\x18\x18 \x01(\x0b\x32\x1d.liandong.v1.EvidenceResponseH\x00\x12\x35\n\x0erecommendation\x18\x19 \x01(\x0b\x32\x1b.liandong.v1.RecommendationH\x00\x12@\n\x14recommendation_reply\x18\x1a \x01(\x0b\x32 .liandong.v1.RecommendationReplyH\x00\x12)\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x1b \x01(\x0b\x32\x15.liandong.v1.FeedbackH\x00\x42\x0c\n\ntyped_body\";\n\x0bSubmitBatch\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.liandong.v1.SubmitRequest\";\n\rSubmitResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.liandong.v1.SubmitResult\"N\n\x0cSubmitResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"$\n\x0eSubmitResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\xb0\x01\n\x10ListItemsRequest\x12:\n\tdirection\x18\x01 \x01(\x0e\x32\'.liandong.v1.ListItemsRequest.Direction\x12\r\n\x05limit\x18\x02 \x01(\r\"Q\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44IRECTION_INBOX\x10\x01\x12\x14\n\x10\x44IRECTION_OUTBOX\x10\x02\"\x9c\x01\n\x08\x44\x65livery\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65livered_at\x18\x05 \x01(\t\x12\x16\n\x0ereceipt_sha256\x18\x06 \x01(\t\x12\x1a\n\x12receiver_log_index\x18\x07 \x01(\x04\"\xf9\x02\n\x04Item\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tdirection\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x11\n\tbody_type\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x12\n\nrecipients\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61se_ref\x18\x08 \x01(\t\x12\x13\n\x0bin_reply_to\x18\t \x01(\t\x12\x17\n\x0f\x63onfidentiality\x18\n \x01(\t\x12\x11\n\tbody_json\x18\x0b \x01(\t\x12\x17\n\x0f\x65nvelope_sha256\x18\x0c \x01(\t\x12/\n\x0b\x61ttachments\x18\r \x03(\x0b\x32\x1a.liandong.v1.AttachmentRef\x12)\n\ndeliveries\x18\x0e \x03(\x0b\x32\x15.liandong.v1.Delivery\x12\x13\n\x0breceived_at\x18\x0f \x01(\t\x12\x12\n\nhanded_off\x18\x10 \x01(\t\"5\n\x11ListItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.liandong.v1.Item\"$\n\x0eGetItemRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\x11\n\x0fNodeInfoRequest\"\x9d\x01\n\x10NodeInfoResponse\x12\x0e\n\x06\x61gency\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x17\n\x0fregistry_serial\x18\x03 \x01(\x04\x12\x1b\n\x13registry_expires_at\x18\x04 \x01(\t\x12\x15\n\raudit_entries\x18\x05 \x01(\x04\x12\x1a\n\x12pending_deliveries\x18\x06 \x01(\r2\xe1\x04\n\nLocalAdmin\x12\x41\n\x06Submit\x12\x1a.liandong.v1.SubmitRequest\x1a\x1b.liandong.v1.SubmitResponse\x12H\n\x0cSubmitStream\x12\x18.liandong.v1.SubmitBatch\x1a\x1a.liandong.v1.SubmitResults(\x01\x30\x01\x12J\n\tListItems\x12\x1d.liandong.v1.ListItemsRequest\x1a\x1e.liandong.v1.ListItemsResponse\x12\x39\n\x07GetItem\x12\x1b.liandong.v1.GetItemRequest\x1a\x11.liandong.v1.Item\x12G\n\x08NodeInfo\x12\x1c.liandong.v1.NodeInfoRequest\x1a\x1d.liandong.v1.NodeInfoResponse\x12Q\n\rGetCheckpoint\x12!.liandong.v1.GetCheckpointRequest\x1a\x1d.liandong.v1.SignedCheckpoint\x12T\n\x11GetInclusionProof\x12\".liandong.v1.InclusionProofRequest\x1a\x1b.liandong.v1.InclusionProof\x12M\n\x0b\x45xportAudit\x12\x1f.liandong.v1.ExportAuditRequest\x1a\x1b.liandong.v1.ExportProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'liandong.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITREQUEST']._serialized_start=94
-  _globals['_SUBMITREQUEST']._serialized_end=768
-  _globals['_SUBMITBATCH']._serialized_start=770
-  _globals['_SUBMITBATCH']._serialized_end=829
-  _globals['_SUBMITRESULTS']._serialized_start=831
-  _globals['_SUBMITRESULTS']._serialized_end=890
-  _globals['_SUBMITRESULT']._serialized_start=892
-  _globals['_SUBMITRESULT']._serialized_end=970
-  _globals['_SUBMITRESPONSE']._serialized_start=972
-  _globals['_SUBMITRESPONSE']._serialized_end=1008
-  _globals['_LISTITEMSREQUEST']._serialized_start=1011
-  _globals['_LISTITEMSREQUEST']._serialized_end=1187
-  _globals['_LISTITEMSREQUEST_DIRECTION']._serialized_start=1106
-  _globals['_LISTITEMSREQUEST_DIRECTION']._serialized_end=1187
-  _globals['_DELIVERY']._serialized_start=1190
-  _globals['_DELIVERY']._serialized_end=1346
-  _globals['_ITEM']._serialized_start=1349
-  _globals['_ITEM']._serialized_end=1726
-  _globals['_LISTITEMSRESPONSE']._serialized_start=1728
-  _globals['_LISTITEMSRESPONSE']._serialized_end=1781
-  _globals['_GETITEMREQUEST']._serialized_start=1783
-  _globals['_GETITEMREQUEST']._serialized_end=1819
-  _globals['_NODEINFOREQUEST']._serialized_start=1821
-  _globals['_NODEINFOREQUEST']._serialized_end=1838
-  _globals['_NODEINFORESPONSE']._serialized_start=1841
-  _globals['_NODEINFORESPONSE']._serialized_end=1998
-  _globals['_LOCALADMIN']._serialized_start=2001
-  _globals['_LOCALADMIN']._serialized_end=2531
+  _globals['_EXPORTAUDITREQUEST']._serialized_start=93
+  _globals['_EXPORTAUDITREQUEST']._serialized_end=157
+  _globals['_EXPORTPROGRESS']._serialized_start=160
+  _globals['_EXPORTPROGRESS']._serialized_end=336
+  _globals['_SUBMITREQUEST']._serialized_start=339
+  _globals['_SUBMITREQUEST']._serialized_end=1013
+  _globals['_SUBMITBATCH']._serialized_start=1015
+  _globals['_SUBMITBATCH']._serialized_end=1074
+  _globals['_SUBMITRESULTS']._serialized_start=1076
+  _globals['_SUBMITRESULTS']._serialized_end=1135
+  _globals['_SUBMITRESULT']._serialized_start=1137
+  _globals['_SUBMITRESULT']._serialized_end=1215
+  _globals['_SUBMITRESPONSE']._serialized_start=1217
+  _globals['_SUBMITRESPONSE']._serialized_end=1253
+  _globals['_LISTITEMSREQUEST']._serialized_start=1256
+  _globals['_LISTITEMSREQUEST']._serialized_end=1432
+  _globals['_LISTITEMSREQUEST_DIRECTION']._serialized_start=1351
+  _globals['_LISTITEMSREQUEST_DIRECTION']._serialized_end=1432
+  _globals['_DELIVERY']._serialized_start=1435
+  _globals['_DELIVERY']._serialized_end=1591
+  _globals['_ITEM']._serialized_start=1594
+  _globals['_ITEM']._serialized_end=1971
+  _globals['_LISTITEMSRESPONSE']._serialized_start=1973
+  _globals['_LISTITEMSRESPONSE']._serialized_end=2026
+  _globals['_GETITEMREQUEST']._serialized_start=2028
+  _globals['_GETITEMREQUEST']._serialized_end=2064
+  _globals['_NODEINFOREQUEST']._serialized_start=2066
+  _globals['_NODEINFOREQUEST']._serialized_end=2083
+  _globals['_NODEINFORESPONSE']._serialized_start=2086
+  _globals['_NODEINFORESPONSE']._serialized_end=2243
+  _globals['_LOCALADMIN']._serialized_start=2246
+  _globals['_LOCALADMIN']._serialized_end=2855
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,81 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ExportAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """absolute path of the bundle to write (replaced if it exists)"""
+    since: _builtins.str
+    """RFC 3339, optional: entries recorded at or after"""
+    until: _builtins.str
+    """RFC 3339, optional: entries recorded at or before"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        since: _builtins.str = ...,
+        until: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditRequest: _TypeAlias = ExportAuditRequest  # noqa: Y015
+
+@_typing.final
+class ExportProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FIRST_INDEX_FIELD_NUMBER: _builtins.int
+    END_INDEX_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    done: _builtins.int
+    """entries written so far"""
+    total: _builtins.int
+    """entries to write"""
+    finished: _builtins.bool
+    """the last message: the bundle is complete"""
+    path: _builtins.str
+    first_index: _builtins.int
+    end_index: _builtins.int
+    """one past the last entry"""
+    checkpoints: _builtins.int
+    messages: _builtins.int
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+        finished: _builtins.bool = ...,
+        path: _builtins.str = ...,
+        first_index: _builtins.int = ...,
+        end_index: _builtins.int = ...,
+        checkpoints: _builtins.int = ...,
+        messages: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "done", b"done", "end_index", b"end_index", "finished", b"finished", "first_index", b"first_index", "messages", b"messages", "path", b"path", "size_bytes", b"size_bytes", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportProgress: _TypeAlias = ExportProgress  # noqa: Y015
+
+@_typing.final
 class SubmitRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -71,6 +71,11 @@ class LocalAdminStub:
                 request_serializer=liandong_dot_v1_dot_audit__pb2.InclusionProofRequest.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_audit__pb2.InclusionProof.FromString,
                 _registered_method=True)
+        self.ExportAudit = channel.unary_stream(
+                '/liandong.v1.LocalAdmin/ExportAudit',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.ExportProgress.FromString,
+                _registered_method=True)
 
 
 class LocalAdminServicer:
@@ -122,6 +127,14 @@ class LocalAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportAudit(self, request, context):
+        """Write an audit bundle of the log to `path` on this host (the node writes it); the
+        stream reports progress and ends with the summary (`finished`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_LocalAdminServicer_to_server(servicer, server):
                     servicer.GetInclusionProof,
                     request_deserializer=liandong_dot_v1_dot_audit__pb2.InclusionProofRequest.FromString,
                     response_serializer=liandong_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
+            ),
+            'ExportAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAudit,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.ExportAuditRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.ExportProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +368,33 @@ class LocalAdmin:
             '/liandong.v1.LocalAdmin/GetInclusionProof',
             liandong_dot_v1_dot_audit__pb2.InclusionProofRequest.SerializeToString,
             liandong_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/ExportAudit',
+            liandong_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.ExportProgress.FromString,
             options,
             channel_credentials,
             insecure,

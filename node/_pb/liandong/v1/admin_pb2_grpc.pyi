@@ -47,6 +47,10 @@ class LocalAdminStub:
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.SignedCheckpoint]
     """This node's own audit log, as the Audit service gives it to members (not audited)."""
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.InclusionProofRequest, _audit_pb2.InclusionProof]
+    ExportAudit: _grpc.UnaryStreamMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.ExportProgress]
+    """Write an audit bundle of the log to `path` on this host (the node writes it); the
+    stream reports progress and ends with the summary (`finished`).
+    """
 
 @_typing.type_check_only
 class LocalAdminAsyncStub(LocalAdminStub):
@@ -63,6 +67,10 @@ class LocalAdminAsyncStub(LocalAdminStub):
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.SignedCheckpoint]  # type: ignore[assignment]
     """This node's own audit log, as the Audit service gives it to members (not audited)."""
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.InclusionProofRequest, _audit_pb2.InclusionProof]  # type: ignore[assignment]
+    ExportAudit: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.ExportProgress]  # type: ignore[assignment]
+    """Write an audit bundle of the log to `path` on this host (the node writes it); the
+    stream reports progress and ends with the summary (`finished`).
+    """
 
 class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -118,5 +126,15 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.InclusionProofRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.InclusionProof, _abc.Awaitable[_audit_pb2.InclusionProof]]: ...
+
+    @_abc_1.abstractmethod
+    def ExportAudit(
+        self,
+        request: _admin_pb2.ExportAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.ExportProgress], _abc.AsyncIterator[_admin_pb2.ExportProgress]]:
+        """Write an audit bundle of the log to `path` on this host (the node writes it); the
+        stream reports progress and ends with the summary (`finished`).
+        """
 
 def add_LocalAdminServicer_to_server(servicer: LocalAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
