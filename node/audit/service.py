@@ -18,7 +18,7 @@ from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.audit.merkle import ProofError, consistency_proof, inclusion_proof, root_at
 from node.audit.proof import LogProof
-from node.audit.tree import StoredTree
+from node.audit.tree import NodeCache, StoredTree
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.store.models import AUDIT_ENTRIES, CHECKPOINTS
@@ -42,6 +42,7 @@ class AuditLog:
         self.context = context
         self.sessions = sessions
         self.writer = writer
+        self.nodes = NodeCache()
 
     # -- reading (run these off the event loop) ----------------------------------------------
 
@@ -70,7 +71,7 @@ class AuditLog:
                     f"entry {index} is not in the checkpoint of size {checkpoint.size}; "
                     "ask again once a later checkpoint covers it",
                 )
-            tree = StoredTree(session)
+            tree = StoredTree(session, self.nodes)
             hashes = inclusion_proof(index, checkpoint.size, tree)
             entry = session.scalar(
                 select(AUDIT_ENTRIES.c.entry).where(AUDIT_ENTRIES.c.idx == index)
@@ -87,7 +88,7 @@ class AuditLog:
                     f"size {new_size} is beyond the latest checkpoint ({latest.size} entries)",
                 )
             try:
-                return consistency_proof(old_size, new_size, StoredTree(session))
+                return consistency_proof(old_size, new_size, StoredTree(session, self.nodes))
             except ProofError as error:
                 raise ExchangeError(Reason.INVALID, str(error)) from None
 

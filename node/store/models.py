@@ -104,10 +104,10 @@ class AuditEntryRecord(Base):
 
 
 class MerkleNodeRecord(Base):
-    """A perfect subtree of the audit log's Merkle tree, at a level that is a multiple of 8.
+    """A perfect subtree of the audit log's Merkle tree, at a level that is a multiple of 4.
 
     The hash of the 2**level entries from index idx * 2**level (node.audit.tree): the levels
-    between are recomputed from these or from the entries, 256 hashes at most.
+    between are recomputed from these or from the entries' leaf hashes, 16 hashes at most.
     """
 
     __tablename__ = "merkle_nodes"

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.audit.merkle import (
+    ProofError,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -25,7 +26,7 @@ from node.store.models import AUDIT_ENTRIES, MERKLE_NODES, NODE_STATE
 from node.store.writer import Batch, BatchWriter
 from tests.unit.test_merkle import naive_root
 
-ENTRIES = 600  # past two 256-entry tiles, so stored level-8 nodes are used and mixed
+ENTRIES = 600  # past two 256-entry subtrees: stored level-4 and level-8 nodes are both used
 
 
 @pytest.fixture
@@ -84,9 +85,9 @@ def test_the_stored_tree_gives_every_root_and_proof(sessions) -> None:  # type: 
         assert len(hashes) == ENTRIES
         assert sequencer.size == ENTRIES
         assert sequencer.root() == naive_root(hashes)
-        # Only every 8th level is stored: one row per 256 entries.
+        # Only every 4th level is stored: a row per 16 entries, one per 256.
         stored = session.execute(select(MERKLE_NODES.c.level, MERKLE_NODES.c.idx)).all()
-        assert sorted(stored) == [(8, 0), (8, 1)]
+        assert sorted(stored) == [(4, n) for n in range(ENTRIES // 16)] + [(8, 0), (8, 1)]
         source = StoredTree(session)
         for size in (1, 2, 255, 256, 257, 511, 512, 513, ENTRIES):
             root = naive_root(hashes[:size])
@@ -145,12 +146,13 @@ def test_a_log_without_tree_nodes_gets_them_at_load(sessions) -> None:  # type: 
         hashes = leaves(session)
         assert later.root() == naive_root(hashes)
         count = session.scalar(select(func.count()).select_from(MERKLE_NODES))
-        assert count == 2
+        assert count == ENTRIES // 16 + 2
 
 
-def test_a_changed_entry_changes_the_stored_root(sessions) -> None:  # type: ignore[no-untyped-def]
-    """The stored tree is only as good as the entries under it: a tampered entry below a
-    stored node no longer matches it (what the start-up check and `audit verify` look for)."""
+def test_a_changed_entry_no_longer_has_a_proof(sessions) -> None:  # type: ignore[no-untyped-def]
+    """The tree is built from the leaf hashes recorded when the entries were written: an entry
+    changed afterwards no longer hashes to its leaf, so its proof fails (and the start-up
+    check and `audit verify` name it)."""
     sequencer = TreeSequencer()
     grow(sessions, 300, sequencer)
     with sessions() as session, session.begin():
@@ -160,4 +162,8 @@ def test_a_changed_entry_changes_the_stored_root(sessions) -> None:  # type: ign
             .values(entry=b'{"tampered":true}')
         )
     with sessions() as session:
-        assert root_at(300, StoredTree(session)) != sequencer.root()
+        tree = StoredTree(session)
+        assert root_at(300, tree) == sequencer.root()
+        proof = inclusion_proof(270, 300, tree)
+        with pytest.raises(ProofError):
+            verify_inclusion(270, 300, leaf_hash(b'{"tampered":true}'), proof, sequencer.root())

@@ -1,4 +1,4 @@
-"""audit tree: Merkle nodes (every 8th level) and signed checkpoints
+"""audit tree: Merkle nodes (every 4th level), leaf hashes and signed checkpoints
 
 Revision ID: 0002
 Revises: 0001
