@@ -62,6 +62,8 @@ class NodeConfig:
     log_level: str = "info"
     plugins_enabled: tuple[str, ...] | None = None
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How often this node witnesses (fetches, checks and cosigns) its peers' checkpoints; 0: never.
+    witness_interval_seconds: float = 60.0
 
 
 _KNOWN = {
@@ -72,6 +74,7 @@ _KNOWN = {
     "limits": set(Limits.__dataclass_fields__),
     "delivery": set(Delivery.__dataclass_fields__),
     "logging": {"format", "level"},
+    "audit": {"witness_interval_seconds"},
 }
 
 
@@ -161,6 +164,7 @@ def load_config(path: Path) -> NodeConfig:
         log_level=log_level,
         plugins_enabled=enabled,
         plugin_settings=settings,
+        witness_interval_seconds=reader.number("audit", "witness_interval_seconds", 60.0),
     )
 
 
@@ -184,6 +188,7 @@ def render_config(
     database_url: str = "",
     plugins: tuple[str, ...] | None = None,
     extra: str = "",
+    witness_interval: float = 60.0,
 ) -> str:
     """A starting config for `liandong init`, with every path at its default."""
     plugin_line = "" if plugins is None else f"enabled = {list(plugins)!r}\n".replace("'", '"')
@@ -207,6 +212,8 @@ def render_config(
         f'url = "{database_url}"        # empty: SQLite in data_dir\n\n'
         "[logging]\n"
         'format = "auto"                # auto: JSON unless stderr is a terminal\n\n'
+        "[audit]\n"
+        f"witness_interval_seconds = {witness_interval:g}  # check and cosign peers' logs\n\n"
         "[plugins]\n"
         f"{plugin_line}{extra}"
     )

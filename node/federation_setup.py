@@ -74,8 +74,13 @@ def create_federation(
     poll_seconds: float = 0.2,
     extra_config: str = "",
     registry_days: int = 30,
+    witness_interval: float = 0.0,
 ) -> list[NodeSetup]:
-    """Operator + one node directory per agency, each ready for `liandong serve`."""
+    """Operator + one node directory per agency, each ready for `liandong serve`.
+
+    Witnessing is off unless `witness_interval` is given: its rounds write the peers' audit
+    logs (each query is logged), which tests and benchmarks that count entries do not want.
+    """
     operator = workdir / "operator"
     pki.init_federation(operator, "demo-federation")
     nodes = []
@@ -86,7 +91,9 @@ def create_federation(
         certificate = pki.add_member(operator, request)
         shutil.copy(certificate, directory / "tls.crt")
         url = (database_urls or {}).get(agency, "")
-        config = render_config(agency=agency, listen=endpoint, database_url=url)
+        config = render_config(
+            agency=agency, listen=endpoint, database_url=url, witness_interval=witness_interval
+        )
         config = config.replace(
             'admin_socket = "admin.sock"',
             f'admin_socket = "admin.sock"\npoll_seconds = {poll_seconds}',

@@ -1,4 +1,5 @@
-"""The gRPC client side: delivering to peers over mutual TLS (implements PeerTransport)."""
+"""The gRPC client side: delivering to peers over mutual TLS (implements PeerTransport), and
+reading their Audit service as a witness (implements node.audit.witness.PeerAudit)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from typing import BinaryIO
 
 import grpc
 
-from node._pb.liandong.v1 import envelope_pb2, exchange_pb2, exchange_pb2_grpc
+from node._pb.liandong.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    envelope_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+)
 from node.exchange.attachments import CHUNK_SIZE
 from node.exchange.delivery import TransportError
 from node.federation import Member
@@ -128,12 +135,15 @@ class GrpcPeerTransport:
         # Peers that answered UNIMPLEMENTED to Deliver get one unary call per message.
         self._unary_only: set[str] = set()
 
-    def _stub(self, member: Member) -> exchange_pb2_grpc.ExchangeStub:
+    def _channel(self, member: Member) -> grpc.aio.Channel:
         channel = self._channels.get(member.endpoint)
         if channel is None:
             channel = grpc.aio.secure_channel(member.endpoint, self.credentials, CHANNEL_OPTIONS)
             self._channels[member.endpoint] = channel
-        return exchange_pb2_grpc.ExchangeStub(channel)
+        return channel
+
+    def _stub(self, member: Member) -> exchange_pb2_grpc.ExchangeStub:
+        return exchange_pb2_grpc.ExchangeStub(self._channel(member))
 
     async def close(self) -> None:
         for stream in self._streams.values():
@@ -181,6 +191,35 @@ class GrpcPeerTransport:
         except grpc.aio.AioRpcError as error:
             raise TransportError(_describe(member, error)) from None
         return answer.receipt
+
+    # -- the peer's Audit service (node.audit.witness.PeerAudit) ----------------------------
+
+    async def fetch_checkpoint(self, member: Member) -> bytes:
+        stub = audit_pb2_grpc.AuditStub(self._channel(member))
+        try:
+            answer = await stub.GetCheckpoint(
+                audit_pb2.GetCheckpointRequest(), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise TransportError(_describe(member, error)) from None
+        return bytes(answer.note)
+
+    async def fetch_consistency(self, member: Member, old_size: int, new_size: int) -> list[bytes]:
+        stub = audit_pb2_grpc.AuditStub(self._channel(member))
+        request = audit_pb2.ConsistencyProofRequest(old_size=old_size, new_size=new_size)
+        try:
+            answer = await stub.GetConsistencyProof(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise TransportError(_describe(member, error)) from None
+        return list(answer.hashes)
+
+    async def send_cosignature(self, member: Member, size: int, line: bytes) -> None:
+        stub = audit_pb2_grpc.AuditStub(self._channel(member))
+        request = audit_pb2.AddCosignatureRequest(size=size, signature_line=line)
+        try:
+            await stub.AddCosignature(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise TransportError(_describe(member, error)) from None
 
     async def attachment_held(
         self, member: Member, envelope: envelope_pb2.Envelope, sha256: bytes

@@ -29,6 +29,7 @@ from node.audit.export import LogIdentity
 from node.audit.log import AuditEvent
 from node.audit.service import AuditLog
 from node.audit.tree import TreeSequencer
+from node.audit.witness import Witness, split_views
 from node.config import NodeConfig, default_plugins
 from node.envelope import sign_note
 from node.exchange.attachments import BlobStore
@@ -55,6 +56,8 @@ from node.store.writer import Batch, BatchWriter
 log = structlog.get_logger(__name__)
 REGISTRY_SERIAL_KEY = "registry_serial"
 HEALTH_INTERVAL_SECONDS = 5.0
+# Health service that says whether every peer has shown this node one consistent history.
+WITNESS_HEALTH = "liandong.v1.Witness"
 
 
 # Refusals that are the draft's own fault; anything else is worth retrying later.
@@ -307,10 +310,20 @@ class Node:
         await self.admin_server.start()
         os.chmod(socket_path, 0o600)  # only this node's user may use the admin API
         await self._update_health()
+        self.witness = Witness(
+            self.context,
+            self.sessions,
+            self.writer,
+            self.transport,
+            self.config.witness_interval_seconds,
+            self._split_view_seen,
+        )
         self._workers = [
             loop.create_task(self._supervise("delivery", self.delivery.run)),
             loop.create_task(self._supervise("hand-off", self.handoff.run)),
         ]
+        if self.config.witness_interval_seconds > 0:
+            self._workers.append(loop.create_task(self._supervise("witness", self.witness.run)))
         self._background = [
             loop.create_task(self._poll()),
             loop.create_task(self._watch()),
@@ -455,6 +468,21 @@ class Node:
         )
         for service in ("", "liandong.v1.Exchange", "liandong.v1.Audit", "liandong.v1.LocalAdmin"):
             await self.health.set(service, status)
+        caught = await asyncio.to_thread(split_views, self.sessions)
+        if caught:
+            log.error("split view recorded; see the audit log (event split_view)", peers=caught)
+        await self.health.set(
+            WITNESS_HEALTH,
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if caught or not serving
+            else health_pb2.HealthCheckResponse.SERVING,
+        )
+
+    def _split_view_seen(self, peer: str) -> None:
+        # At once, not at the next health round: monitoring should see it now.
+        asyncio.get_running_loop().create_task(
+            self.health.set(WITNESS_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
 
     def _ping_database(self) -> None:
         with self.engine.connect() as connection:
@@ -466,6 +494,7 @@ class Node:
         for task in self._background:
             task.cancel()
         self.handoff.stop()
+        self.witness.stop()
         self.exchange_servicer.draining.set()
         self.admin_servicer.draining.set()
         await asyncio.gather(self.peer_server.stop(grace), self.admin_server.stop(grace))

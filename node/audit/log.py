@@ -35,6 +35,7 @@ class AuditEvent(StrEnum):
     HANDED_OFF = "handed_off"
     REGISTRY_ACCEPTED = "registry_accepted"
     AUDIT_QUERY = "audit_query"  # a member read this log (Audit service), or was refused
+    SPLIT_VIEW = "split_view"  # a peer showed this node two inconsistent checkpoints
 
 
 @dataclass(frozen=True)

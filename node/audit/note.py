@@ -87,6 +87,21 @@ class NoteSignature:
         return signature_line(self.name, self.key_id, self.signature)
 
 
+def parse_signature_line(line: bytes, number: int = 1) -> NoteSignature:
+    """One signature line (with or without its newline), or NoteError."""
+    line = line.rstrip(b"\n")
+    if not line.startswith(SIGNATURE_PREFIX) or b"\n" in line:
+        raise NoteError(f"signature line {number} does not start with '— '")
+    try:
+        name, encoded = line[len(SIGNATURE_PREFIX) :].decode().split(" ")
+        raw = base64.b64decode(encoded, validate=True)
+    except (UnicodeDecodeError, ValueError, binascii.Error):
+        raise NoteError(f"signature line {number} is not '— <name> <base64>'") from None
+    if len(raw) < 5:
+        raise NoteError(f"signature line {number} is too short")
+    return NoteSignature(name, raw[:4], raw[4:])
+
+
 def split_note(data: bytes) -> tuple[bytes, list[NoteSignature]]:
     """(text, signatures) of a signed note, or NoteError; signatures are not checked here."""
     cut = data.rfind(b"\n\n")
@@ -97,19 +112,7 @@ def split_note(data: bytes) -> tuple[bytes, list[NoteSignature]]:
         raise NoteError("signed note has no signature")
     if len(lines) > MAX_SIGNATURES:
         raise NoteError(f"signed note has more than {MAX_SIGNATURES} signatures")
-    signatures = []
-    for number, line in enumerate(lines, 1):
-        if not line.startswith(SIGNATURE_PREFIX):
-            raise NoteError(f"signature line {number} does not start with '— '")
-        try:
-            name, encoded = line[len(SIGNATURE_PREFIX) :].decode().split(" ")
-            raw = base64.b64decode(encoded, validate=True)
-        except (UnicodeDecodeError, ValueError, binascii.Error):
-            raise NoteError(f"signature line {number} is not '— <name> <base64>'") from None
-        if len(raw) < 5:
-            raise NoteError(f"signature line {number} is too short")
-        signatures.append(NoteSignature(name, raw[:4], raw[4:]))
-    return text, signatures
+    return text, [parse_signature_line(line, n) for n, line in enumerate(lines, 1)]
 
 
 def verify_note(data: bytes, verifier: Verifier) -> bytes:

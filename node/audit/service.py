@@ -11,17 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import log as audit
+from node.audit.checkpoint import log_origin
 from node.audit.log import AuditEvent
 from node.audit.merkle import ProofError, consistency_proof, inclusion_proof, root_at
+from node.audit.note import (
+    COSIGNATURE_V1,
+    NoteError,
+    parse_signature_line,
+    parse_vkey,
+    split_note,
+    verify_cosignature,
+    vkey,
+)
 from node.audit.proof import LogProof
 from node.audit.tree import NodeCache, StoredTree
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
-from node.store.models import AUDIT_ENTRIES, CHECKPOINTS
+from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, COSIGNATURES
 from node.store.writer import Batch, BatchWriter
 
 MAX_ENTRIES = 1000  # entries per GetEntries answer
@@ -54,17 +64,18 @@ class AuditLog:
     def prove_inclusion(
         self, *, index: int | None = None, message_id: str = "", size: int = 0
     ) -> LogProof:
-        """A tlog-proof of one entry against a signed checkpoint (the latest by default).
+        """A tlog-proof of one entry against a signed checkpoint: the one of `size`, or by
+        default the latest that witnesses cosigned and covers the entry, else the latest.
 
         By message id, the entry is the first the node wrote about it: "received" on the
         receiving node, "sent" on the sender.
         """
         with self.sessions() as session:
-            checkpoint = self._checkpoint(session, size)
             if message_id:
                 index = self._index_of(session, message_id)
             if index is None:
                 raise ExchangeError(Reason.INVALID, "give an entry index or a message id")
+            checkpoint = self._checkpoint(session, size or self._cosigned_size(session, index))
             if not 0 <= index < checkpoint.size:
                 raise ExchangeError(
                     Reason.NOT_FOUND,
@@ -105,6 +116,13 @@ class AuditLog:
             )
             return [bytes(row) for row in rows]
 
+    def _cosigned_size(self, session: Session, index: int) -> int:
+        """The latest cosigned checkpoint covering entry `index`, or 0 (then: the latest)."""
+        size = session.scalar(
+            select(func.max(COSIGNATURES.c.size)).where(COSIGNATURES.c.size > index)
+        )
+        return int(size or 0)
+
     def _checkpoint(self, session: Session, size: int) -> SignedCheckpoint:
         query = select(CHECKPOINTS.c.size, CHECKPOINTS.c.root, CHECKPOINTS.c.note)
         if size:
@@ -118,7 +136,14 @@ class AuditLog:
                     Reason.NOT_FOUND, f"this node signed no checkpoint of size {size}"
                 )
             raise ExchangeError(Reason.NOT_FOUND, "this node has not signed a checkpoint yet")
-        return SignedCheckpoint(int(row.size), bytes(row.root), bytes(row.note))
+        lines = session.scalars(
+            select(COSIGNATURES.c.line)
+            .where(COSIGNATURES.c.size == row.size)
+            .order_by(COSIGNATURES.c.witness)
+        ).all()
+        # A note's signature lines follow one another: the witnesses' after the log's own.
+        note = bytes(row.note) + b"".join(bytes(line) for line in lines)
+        return SignedCheckpoint(int(row.size), bytes(row.root), note)
 
     def _check_root(self, checkpoint: SignedCheckpoint, tree: StoredTree) -> None:
         # A proof from a tree that no longer matches what was signed would mislead the asker.
@@ -157,6 +182,55 @@ class AuditLog:
                 f"'{agency}' with this TLS certificate is not a member of federation registry "
                 f"serial {registry.serial}; only members may read this node's audit log",
             )
+
+    async def add_cosignature(self, witness: str, size: int, line: bytes) -> None:
+        """Store a witness's tlog-cosignature/v1 of this node's checkpoint of `size`."""
+        now = datetime.now(UTC)
+        registry = self.context.usable_registry(now)
+        member = registry.member(witness)
+        if member is None:
+            raise ExchangeError(Reason.PERMISSION_DENIED, f"'{witness}' is not a member")
+        try:
+            signature = parse_signature_line(line)
+        except NoteError as error:
+            raise ExchangeError(Reason.INVALID, f"cosignature: {error}") from None
+        with self.sessions() as session:
+            checkpoint = self._checkpoint(session, size)
+        body, _signatures = split_note(checkpoint.note)
+        name = log_origin(registry.federation, witness)
+        timestamp = None
+        failure = f"the cosignature is not by '{name}'"
+        for key in member.signing_keys:
+            verifier = parse_vkey(vkey(name, key.public_key, COSIGNATURE_V1))
+            try:
+                timestamp = verify_cosignature(body, signature, verifier)
+                break
+            except NoteError as error:
+                failure = str(error)
+        if timestamp is None:
+            raise ExchangeError(Reason.UNAUTHENTICATED, f"cosignature of size {size}: {failure}")
+        skew = self.context.limits.clock_skew_seconds
+        if timestamp > now.timestamp() + skew:
+            raise ExchangeError(
+                Reason.INVALID,
+                f"cosignature timestamp {timestamp} is more than {skew:g} s ahead of this "
+                "node's clock; check the witness's clock (NTP)",
+            )
+        stored = line.rstrip(b"\n") + b"\n"
+
+        def write(batch: Batch) -> None:
+            held = batch.session.scalar(
+                select(COSIGNATURES.c.size).where(
+                    COSIGNATURES.c.size == size, COSIGNATURES.c.witness == witness
+                )
+            )
+            if held is None:
+                batch.insert(
+                    COSIGNATURES,
+                    {"size": size, "witness": witness, "line": stored, "received_at": now},
+                )
+
+        await self.writer.run(write)
 
     async def record_query(self, peer: str, what: str) -> None:
         """Write a member's query (or a refused one) to the log itself."""

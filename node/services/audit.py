@@ -11,6 +11,7 @@ import grpc
 from node._pb.liandong.v1 import audit_pb2, audit_pb2_grpc
 from node.audit.service import AuditLog, SignedCheckpoint
 from node.exchange.errors import ExchangeError
+from node.exchange.inbound import PeerIdentity
 from node.services.exchange import peer_identity
 from node.services.status import domain_errors
 
@@ -45,10 +46,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     def __init__(self, log: AuditLog) -> None:
         self.log = log
 
-    async def _answer(
-        self, context: grpc.aio.ServicerContext, what: str, read: Callable[[], T]
-    ) -> T:
-        """Check the caller is a member, log the call (refused or not), then read."""
+    async def _member(self, context: grpc.aio.ServicerContext, what: str) -> PeerIdentity:
+        """The calling member, or (logged) refusal; the call itself is logged too."""
         peer = "unknown"
         try:
             identity = peer_identity(context)
@@ -58,6 +57,13 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             await self.log.record_query(peer, f"{what} refused: {error.message}")
             raise
         await self.log.record_query(peer, what)
+        return identity
+
+    async def _answer(
+        self, context: grpc.aio.ServicerContext, what: str, read: Callable[[], T]
+    ) -> T:
+        """Check the caller is a member, log the call (refused or not), then read."""
+        await self._member(context, what)
         return await asyncio.to_thread(read)
 
     async def GetCheckpoint(
@@ -97,6 +103,24 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             return audit_pb2.ConsistencyProof(
                 old_size=request.old_size, new_size=request.new_size, hashes=hashes
             )
+        raise AssertionError("unreachable")
+
+    async def AddCosignature(
+        self, request: audit_pb2.AddCosignatureRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.AddCosignatureResponse:
+        async with domain_errors(context, "AddCosignature"):
+            identity = await self._member(context, f"AddCosignature size={request.size}")
+            try:
+                await self.log.add_cosignature(
+                    identity.agency_id, request.size, request.signature_line
+                )
+            except ExchangeError as error:
+                await self.log.record_query(
+                    identity.agency_id,
+                    f"AddCosignature size={request.size} refused: {error.message}",
+                )
+                raise
+            return audit_pb2.AddCosignatureResponse()
         raise AssertionError("unreachable")
 
     async def GetEntries(

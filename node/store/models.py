@@ -128,6 +128,29 @@ class CheckpointRecord(Base):
     signed_at: Mapped[datetime]
 
 
+class CosignatureRecord(Base):
+    """A witness's tlog-cosignature/v1 of one of this node's checkpoints."""
+
+    __tablename__ = "cosignatures"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    witness: Mapped[str] = mapped_column(String(64), primary_key=True)
+    line: Mapped[bytes] = mapped_column(LargeBinary)  # the signature line, as the witness sent it
+    received_at: Mapped[datetime]
+
+
+class WitnessedRecord(Base):
+    """The latest checkpoint of a peer's log this node saw, verified and consistent."""
+
+    __tablename__ = "witnessed"
+
+    peer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    root: Mapped[bytes] = mapped_column(LargeBinary)
+    note: Mapped[bytes] = mapped_column(LargeBinary)
+    seen_at: Mapped[datetime]
+
+
 class NodeStateRecord(Base):
     """Small durable facts, e.g. the highest registry serial accepted (rollback guard)."""
 
@@ -145,6 +168,8 @@ AUDIT_ENTRIES = cast(Table, AuditEntryRecord.__table__)
 NODE_STATE = cast(Table, NodeStateRecord.__table__)
 MERKLE_NODES = cast(Table, MerkleNodeRecord.__table__)
 CHECKPOINTS = cast(Table, CheckpointRecord.__table__)
+COSIGNATURES = cast(Table, CosignatureRecord.__table__)
+WITNESSED = cast(Table, WitnessedRecord.__table__)
 
 
 def message_row(**fields: Any) -> dict[str, Any]:

@@ -25,29 +25,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17liandong/v1/audit.proto\x12\x0bliandong.v1\"$\n\x14GetCheckpointRequest\x12\x0c\n\x04size\x18\x01 \x01(\x04\"<\n\x10SignedCheckpoint\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04root\x18\x02 \x01(\x0c\x12\x0c\n\x04note\x18\x03 \x01(\x0c\"T\n\x15InclusionProofRequest\x12\x0f\n\x05index\x18\x01 \x01(\x04H\x00\x12\x14\n\nmessage_id\x18\x02 \x01(\tH\x00\x12\x0c\n\x04size\x18\x03 \x01(\x04\x42\x06\n\x04leaf\"`\n\x0eInclusionProof\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\r\n\x05\x65ntry\x18\x04 \x01(\x0c\x12\x12\n\ntlog_proof\x18\x05 \x01(\x0c\"=\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"1\n\x11GetEntriesRequest\x12\r\n\x05start\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\".\n\x0c\x41uditEntries\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x03(\x0c\x32\xd5\x02\n\x05\x41udit\x12Q\n\rGetCheckpoint\x12!.liandong.v1.GetCheckpointRequest\x1a\x1d.liandong.v1.SignedCheckpoint\x12T\n\x11GetInclusionProof\x12\".liandong.v1.InclusionProofRequest\x1a\x1b.liandong.v1.InclusionProof\x12Z\n\x13GetConsistencyProof\x12$.liandong.v1.ConsistencyProofRequest\x1a\x1d.liandong.v1.ConsistencyProof\x12G\n\nGetEntries\x12\x1e.liandong.v1.GetEntriesRequest\x1a\x19.liandong.v1.AuditEntriesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17liandong/v1/audit.proto\x12\x0bliandong.v1\"=\n\x15\x41\x64\x64\x43osignatureRequest\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x16\n\x0esignature_line\x18\x02 \x01(\x0c\"\x18\n\x16\x41\x64\x64\x43osignatureResponse\"$\n\x14GetCheckpointRequest\x12\x0c\n\x04size\x18\x01 \x01(\x04\"<\n\x10SignedCheckpoint\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04root\x18\x02 \x01(\x0c\x12\x0c\n\x04note\x18\x03 \x01(\x0c\"T\n\x15InclusionProofRequest\x12\x0f\n\x05index\x18\x01 \x01(\x04H\x00\x12\x14\n\nmessage_id\x18\x02 \x01(\tH\x00\x12\x0c\n\x04size\x18\x03 \x01(\x04\x42\x06\n\x04leaf\"`\n\x0eInclusionProof\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\r\n\x05\x65ntry\x18\x04 \x01(\x0c\x12\x12\n\ntlog_proof\x18\x05 \x01(\x0c\"=\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"1\n\x11GetEntriesRequest\x12\r\n\x05start\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\".\n\x0c\x41uditEntries\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x03(\x0c\x32\xb0\x03\n\x05\x41udit\x12Q\n\rGetCheckpoint\x12!.liandong.v1.GetCheckpointRequest\x1a\x1d.liandong.v1.SignedCheckpoint\x12T\n\x11GetInclusionProof\x12\".liandong.v1.InclusionProofRequest\x1a\x1b.liandong.v1.InclusionProof\x12Z\n\x13GetConsistencyProof\x12$.liandong.v1.ConsistencyProofRequest\x1a\x1d.liandong.v1.ConsistencyProof\x12G\n\nGetEntries\x12\x1e.liandong.v1.GetEntriesRequest\x1a\x19.liandong.v1.AuditEntries\x12Y\n\x0e\x41\x64\x64\x43osignature\x12\".liandong.v1.AddCosignatureRequest\x1a#.liandong.v1.AddCosignatureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'liandong.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=40
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=76
-  _globals['_SIGNEDCHECKPOINT']._serialized_start=78
-  _globals['_SIGNEDCHECKPOINT']._serialized_end=138
-  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=140
-  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=224
-  _globals['_INCLUSIONPROOF']._serialized_start=226
-  _globals['_INCLUSIONPROOF']._serialized_end=322
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=324
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=385
-  _globals['_CONSISTENCYPROOF']._serialized_start=387
-  _globals['_CONSISTENCYPROOF']._serialized_end=457
-  _globals['_GETENTRIESREQUEST']._serialized_start=459
-  _globals['_GETENTRIESREQUEST']._serialized_end=508
-  _globals['_AUDITENTRIES']._serialized_start=510
-  _globals['_AUDITENTRIES']._serialized_end=556
-  _globals['_AUDIT']._serialized_start=559
-  _globals['_AUDIT']._serialized_end=900
+  _globals['_ADDCOSIGNATUREREQUEST']._serialized_start=40
+  _globals['_ADDCOSIGNATUREREQUEST']._serialized_end=101
+  _globals['_ADDCOSIGNATURERESPONSE']._serialized_start=103
+  _globals['_ADDCOSIGNATURERESPONSE']._serialized_end=127
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=129
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=165
+  _globals['_SIGNEDCHECKPOINT']._serialized_start=167
+  _globals['_SIGNEDCHECKPOINT']._serialized_end=227
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=229
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=313
+  _globals['_INCLUSIONPROOF']._serialized_start=315
+  _globals['_INCLUSIONPROOF']._serialized_end=411
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=413
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=474
+  _globals['_CONSISTENCYPROOF']._serialized_start=476
+  _globals['_CONSISTENCYPROOF']._serialized_end=546
+  _globals['_GETENTRIESREQUEST']._serialized_start=548
+  _globals['_GETENTRIESREQUEST']._serialized_end=597
+  _globals['_AUDITENTRIES']._serialized_start=599
+  _globals['_AUDITENTRIES']._serialized_end=645
+  _globals['_AUDIT']._serialized_start=648
+  _globals['_AUDIT']._serialized_end=1080
 # @@protoc_insertion_point(module_scope)

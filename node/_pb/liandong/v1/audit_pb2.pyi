@@ -23,6 +23,45 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class AddCosignatureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_LINE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """the checkpoint cosigned (one this node signed)"""
+    signature_line: _builtins.bytes
+    """"— <witness origin> <base64(key id, timestamp, signature)>\\n" """
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        signature_line: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature_line", b"signature_line", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCosignatureRequest: _TypeAlias = AddCosignatureRequest  # noqa: Y015
+
+@_typing.final
+class AddCosignatureResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCosignatureResponse: _TypeAlias = AddCosignatureResponse  # noqa: Y015
+
+@_typing.final
 class GetCheckpointRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -53,7 +92,7 @@ class SignedCheckpoint(_message.Message):
     root: _builtins.bytes
     """SHA-256 root hash, as in the note"""
     note: _builtins.bytes
-    """the signed note, byte for byte"""
+    """the signed note, byte for byte, then the witnesses' cosignature lines"""
     def __init__(
         self,
         *,

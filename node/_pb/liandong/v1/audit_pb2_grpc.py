@@ -55,6 +55,11 @@ class AuditStub:
                 request_serializer=liandong_dot_v1_dot_audit__pb2.GetEntriesRequest.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_audit__pb2.AuditEntries.FromString,
                 _registered_method=True)
+        self.AddCosignature = channel.unary_unary(
+                '/liandong.v1.Audit/AddCosignature',
+                request_serializer=liandong_dot_v1_dot_audit__pb2.AddCosignatureRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_audit__pb2.AddCosignatureResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -91,6 +96,14 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCosignature(self, request, context):
+        """A witness (another member) returns its C2SP tlog-cosignature/v1 of one of this node's
+        checkpoints, after checking it is consistent with every checkpoint it saw before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.GetEntries,
                     request_deserializer=liandong_dot_v1_dot_audit__pb2.GetEntriesRequest.FromString,
                     response_serializer=liandong_dot_v1_dot_audit__pb2.AuditEntries.SerializeToString,
+            ),
+            'AddCosignature': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCosignature,
+                    request_deserializer=liandong_dot_v1_dot_audit__pb2.AddCosignatureRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_audit__pb2.AddCosignatureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class Audit:
             '/liandong.v1.Audit/GetEntries',
             liandong_dot_v1_dot_audit__pb2.GetEntriesRequest.SerializeToString,
             liandong_dot_v1_dot_audit__pb2.AuditEntries.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCosignature(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.Audit/AddCosignature',
+            liandong_dot_v1_dot_audit__pb2.AddCosignatureRequest.SerializeToString,
+            liandong_dot_v1_dot_audit__pb2.AddCosignatureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class AuditStub:
     """
     GetEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetEntriesRequest, _audit_pb2.AuditEntries]
     """Entries from `start`, in index order, at most `limit` (and at most 1000)."""
+    AddCosignature: _grpc.UnaryUnaryMultiCallable[_audit_pb2.AddCosignatureRequest, _audit_pb2.AddCosignatureResponse]
+    """A witness (another member) returns its C2SP tlog-cosignature/v1 of one of this node's
+    checkpoints, after checking it is consistent with every checkpoint it saw before.
+    """
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -67,6 +71,10 @@ class AuditAsyncStub(AuditStub):
     """
     GetEntries: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetEntriesRequest, _audit_pb2.AuditEntries]  # type: ignore[assignment]
     """Entries from `start`, in index order, at most `limit` (and at most 1000)."""
+    AddCosignature: _aio.UnaryUnaryMultiCallable[_audit_pb2.AddCosignatureRequest, _audit_pb2.AddCosignatureResponse]  # type: ignore[assignment]
+    """A witness (another member) returns its C2SP tlog-cosignature/v1 of one of this node's
+    checkpoints, after checking it is consistent with every checkpoint it saw before.
+    """
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -106,5 +114,15 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.AuditEntries, _abc.Awaitable[_audit_pb2.AuditEntries]]:
         """Entries from `start`, in index order, at most `limit` (and at most 1000)."""
+
+    @_abc_1.abstractmethod
+    def AddCosignature(
+        self,
+        request: _audit_pb2.AddCosignatureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.AddCosignatureResponse, _abc.Awaitable[_audit_pb2.AddCosignatureResponse]]:
+        """A witness (another member) returns its C2SP tlog-cosignature/v1 of one of this node's
+        checkpoints, after checking it is consistent with every checkpoint it saw before.
+        """
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -36,9 +36,28 @@ def upgrade() -> None:
         sa.Column("signed_at", node.store.db.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("size", name=op.f("pk_checkpoints")),
     )
+    op.create_table(
+        "cosignatures",
+        sa.Column("size", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("witness", sa.String(length=64), nullable=False),
+        sa.Column("line", sa.LargeBinary(), nullable=False),
+        sa.Column("received_at", node.store.db.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("size", "witness", name=op.f("pk_cosignatures")),
+    )
+    op.create_table(
+        "witnessed",
+        sa.Column("peer", sa.String(length=64), nullable=False),
+        sa.Column("size", sa.BigInteger(), nullable=False),
+        sa.Column("root", sa.LargeBinary(), nullable=False),
+        sa.Column("note", sa.LargeBinary(), nullable=False),
+        sa.Column("seen_at", node.store.db.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("peer", name=op.f("pk_witnessed")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("witnessed")
+    op.drop_table("cosignatures")
     op.drop_table("checkpoints")
     op.drop_table("merkle_nodes")
     with op.batch_alter_table("audit_entries", schema=None) as batch_op:
