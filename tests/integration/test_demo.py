@@ -1,0 +1,28 @@
+"""`liandong demo`, the README's first command, as a new user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_the_demo_runs_the_scenario_and_verifies_the_audit_trail(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "demo", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert "sender and receiver hold the same envelope digest for every message: ok" in out
+    assert "messages matched between sender and receiver: ok" in out
+    assert "Demo finished" in out
+    bundles = sorted(p.name for p in workdir.glob("*.audit-bundle"))
+    assert bundles == [
+        "140400-ecology.audit-bundle",
+        "140400-police.audit-bundle",
+        "140400-procuratorate.audit-bundle",
+    ]
