@@ -22,7 +22,7 @@ from node.audit.log import AuditEvent, format_time
 from node.audit.merkle import Frontier
 from node.audit.tree import StoredTree
 from node.exchange.errors import ExchangeError, Reason
-from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, DELIVERIES, MESSAGES
+from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, COSIGNATURES, DELIVERIES, MESSAGES
 
 CHUNK = 5000
 Progress = Callable[[int, int], None]
@@ -67,8 +67,16 @@ def export_bundle(
         writer = BundleWriter(partial)
         try:
             message_ids = _write_entries(session, writer, first, end, progress)
+            cosignatures: dict[int, list[bytes]] = {}
+            for size, line in session.execute(
+                select(COSIGNATURES.c.size, COSIGNATURES.c.line)
+                .where(COSIGNATURES.c.size >= max(first, 1), COSIGNATURES.c.size <= end)
+                .order_by(COSIGNATURES.c.size, COSIGNATURES.c.witness)
+            ):
+                cosignatures.setdefault(int(size), []).append(bytes(line))
+            # Each checkpoint as served: the node's signed note, then the witnesses' lines.
             checkpoints = [
-                (int(size), bytes(note))
+                (int(size), bytes(note) + b"".join(cosignatures.get(int(size), [])))
                 for size, note in session.execute(
                     select(CHECKPOINTS.c.size, CHECKPOINTS.c.note)
                     .where(CHECKPOINTS.c.size >= max(first, 1), CHECKPOINTS.c.size <= end)

@@ -27,9 +27,18 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit.bundle import Bundle, BundleError, read_bundle
-from node.audit.checkpoint import parse_checkpoint
+from node.audit.checkpoint import log_origin, parse_checkpoint
 from node.audit.merkle import Frontier, leaf_hash
-from node.audit.note import NoteError, Verifier, parse_vkey, verify_note, vkey
+from node.audit.note import (
+    COSIGNATURE_V1,
+    NoteError,
+    Verifier,
+    parse_vkey,
+    split_note,
+    verify_cosignature,
+    verify_note,
+    vkey,
+)
 from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
     RECEIPT_PAYLOAD_TYPE,
@@ -66,6 +75,7 @@ class BundleReport:
     checkpoints: int = 0
     messages: int = 0
     signatures: int = 0
+    cosigned_checkpoints: int = 0
 
 
 @dataclass
@@ -165,6 +175,9 @@ def _verify_one(bundle: Bundle, report: Report, ledger: _Ledger, progress: Progr
     checkpoints = _verified_checkpoints(bundle, verifiers, problem)
     summary.checkpoints = len(checkpoints)
     summary.signatures += len(bundle.checkpoints)
+    cosigned = _check_cosignatures(bundle, registry, problem)
+    summary.cosigned_checkpoints = len(cosigned)
+    summary.signatures += sum(cosigned.values())
     received = _check_entries(bundle, checkpoints, problem, progress)
     ledger.covered[manifest.agency] = (manifest.first_index, manifest.end_index)
     ledger.received_entries[manifest.agency] = received
@@ -196,6 +209,52 @@ def _verified_checkpoints(
             continue
         roots[size] = checkpoint.root
     return roots
+
+
+def _check_cosignatures(
+    bundle: Bundle, registry: Registry, problem: Callable[[str, int | None], None]
+) -> dict[int, int]:
+    """Check every witness line a checkpoint carries; return checkpoint size -> good ones."""
+    witnesses = {
+        log_origin(registry.federation, member.agency_id): [
+            parse_vkey(
+                vkey(
+                    log_origin(registry.federation, member.agency_id), k.public_key, COSIGNATURE_V1
+                )
+            )
+            for k in member.signing_keys
+        ]
+        for member in registry.members
+        if member.agency_id != bundle.manifest.agency
+    }
+    good: dict[int, int] = {}
+    for size, signed in bundle.checkpoints:
+        try:
+            body, signatures = split_note(signed)
+        except NoteError:
+            continue  # already reported with the checkpoint's own signature
+        for signature in signatures:
+            if signature.name == bundle.manifest.origin:
+                continue
+            verifiers = witnesses.get(signature.name)
+            if verifiers is None:
+                problem(
+                    f"checkpoint of size {size}: cosigned by '{signature.name}', which is "
+                    "not a member of the registry",
+                    max(size - 1, 0),
+                )
+                continue
+            failure = ""
+            for verifier in verifiers:
+                try:
+                    verify_cosignature(body, signature, verifier)
+                    good[size] = good.get(size, 0) + 1
+                    break
+                except NoteError as error:
+                    failure = str(error)
+            else:
+                problem(f"checkpoint of size {size}: {failure}", max(size - 1, 0))
+    return good
 
 
 def _check_entries(
@@ -369,8 +428,9 @@ def render_report(report: Report) -> str:
     for b in report.bundles:
         lines.append(
             f"{b.path}: {b.agency} ({b.origin}), entries {b.first_index}..{b.end_index - 1}, "
-            f"{b.checkpoints} checkpoints, {b.messages} messages, {b.signatures} signatures "
-            f"checked; registry serial {b.registry_serial} signed by operator key "
+            f"{b.checkpoints} checkpoints ({b.cosigned_checkpoints} cosigned by witnesses), "
+            f"{b.messages} messages, {b.signatures} signatures checked; registry serial "
+            f"{b.registry_serial} signed by operator key "
             f"{b.operator_key_id}"
         )
     if len(report.bundles) > 1:

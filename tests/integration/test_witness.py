@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +20,14 @@ from node.audit.checkpoint import Checkpoint, log_origin, parse_checkpoint
 from node.envelope import cosign_checkpoint, sign_note
 from node.federation_setup import NodeSetup
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
-from tests.integration.test_audit_log import audit_stub, deliver, verifier_of
+from tests.integration.test_audit_log import (
+    audit_stub,
+    deliver,
+    rewrite_bundle,
+    verifier_of,
+    verify,
+)
+from tests.integration.test_exchange import cli
 from tests.peer import audit_events, database_rows, signing_key
 
 MakeFederation = Callable[..., dict[str, NodeProcess]]
@@ -30,7 +38,9 @@ def cosigner_of(setup: NodeSetup) -> note.Verifier:
     return note.parse_vkey(note.vkey(name, signing_key(setup).public_bytes(), note.COSIGNATURE_V1))
 
 
-def test_peers_cosign_each_others_checkpoints(make_federation: MakeFederation) -> None:
+def test_peers_cosign_each_others_checkpoints(
+    make_federation: MakeFederation, tmp_path: Path
+) -> None:
     nodes = make_federation(witness_interval=0.3)
     for node in nodes.values():
         node.start()
@@ -69,6 +79,34 @@ def test_peers_cosign_each_others_checkpoints(make_federation: MakeFederation) -
     )
     assert b"\n\xe2\x80\x94 demo-federation/140400/" in proof.tlog_proof.split(b"\n\n", 1)[1]
     assert len(note.split_note(proof.tlog_proof.split(b"\n\n", 1)[1])[1]) >= 2
+
+    # The cosignatures travel in the audit bundle, and `audit verify` checks them.
+    bundle = tmp_path / "procuratorate.bundle"
+    exported = cli("audit", "export", "--out", str(bundle), config=procuratorate.config)
+    assert exported.returncode == 0, exported.stderr
+    code, report = verify(bundle)
+    assert code == 0, report
+    assert report["bundles"][0]["cosigned_checkpoints"] >= 2
+
+    def spoil_a_cosignature(name: str, content: bytes) -> bytes:
+        if name != "checkpoints.jsonl":
+            return content
+        lines = content.splitlines()
+        for n, line in enumerate(lines):
+            item = json.loads(line)
+            if item["note"].count("\u2014") > 1:  # a checkpoint with a witness's line
+                head, last = item["note"].rstrip("\n").rsplit(" ", 1)
+                raw = bytearray(base64.b64decode(last))
+                raw[-1] ^= 1
+                item["note"] = f"{head} {base64.b64encode(bytes(raw)).decode()}\n"
+                lines[n] = json.dumps(item).encode()
+                break
+        return b"\n".join(lines) + b"\n"
+
+    rewrite_bundle(bundle, spoil_a_cosignature)
+    code, report = verify(bundle)
+    assert code == 1
+    assert any("cosignature by" in p["problem"] for p in report["problems"])
 
 
 class SplitViewPeer(audit_pb2_grpc.AuditServicer):
