@@ -20,6 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from node.audit.checkpoint import log_origin
+from node.audit.note import COSIGNATURE_V1, Verifier, parse_vkey, vkey
 from node.envelope import (
     REGISTRY_PAYLOAD_TYPE,
     EnvelopeError,
@@ -189,13 +191,34 @@ class Registry:
     def _permitted(self) -> dict[tuple[str, str, str], bool]:
         return {}
 
+    def log_origin(self, agency_id: str) -> str:
+        """The origin (and key name) of a member's audit log: <federation>/<agency id>."""
+        return log_origin(self.federation, agency_id)
+
+    def log_verifiers(self, agency_id: str) -> list[Verifier]:
+        """Verifier keys of a member's checkpoints, one per signing key it ever had (the
+        registry publishes them as `log_vkey`; they are checked against the keys on load)."""
+        m = self.member(agency_id)
+        if m is None:
+            return []
+        origin = self.log_origin(agency_id)
+        return [parse_vkey(vkey(origin, k.public_key)) for k in m.signing_keys]
+
+    def cosigner_verifiers(self, agency_id: str) -> list[Verifier]:
+        """Verifier keys of a member's tlog-cosignatures as a witness (signature type 0x04)."""
+        m = self.member(agency_id)
+        if m is None:
+            return []
+        origin = self.log_origin(agency_id)
+        return [parse_vkey(vkey(origin, k.public_key, COSIGNATURE_V1)) for k in m.signing_keys]
+
     def to_json_bytes(self) -> bytes:
         doc = {
             "federation": self.federation,
             "serial": self.serial,
             "issued_at": format_time(self.issued_at),
             "expires_at": format_time(self.expires_at),
-            "members": [member_to_json(m) for m in self.members],
+            "members": [member_to_json(m, self.federation) for m in self.members],
             "permissions": [
                 {"family": p.family, "sender": p.sender, "recipient": p.recipient}
                 for p in self.permissions
@@ -210,8 +233,21 @@ class Registry:
         return _parse_registry(data, "registry")
 
 
-def member_to_json(m: Member) -> dict[str, Any]:
-    """The JSON form of a member, shared by the registry and the operator's state file."""
+def member_to_json(m: Member, federation: str = "") -> dict[str, Any]:
+    """The JSON form of a member, shared by the registry and the operator's state file.
+
+    With `federation` (in the registry), each signing key also carries `log_vkey`: the C2SP
+    verifier key of the member's audit-log checkpoints under that key (node.audit).
+    """
+    data = _member_json(m)
+    if federation:
+        origin = log_origin(federation, m.agency_id)
+        for key, listed in zip(m.signing_keys, data["signing_keys"], strict=True):
+            listed["log_vkey"] = vkey(origin, key.public_key)
+    return data
+
+
+def _member_json(m: Member) -> dict[str, Any]:
     return {
         "agency_id": m.agency_id,
         "name": m.name,
@@ -330,6 +366,20 @@ def _member(value: Any, field: str) -> Member:
     return Member(agency_id, name, endpoint, tuple(keys), tuple(fingerprints))
 
 
+def _check_log_vkeys(raw: dict[str, Any], member: Member, federation: str, field: str) -> None:
+    """A published log_vkey must be exactly the one the key and the origin give."""
+    for j, (key, listed) in enumerate(zip(member.signing_keys, raw["signing_keys"], strict=True)):
+        if "log_vkey" not in listed:
+            continue  # registries from before the audit tree: derived from the key
+        expected = vkey(log_origin(federation, member.agency_id), key.public_key)
+        if listed["log_vkey"] != expected:
+            raise _Malformed(
+                f"{field}.signing_keys[{j}].log_vkey",
+                f"{str(listed['log_vkey'])[:80]!r} is not the verifier key of this signing key "
+                f"for the log {log_origin(federation, member.agency_id)!r} (expected {expected!r})",
+            )
+
+
 def _parse_registry(data: bytes, source: str) -> Registry:
     try:
         doc = json.loads(data)
@@ -350,6 +400,7 @@ def _parse_registry(data: bytes, source: str) -> Registry:
         seen: set[str] = set()
         for i, raw in enumerate(_list(_get(obj, "members", ""), "members")):
             m = _member(raw, f"members[{i}]")
+            _check_log_vkeys(raw, m, federation, f"members[{i}]")
             if m.agency_id in seen:
                 raise _Malformed(f"members[{i}].agency_id", f"{m.agency_id!r} is listed twice")
             seen.add(m.agency_id)

@@ -15,17 +15,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import log as audit
-from node.audit.checkpoint import log_origin
 from node.audit.log import AuditEvent
 from node.audit.merkle import ProofError, consistency_proof, inclusion_proof, root_at
 from node.audit.note import (
-    COSIGNATURE_V1,
     NoteError,
     parse_signature_line,
-    parse_vkey,
     split_note,
     verify_cosignature,
-    vkey,
 )
 from node.audit.proof import LogProof
 from node.audit.tree import NodeCache, StoredTree
@@ -197,11 +193,9 @@ class AuditLog:
         with self.sessions() as session:
             checkpoint = self._checkpoint(session, size)
         body, _signatures = split_note(checkpoint.note)
-        name = log_origin(registry.federation, witness)
         timestamp = None
-        failure = f"the cosignature is not by '{name}'"
-        for key in member.signing_keys:
-            verifier = parse_vkey(vkey(name, key.public_key, COSIGNATURE_V1))
+        failure = f"the cosignature is not by '{registry.log_origin(witness)}'"
+        for verifier in registry.cosigner_verifiers(witness):
             try:
                 timestamp = verify_cosignature(body, signature, verifier)
                 break

@@ -27,17 +27,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit.bundle import Bundle, BundleError, read_bundle
-from node.audit.checkpoint import log_origin, parse_checkpoint
+from node.audit.checkpoint import parse_checkpoint
 from node.audit.merkle import Frontier, leaf_hash
 from node.audit.note import (
-    COSIGNATURE_V1,
     NoteError,
     Verifier,
-    parse_vkey,
     split_note,
     verify_cosignature,
     verify_note,
-    vkey,
 )
 from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
@@ -171,7 +168,7 @@ def _verify_one(bundle: Bundle, report: Report, ledger: _Ledger, progress: Progr
     if member is None:
         problem(f"'{manifest.agency}' is not a member of the bundled registry", None)
         return
-    verifiers = [parse_vkey(vkey(manifest.origin, key.public_key)) for key in member.signing_keys]
+    verifiers = registry.log_verifiers(manifest.agency)
     checkpoints = _verified_checkpoints(bundle, verifiers, problem)
     summary.checkpoints = len(checkpoints)
     summary.signatures += len(bundle.checkpoints)
@@ -216,16 +213,9 @@ def _check_cosignatures(
 ) -> dict[int, int]:
     """Check every witness line a checkpoint carries; return checkpoint size -> good ones."""
     witnesses = {
-        log_origin(registry.federation, member.agency_id): [
-            parse_vkey(
-                vkey(
-                    log_origin(registry.federation, member.agency_id), k.public_key, COSIGNATURE_V1
-                )
-            )
-            for k in member.signing_keys
-        ]
-        for member in registry.members
-        if member.agency_id != bundle.manifest.agency
+        registry.log_origin(m.agency_id): registry.cosigner_verifiers(m.agency_id)
+        for m in registry.members
+        if m.agency_id != bundle.manifest.agency
     }
     good: dict[int, int] = {}
     for size, signed in bundle.checkpoints:

@@ -27,7 +27,7 @@ from node.audit import log as audit
 from node.audit.checkpoint import Checkpoint, log_origin, parse_checkpoint
 from node.audit.log import AuditEvent
 from node.audit.merkle import ProofError, verify_consistency
-from node.audit.note import NoteError, parse_vkey, split_note, verify_note, vkey
+from node.audit.note import NoteError, split_note, verify_note
 from node.envelope import cosign_checkpoint
 from node.exchange.context import NodeContext
 from node.exchange.delivery import TransportError
@@ -143,13 +143,12 @@ class Witness:
         return seen
 
     def _verified(self, member: Member, note: bytes) -> Checkpoint:
-        origin = log_origin(self.context.registry.federation, member.agency_id)
+        registry = self.context.registry
+        origin = registry.log_origin(member.agency_id)
         failure = "no signing key"
-        for key in member.signing_keys:
+        for verifier in registry.log_verifiers(member.agency_id):
             try:
-                checkpoint = parse_checkpoint(
-                    verify_note(note, parse_vkey(vkey(origin, key.public_key)))
-                )
+                checkpoint = parse_checkpoint(verify_note(note, verifier))
             except NoteError as error:
                 failure = str(error)
                 continue

@@ -277,3 +277,31 @@ def test_member_lookup() -> None:
     assert found is not None
     assert found.agency_id == "140400/police"
     assert reg.member("140400/water") is None
+
+
+def test_the_registry_publishes_each_members_log_verifier_key(operator: SigningKey) -> None:
+    from node.audit.note import verify_note
+    from node.envelope import sign_note
+
+    key = new_key()
+    listed = MemberKey(key.key_id, key.public_bytes(), T0 - timedelta(days=1), None)
+    reg = registry(members=(member("140400/ecology", listed), member("140400/police")))
+    doc = json.loads(reg.to_json_bytes())
+    published = doc["members"][0]["signing_keys"][0]["log_vkey"]
+    assert published.startswith("changzhi/140400/ecology+")
+    [verifier] = Registry.from_json_bytes(reg.to_json_bytes()).log_verifiers("140400/ecology")
+    assert verifier.name == "changzhi/140400/ecology"
+    text = b"changzhi/140400/ecology\n1\n" + base64.b64encode(bytes(32)) + b"\n"
+    assert verify_note(sign_note(text, verifier.name, key), verifier) == text
+    # A log_vkey that is not the one its key and origin give is refused, naming the field.
+    doc["members"][0]["signing_keys"][0]["log_vkey"] = published.replace("ecology", "police")
+    with pytest.raises(RegistryError) as info:
+        verify_registry(
+            _signed_doc(doc, operator), operator.private_key.public_key(), now=T0, source="r.json"
+        )
+    assert "members[0].signing_keys[0].log_vkey" in str(info.value)
+    assert "is not the verifier key of this signing key" in str(info.value)
+    # Registries from before the audit tree carry none; the keys give them.
+    del doc["members"][0]["signing_keys"][0]["log_vkey"]
+    older = verify_registry(_signed_doc(doc, operator), operator.private_key.public_key(), now=T0)
+    assert older.log_verifiers("140400/ecology") == [verifier]
