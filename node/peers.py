@@ -18,7 +18,7 @@ from node._pb.liandong.v1 import (
     exchange_pb2_grpc,
 )
 from node.exchange.attachments import CHUNK_SIZE
-from node.exchange.delivery import TransportError
+from node.exchange.delivery import Answer, TransportError
 from node.federation import Member
 
 RPC_FOR_FAMILY = {
@@ -81,8 +81,8 @@ class DeliveryStream:
 
     async def send(
         self, envelopes: Sequence[envelope_pb2.Envelope], timeout: float
-    ) -> list[envelope_pb2.Envelope | TransportError]:
-        """Send one batch; per envelope, the receipt or the peer's refusal."""
+    ) -> list[Answer | TransportError]:
+        """Send one batch; per envelope, the receipt (and proof) or the peer's refusal."""
         if self.broken is not None:
             raise self.broken
         batch = exchange_pb2.DeliveryBatch()
@@ -105,9 +105,7 @@ class DeliveryStream:
         by_seq = {result.seq: result for result in answer.results}
         return [self._outcome(by_seq.get(seq)) for seq in seqs]
 
-    def _outcome(
-        self, result: exchange_pb2.DeliveryResult | None
-    ) -> envelope_pb2.Envelope | TransportError:
+    def _outcome(self, result: exchange_pb2.DeliveryResult | None) -> Answer | TransportError:
         if result is None:
             return TransportError(f"{self.member.agency_id}: no result for this message")
         if result.code != grpc.StatusCode.OK.value[0]:
@@ -115,7 +113,7 @@ class DeliveryStream:
             return TransportError(
                 f"{self.member.agency_id} at {self.member.endpoint}: {name}: {result.message}"
             )
-        return result.receipt
+        return Answer(result.receipt, result.receiver_proof)
 
     async def close(self) -> None:
         self._requests.put_nowait(None)
@@ -155,7 +153,7 @@ class GrpcPeerTransport:
 
     async def deliver_many(
         self, member: Member, items: Sequence[tuple[str, envelope_pb2.Envelope]]
-    ) -> list[envelope_pb2.Envelope | TransportError]:
+    ) -> list[Answer | TransportError]:
         if not items:
             return []
         if member.endpoint not in self._unary_only:
@@ -177,20 +175,20 @@ class GrpcPeerTransport:
         )
         return [
             answer
-            if isinstance(answer, envelope_pb2.Envelope | TransportError)
+            if isinstance(answer, Answer | TransportError)
             else TransportError(f"{member.agency_id}: {answer!r}")
             for answer in answers
         ]
 
     async def deliver_unary(
         self, member: Member, family: str, envelope: envelope_pb2.Envelope
-    ) -> envelope_pb2.Envelope:
+    ) -> Answer:
         method = getattr(self._stub(member), RPC_FOR_FAMILY[family])
         try:
             answer: exchange_pb2.DeliveryReceipt = await method(envelope, timeout=self.timeout)
         except grpc.aio.AioRpcError as error:
             raise TransportError(_describe(member, error)) from None
-        return answer.receipt
+        return Answer(answer.receipt, answer.receiver_proof)
 
     # -- the peer's Audit service (node.audit.witness.PeerAudit) ----------------------------
 

@@ -265,7 +265,9 @@ class Node:
         self.handoff = HandOffWorker(
             self.config.agency, self.writer, self.sessions, self.blobs, self._hand_off
         )
-        self.receiver = Receiver(self.context, self.writer, self.blobs, self.handoff.offer)
+        self.receiver = Receiver(
+            self.context, self.writer, self.blobs, self.handoff.offer, self._proof_for
+        )
         self.delivery = DeliveryWorker(
             self.context,
             self.writer,
@@ -477,6 +479,10 @@ class Node:
             if caught or not serving
             else health_pb2.HealthCheckResponse.SERVING,
         )
+
+    def _proof_for(self, index: int) -> bytes:
+        proof = self.tree.take_proof(index)
+        return b"" if proof is None else proof.text()
 
     def _split_view_seen(self, peer: str) -> None:
         # At once, not at the next health round: monitoring should see it now.

@@ -10,7 +10,8 @@ A bundle is a ZIP file (deflate) holding:
 - ``checkpoints.jsonl`` — ``{"size": N, "note": "<signed note>"}`` per checkpoint the node
   signed in that range (and the one at ``first_index`` when it is not 0);
 - ``messages.jsonl`` — per message the entries name: its signed envelope, and the receipts
-  (for a received message, the one this node signed; for a sent one, each recipient's);
+  (for a received message, the one this node signed; for a sent one, each recipient's, with
+  the recipient's tlog-proof that it logged the message);
 - ``registry.json`` — the federation registry the node was running on, as the operator signed
   it, and ``operator.pub`` — the operator's public key that signed it.
 
@@ -69,6 +70,8 @@ class BundledMessage:
     direction: str  # "in" or "out"
     envelope: bytes  # serialized Envelope, as stored
     receipts: dict[str, bytes] = field(default_factory=dict)  # by the agency that signed it
+    # Sent messages: each recipient's tlog-proof that it logged the message.
+    proofs: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +147,7 @@ def _message_line(message: BundledMessage) -> bytes:
         "direction": message.direction,
         "envelope": base64.b64encode(message.envelope).decode(),
         "receipts": {k: base64.b64encode(v).decode() for k, v in message.receipts.items()},
+        "proofs": {k: v.decode() for k, v in message.proofs.items()},
     }
     return json.dumps(data, ensure_ascii=False).encode() + b"\n"
 
@@ -165,6 +169,7 @@ def read_bundle(path: Path) -> Bundle:
                 direction=str(item["direction"]),
                 envelope=base64.b64decode(item["envelope"]),
                 receipts={k: base64.b64decode(v) for k, v in dict(item["receipts"]).items()},
+                proofs={k: str(v).encode() for k, v in dict(item.get("proofs", {})).items()},
             )
             for item in _json_lines(path, archive, "messages.jsonl")
         ]

@@ -165,12 +165,18 @@ def _messages(session: Session, message_ids: list[str], agency: str) -> list[Bun
     for start in range(0, len(message_ids), 500):
         chunk = message_ids[start : start + 500]
         receipts: dict[str, dict[str, bytes]] = {}
-        for message_id, recipient, receipt in session.execute(
-            select(DELIVERIES.c.message_id, DELIVERIES.c.recipient, DELIVERIES.c.receipt).where(
-                DELIVERIES.c.message_id.in_(chunk), DELIVERIES.c.receipt.is_not(None)
-            )
+        proofs: dict[str, dict[str, bytes]] = {}
+        for message_id, recipient, receipt, proof in session.execute(
+            select(
+                DELIVERIES.c.message_id,
+                DELIVERIES.c.recipient,
+                DELIVERIES.c.receipt,
+                DELIVERIES.c.receiver_proof,
+            ).where(DELIVERIES.c.message_id.in_(chunk), DELIVERIES.c.receipt.is_not(None))
         ):
             receipts.setdefault(message_id, {})[recipient] = bytes(receipt)
+            if proof:
+                proofs.setdefault(message_id, {})[recipient] = bytes(proof)
         for message_id, direction, envelope, receipt in session.execute(
             select(
                 MESSAGES.c.message_id, MESSAGES.c.direction, MESSAGES.c.envelope, MESSAGES.c.receipt
@@ -182,5 +188,13 @@ def _messages(session: Session, message_ids: list[str], agency: str) -> list[Bun
                 signed = receipts.get(message_id, {})
             else:
                 signed = {} if receipt is None else {agency: bytes(receipt)}
-            found.append(BundledMessage(message_id, direction, bytes(envelope), signed))
+            found.append(
+                BundledMessage(
+                    message_id,
+                    direction,
+                    bytes(envelope),
+                    signed,
+                    proofs.get(message_id, {}) if direction == "out" else {},
+                )
+            )
     return found

@@ -24,13 +24,18 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from node.audit.checkpoint import Checkpoint
-from node.audit.merkle import Frontier, leaf_hash, node_hash
+from node.audit.merkle import Frontier, frontier_keys, inclusion_proof, leaf_hash, node_hash
+from node.audit.proof import LogProof
 from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, MERKLE_NODES
 from node.store.writer import Batch
 
 # Stored every TILE_HEIGHT levels: 4 keeps a proof under a millisecond at a million entries
 # (measured: 8 needed ~5 ms, reading and hashing 256 entries a level) for ~7 % more rows.
 TILE_HEIGHT = 4
+# The sequencer keeps every node over the last RECENT_LEAVES entries, and those at
+# KEPT_LEVEL and up for good (one per 4096 entries), so fresh entries' proofs come from memory.
+RECENT_LEAVES = 8192
+KEPT_LEVEL = 12
 
 
 def utc_now() -> datetime:
@@ -165,6 +170,12 @@ class TreeSequencer:
         self._working: Frontier | None = None  # with the current batch
         self._working_note: bytes | None = None
         self.latest_note: bytes | None = None  # the last committed checkpoint
+        # Every node of the recent tree, in memory, so a fresh entry's proof needs no reads:
+        # all levels for the last RECENT_LEAVES entries, and the high levels for good.
+        self._nodes: dict[tuple[int, int], bytes] = {}
+        self._working_nodes: list[tuple[int, int, bytes]] = []
+        self._wanted: dict[int, bytes] = {}  # index -> entry, for the batch being written
+        self._proofs: dict[int, LogProof] = {}
 
     @property
     def size(self) -> int:
@@ -181,7 +192,10 @@ class TreeSequencer:
             self._frontier = self._load(batch)
         working = self._frontier.copy()
         self._working_note = None
+        self._working_nodes = []
         entries = sorted(batch.queued_rows(AUDIT_ENTRIES), key=lambda row: int(row["idx"]))
+        wanted = set(batch.proof_requests)
+        self._wanted = {int(r["idx"]): r["entry"] for r in entries if r["idx"] in wanted}
         for row in entries:
             if row["idx"] != working.size:
                 raise RuntimeError(
@@ -189,7 +203,9 @@ class TreeSequencer:
                     "leaves: indices must be dense"
                 )
             leaf = row.get("leaf_hash") or leaf_hash(row["entry"])
-            for node in stored_nodes(working.append(leaf)):
+            completed = working.append(leaf)
+            self._working_nodes.extend(completed)
+            for node in stored_nodes(completed):
                 batch.insert(MERKLE_NODES, node)
         if entries and self._sign is not None:
             root = working.root()
@@ -206,11 +222,41 @@ class TreeSequencer:
             self._frontier, self._working = self._working, None
         if self._working_note is not None:
             self.latest_note, self._working_note = self._working_note, None
+        self._remember_nodes(self._working_nodes)
+        self._working_nodes = []
+        if self._wanted and self._frontier is not None and self.latest_note is not None:
+            size = self._frontier.size
+            for index, entry in self._wanted.items():
+                try:
+                    hashes = inclusion_proof(index, size, self._memory)
+                except LookupError:
+                    continue  # not all in memory (just after a restart): no proof this time
+                self._proofs[index] = LogProof(index, tuple(hashes), self.latest_note, entry)
+        self._wanted = {}
 
     def rolled_back(self) -> None:
         # Reloaded from the database with the next batch: the store is the truth.
         self._frontier = self._working = None
         self._working_note = None
+        self._working_nodes = []
+        self._wanted = {}
+
+    def take_proof(self, index: int) -> LogProof | None:
+        """The proof made at commit for an entry a unit asked for (once), or None."""
+        return self._proofs.pop(index, None)
+
+    def _memory(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        return {key: self._nodes[key] for key in keys if key in self._nodes}
+
+    def _remember_nodes(self, nodes: Iterable[tuple[int, int, bytes]]) -> None:
+        for level, index, value in nodes:
+            self._nodes[(level, index)] = value
+        if self._frontier is None or len(self._nodes) < 4 * RECENT_LEAVES:
+            return
+        # Drop the low levels of subtrees that ended more than RECENT_LEAVES entries ago.
+        horizon = self._frontier.size - RECENT_LEAVES
+        for key in [k for k in self._nodes if k[0] < KEPT_LEVEL and (k[1] + 1) << k[0] <= horizon]:
+            del self._nodes[key]
 
     def _load(self, batch: Batch) -> Frontier:
         """The committed tree's right edge, first filling in nodes a log written before the
@@ -230,6 +276,7 @@ class TreeSequencer:
         )
         covered = min(size, tiles << TILE_HEIGHT)
         frontier = Frontier.load(covered, StoredTree(session))
+        self._nodes = dict(zip(frontier_keys(covered), frontier.hashes, strict=True))
         if covered < size:
             rows = session.execute(
                 select(AUDIT_ENTRIES.c.entry)
@@ -237,6 +284,8 @@ class TreeSequencer:
                 .order_by(AUDIT_ENTRIES.c.idx)
             )
             for (entry,) in rows:
-                for node in stored_nodes(frontier.append(leaf_hash(entry))):
+                completed = frontier.append(leaf_hash(entry))
+                self._remember_nodes(completed)
+                for node in stored_nodes(completed):
                     batch.insert(MERKLE_NODES, node)
         return frontier

@@ -36,6 +36,7 @@ from node.audit.note import (
     verify_cosignature,
     verify_note,
 )
+from node.audit.proof import parse_proof, verify_proof
 from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
     RECEIPT_PAYLOAD_TYPE,
@@ -348,11 +349,58 @@ def _check_message(
             ledger.sent[(message.message_id, signer)] = _Sent(
                 str(bundle.path), digest, raw, receipt.log_index
             )
+            proof_text = message.proofs.get(signer)
+            if proof_text:
+                checked += 1
+                _check_receiver_proof(
+                    registry,
+                    signer,
+                    proof_text,
+                    receipt.log_index,
+                    message.message_id,
+                    digest,
+                    label,
+                    problem,
+                )
         else:
             ledger.received[(message.message_id, agency)] = _Received(
                 str(bundle.path), digest, raw, receipt.log_index
             )
     return checked
+
+
+def _check_receiver_proof(
+    registry: Registry,
+    recipient: str,
+    proof_text: bytes,
+    log_index: int,
+    message_id: str,
+    digest: str,
+    label: str,
+    problem: Callable[[str, int | None], None],
+) -> None:
+    """The recipient's tlog-proof the sender kept: alone, it shows the recipient logged it."""
+    try:
+        proof = parse_proof(proof_text)
+        fields = json.loads(proof.entry or b"{}")
+        if proof.index != log_index:
+            raise NoteError(f"it proves entry {proof.index}, the receipt names {log_index}")
+        if (fields.get("event"), fields.get("message_id"), fields.get("envelope_sha256")) != (
+            "received",
+            message_id,
+            digest,
+        ):
+            raise NoteError("its entry does not record receiving this envelope")
+        failure = f"'{recipient}' has no signing key in the registry"
+        for verifier in registry.log_verifiers(recipient):
+            try:
+                verify_proof(proof, verifier)
+                return
+            except NoteError as error:
+                failure = str(error)
+        raise NoteError(failure)
+    except (NoteError, ValueError) as error:
+        problem(f"{label}: {recipient}'s proof of receipt: {error}", None)
 
 
 def _cross_check(report: Report, ledger: _Ledger) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -23,7 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
+from node.audit.checkpoint import Checkpoint, parse_checkpoint
 from node.audit.log import AuditEvent
+from node.audit.merkle import ProofError, leaf_hash, verify_inclusion
+from node.audit.note import NoteError, verify_note
+from node.audit.proof import parse_proof
 from node.config import Delivery
 from node.envelope import RECEIPT_PAYLOAD_TYPE, EnvelopeError, envelope_digest, verify_envelope
 from node.exchange.attachments import BlobStore
@@ -42,10 +47,18 @@ class TransportError(Exception):
     """The peer could not be reached or refused the call; the message says why."""
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A peer's acceptance: its signed receipt, and its tlog-proof of the entry (or b"")."""
+
+    receipt: envelope_pb2.Envelope
+    proof: bytes = b""
+
+
 class PeerTransport(Protocol):
     async def deliver_many(
         self, member: Member, items: Sequence[tuple[str, envelope_pb2.Envelope]]
-    ) -> list[envelope_pb2.Envelope | TransportError]:
+    ) -> list[Answer | TransportError]:
         """Deliver (family, envelope) pairs to one peer: each one's receipt or why not."""
         ...
 
@@ -70,6 +83,7 @@ class Confirmation:
     delivered_at: datetime
     receipt_sha256: str
     receiver_log_index: int
+    receiver_proof: bytes = b""  # the receiver's tlog-proof of its entry, checked (or b"")
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,60 @@ def verify_receipt(
             f"receipt from {recipient} for {message_id} is wrong: " + "; ".join(problems),
         )
     return body
+
+
+def check_receiver_proof(
+    registry: Registry,
+    recipient: str,
+    proof_text: bytes,
+    log_index: int,
+    item: Due,
+    checkpoints: dict[bytes, Checkpoint | None],
+) -> bytes:
+    """The receiver's proof if it shows its log holds this message's "received" entry at the
+    index the receipt names, under a checkpoint it signed; else b"" (logged: the receipt
+    itself is valid and the proof can be fetched again from the Audit service)."""
+    if not proof_text:
+        return b""
+    try:
+        proof = parse_proof(proof_text)
+        if proof.index != log_index or proof.entry is None:
+            raise NoteError(f"it proves entry {proof.index}, the receipt names {log_index}")
+        fields = json.loads(proof.entry)
+        if (
+            fields.get("event") != "received"
+            or fields.get("message_id") != item.message_id
+            or fields.get("envelope_sha256") != item.envelope_sha256
+        ):
+            raise NoteError("its entry does not record receiving this message")
+        if proof.checkpoint_note not in checkpoints:
+            checkpoints[proof.checkpoint_note] = _receiver_checkpoint(
+                registry, recipient, proof.checkpoint_note
+            )
+        checkpoint = checkpoints[proof.checkpoint_note]
+        if checkpoint is None:
+            raise NoteError(f"its checkpoint is not signed by {recipient}")
+        verify_inclusion(
+            proof.index, checkpoint.size, leaf_hash(proof.entry), proof.hashes, checkpoint.root
+        )
+    except (NoteError, ProofError, ValueError) as error:
+        log.warning(
+            "receiver's proof refused; the receipt is kept",
+            recipient=recipient,
+            message_id=item.message_id,
+            error=str(error),
+        )
+        return b""
+    return proof_text
+
+
+def _receiver_checkpoint(registry: Registry, recipient: str, note: bytes) -> Checkpoint | None:
+    for verifier in registry.log_verifiers(recipient):
+        try:
+            return parse_checkpoint(verify_note(note, verifier))
+        except NoteError:
+            continue
+    return None
 
 
 class DeliveryWorker:
@@ -336,12 +404,13 @@ class DeliveryWorker:
         recipient: str,
         batch: list[Due],
         sending: list[int],
-        answers: list[envelope_pb2.Envelope | TransportError],
+        answers: list[Answer | TransportError],
         outcomes: list[Confirmation | str],
         receipts: list[envelope_pb2.Envelope | None],
     ) -> None:
         """Fill in `outcomes` and `receipts` for the items sent: verified or why not."""
         delivered_at = datetime.now(UTC)
+        checkpoints: dict[bytes, Checkpoint | None] = {}  # one signature check per checkpoint
         for position, answer in zip(sending, answers, strict=True):
             item = batch[position]
             if isinstance(answer, TransportError):
@@ -351,21 +420,25 @@ class DeliveryWorker:
                 body = verify_receipt(
                     registry,
                     recipient,
-                    answer,
+                    answer.receipt,
                     item.message_id,
                     bytes.fromhex(item.envelope_sha256),
                 )
             except ExchangeError as error:
                 outcomes[position] = str(error)
                 continue
+            proof = check_receiver_proof(
+                registry, recipient, answer.proof, body.log_index, item, checkpoints
+            )
             outcomes[position] = Confirmation(
                 message_id=item.message_id,
                 recipient=recipient,
                 delivered_at=delivered_at,
-                receipt_sha256=envelope_digest(answer).hex(),
+                receipt_sha256=envelope_digest(answer.receipt).hex(),
                 receiver_log_index=body.log_index,
+                receiver_proof=proof,
             )
-            receipts[position] = answer
+            receipts[position] = answer.receipt
 
     async def _upload_attachments(self, member: Member, envelope: envelope_pb2.Envelope) -> None:
         message = envelope_pb2.Message.FromString(envelope.payload)
@@ -397,6 +470,7 @@ class DeliveryWorker:
                 "receipt": receipt.SerializeToString(deterministic=True),
                 "receipt_sha256": confirmation.receipt_sha256,
                 "receiver_log_index": confirmation.receiver_log_index,
+                "receiver_proof": confirmation.receiver_proof or None,
                 "last_error": "",
             },
         )

@@ -60,6 +60,15 @@ class PeerIdentity:
 
 
 @dataclass(frozen=True)
+class Receipted:
+    """A message accepted: the signed receipt, and this node's tlog-proof of its entry
+    (empty when none could be made, e.g. for a repeat answered with its original receipt)."""
+
+    receipt: envelope_pb2.Envelope
+    proof: bytes = b""
+
+
+@dataclass(frozen=True)
 class VerifiedMessage:
     envelope: envelope_pb2.Envelope
     serialized: bytes  # the envelope's deterministic serialization: what is stored
@@ -76,11 +85,13 @@ class Receiver:
         writer: BatchWriter,
         blobs: BlobStore,
         on_stored: Callable[[list[InboundItem]], None] = lambda _items: None,
+        proof_for: Callable[[int], bytes] = lambda _index: b"",
     ) -> None:
         self.context = context
         self.writer = writer
         self.blobs = blobs
         self.on_stored = on_stored
+        self.proof_for = proof_for
 
     # -- verification -----------------------------------------------------------------
 
@@ -202,7 +213,7 @@ class Receiver:
 
     async def receive(
         self, envelope: envelope_pb2.Envelope, peer: PeerIdentity, expected_family: str | None
-    ) -> envelope_pb2.Envelope:
+    ) -> Receipted:
         """Verify, store, audit and answer with a signed receipt (or raise ExchangeError)."""
         [outcome] = await self.receive_many([envelope], peer, expected_family)
         if isinstance(outcome, Exception):
@@ -214,7 +225,7 @@ class Receiver:
         envelopes: Sequence[envelope_pb2.Envelope],
         peer: PeerIdentity,
         expected_family: str | None = None,
-    ) -> list[envelope_pb2.Envelope | Exception]:
+    ) -> list[Receipted | Exception]:
         """receive() for each envelope, sharing one commit: a receipt or the error, in order.
 
         Each envelope is checked, stored or refused on its own; refusals are audited.
@@ -230,7 +241,7 @@ class Receiver:
         # Off the event loop: Ed25519 releases the GIL, so checking signatures overlaps
         # with the loop's own work instead of stalling every stream on this node.
         checked = await asyncio.to_thread(self._verify_all, envelopes, peer, expected_family)
-        outcomes: list[envelope_pb2.Envelope | Exception] = []
+        outcomes: list[Receipted | Exception] = []
         to_store: list[tuple[int, VerifiedMessage]] = []
         for position, check in enumerate(checked):
             if isinstance(check, ExchangeError):
@@ -245,11 +256,14 @@ class Receiver:
                 outcomes[position] = result
                 continue
             receipt, received_at = result
-            outcomes[position] = receipt
-            if received_at is not None:  # not a repeat
-                new_items.append(
-                    item_for(verified.message, verified.digest.hex(), received_at, self.blobs)
-                )
+            if received_at is None:  # a repeat: the original receipt, no new entry
+                outcomes[position] = Receipted(receipt)
+                continue
+            index = envelope_pb2.Receipt.FromString(receipt.payload).log_index
+            outcomes[position] = Receipted(receipt, self.proof_for(index))
+            new_items.append(
+                item_for(verified.message, verified.digest.hex(), received_at, self.blobs)
+            )
         if new_items:
             self.on_stored(new_items)
         refused = [
@@ -388,6 +402,7 @@ class Receiver:
                 log_index=index,
             ),
         )
+        batch.proof_requests.append(index)
         return receipt, now
 
     # -- attachments ------------------------------------------------------------------

@@ -55,8 +55,10 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     ) -> exchange_pb2.DeliveryReceipt:
         async with domain_errors(context, family):
             peer = await self._peer(request, context)
-            receipt = await self.receiver.receive(request, peer, family)
-            return exchange_pb2.DeliveryReceipt(receipt=receipt)
+            accepted = await self.receiver.receive(request, peer, family)
+            return exchange_pb2.DeliveryReceipt(
+                receipt=accepted.receipt, receiver_proof=accepted.proof
+            )
         raise AssertionError("unreachable")  # domain_errors aborts
 
     async def _peer(
@@ -110,7 +112,9 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                     code, message = item_status(outcome, "Deliver")
                     results.results.add(seq=request.seq, code=code, message=message)
                 else:
-                    results.results.add(seq=request.seq, receipt=outcome)
+                    results.results.add(
+                        seq=request.seq, receipt=outcome.receipt, receiver_proof=outcome.proof
+                    )
             return results
 
         async for results in answer_concurrently(request_iterator, receive_batch, self.draining):

@@ -74,6 +74,8 @@ class DeliveryRecord(Base):
     receipt: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     receipt_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     receiver_log_index: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # The receiver's tlog-proof of its "received" entry, checked on arrival (empty: none came).
+    receiver_proof: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
 class AttachmentRecord(Base):

@@ -55,6 +55,9 @@ class Batch:
         # True when this unit runs alone (the retry after a failed shared write): a unit that
         # skips a check-before-insert for speed must make it here.
         self.isolated = isolated
+        # Audit entries whose inclusion proof the unit wants once committed (the sequencer
+        # makes them; a failed unit's request is harmless: nobody asks for its proof).
+        self.proof_requests: list[int] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._updates: dict[
             tuple[Table, tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]

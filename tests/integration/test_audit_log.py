@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from node._pb.liandong.v1 import audit_pb2, audit_pb2_grpc, envelope_pb2
+from node._pb.liandong.v1 import audit_pb2, audit_pb2_grpc, envelope_pb2, exchange_pb2
 from node.audit import note
 from node.audit.checkpoint import log_origin, parse_checkpoint
 from node.audit.merkle import leaf_hash, verify_consistency
@@ -534,3 +534,75 @@ def test_export_and_verify_refusals(running: dict[str, NodeProcess], tmp_path: P
     code, report = verify(not_a_bundle)
     assert code == 1
     assert "not an audit bundle" in report["problems"][0]["problem"]
+
+
+def test_the_sender_keeps_the_receivers_proof(
+    running: dict[str, NodeProcess], tmp_path: Path
+) -> None:
+    """With the receipt comes the receiver's tlog-proof; the sender checks and stores it, so
+    the sender alone can later show that the receiver logged the message."""
+    ecology, procuratorate = running[ECOLOGY], running[PROCURATORATE]
+    sent = cli(
+        "send",
+        "clue",
+        "--to",
+        PROCURATORATE,
+        "--body",
+        str(write_body(tmp_path / "c.json", {"title": "线索"})),
+        config=ecology.setup.config,
+    )
+    assert sent.returncode == 0, sent.stderr
+    message_id = sent.stdout.split()[1]  # "queued <id> (clue to ...)"
+    wait_for(lambda: ecology.client().node_info().pending_deliveries == 0, what="delivery")
+    [(index, proof_text)] = database_rows(
+        ecology.setup,
+        "SELECT receiver_log_index, receiver_proof FROM deliveries "
+        f"WHERE message_id = '{message_id}'",
+    )
+    proof = parse_proof(proof_text)
+    assert proof.index == index
+    entry = json.loads(proof.entry or b"")
+    assert (entry["event"], entry["message_id"]) == ("received", message_id)
+    checkpoint = verify_proof(proof, verifier_of(procuratorate.setup))
+    assert checkpoint.size > index
+    # The sender's bundle alone carries it, and `audit verify` checks it.
+    bundle = tmp_path / "ecology.bundle"
+    exported = cli("audit", "export", "--out", str(bundle), config=ecology.setup.config)
+    assert exported.returncode == 0, exported.stderr
+    code, report = verify(bundle)
+    assert code == 0, report
+
+    def spoil_the_proof(name: str, content: bytes) -> bytes:
+        """Swap the proven entry for a doctored one: its hash no longer fits the path."""
+        if name != "messages.jsonl":
+            return content
+        lines = []
+        for line in content.splitlines():
+            item = json.loads(line)
+            for recipient, text in item["proofs"].items():
+                head, _, rest = text.partition("extra ")
+                encoded, _, tail = rest.partition("\n")
+                doctored = base64.b64decode(encoded).replace(b'"clue"', b'"notice"')
+                item["proofs"][recipient] = (
+                    f"{head}extra {base64.b64encode(doctored).decode()}\n{tail}"
+                )
+            lines.append(json.dumps(item).encode())
+        return b"\n".join(lines) + b"\n"
+
+    rewrite_bundle(bundle, spoil_the_proof)
+    code, report = verify(bundle)
+    assert code == 1
+    assert any("proof of receipt" in p["problem"] for p in report["problems"])
+    # And on the wire, for any peer: the Deliver stream's result carries it.
+    key = signing_key(running[POLICE].setup)
+    batch = exchange_pb2.DeliveryBatch(
+        requests=[{"seq": 1, "envelope": sign(clue_message(POLICE, [PROCURATORATE]), key)}]
+    )
+    [answer] = exchange_stub(running[POLICE].setup, procuratorate.setup).Deliver(
+        iter([batch]), timeout=30
+    )
+    [result] = answer.results
+    streamed = parse_proof(result.receiver_proof)
+    receipt = envelope_pb2.Receipt.FromString(result.receipt.payload)
+    assert streamed.index == receipt.log_index
+    verify_proof(streamed, verifier_of(procuratorate.setup))

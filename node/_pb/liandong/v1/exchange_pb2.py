@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from node._pb.liandong.v1 import envelope_pb2 as liandong_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aliandong/v1/exchange.proto\x12\x0bliandong.v1\x1a\x1aliandong/v1/envelope.proto\"G\n\x0f\x44\x65liveryRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\'\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x15.liandong.v1.Envelope\"?\n\rDeliveryBatch\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.liandong.v1.DeliveryRequest\"?\n\x0f\x44\x65liveryResults\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.liandong.v1.DeliveryResult\"d\n\x0e\x44\x65liveryResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x07receipt\x18\x02 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"9\n\x0f\x44\x65liveryReceipt\x12&\n\x07receipt\x18\x01 \x01(\x0b\x32\x15.liandong.v1.Envelope\"h\n\x0f\x41ttachmentChunk\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\x0f\x41ttachmentQuery\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"F\n\x10\x41ttachmentStatus\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x10\n\x08received\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x32\xea\x05\n\x08\x45xchange\x12\x43\n\x0cTransferClue\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12\x44\n\rTransferCrime\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12\x41\n\nSendNotice\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12\x46\n\x0fRequestEvidence\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12J\n\x13IssueRecommendation\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12<\n\x05Reply\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12G\n\x07\x44\x65liver\x12\x1a.liandong.v1.DeliveryBatch\x1a\x1c.liandong.v1.DeliveryResults(\x01\x30\x01\x12Q\n\x10UploadAttachment\x12\x1c.liandong.v1.AttachmentChunk\x1a\x1d.liandong.v1.AttachmentStatus(\x01\x12N\n\x0fQueryAttachment\x12\x1c.liandong.v1.AttachmentQuery\x1a\x1d.liandong.v1.AttachmentStatus\x12R\n\x12\x44ownloadAttachment\x12\x1c.liandong.v1.AttachmentQuery\x1a\x1c.liandong.v1.AttachmentChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aliandong/v1/exchange.proto\x12\x0bliandong.v1\x1a\x1aliandong/v1/envelope.proto\"G\n\x0f\x44\x65liveryRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\'\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x15.liandong.v1.Envelope\"?\n\rDeliveryBatch\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.liandong.v1.DeliveryRequest\"?\n\x0f\x44\x65liveryResults\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.liandong.v1.DeliveryResult\"|\n\x0e\x44\x65liveryResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x07receipt\x18\x02 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0ereceiver_proof\x18\x05 \x01(\x0c\"Q\n\x0f\x44\x65liveryReceipt\x12&\n\x07receipt\x18\x01 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x16\n\x0ereceiver_proof\x18\x02 \x01(\x0c\"h\n\x0f\x41ttachmentChunk\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\x0f\x41ttachmentQuery\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.liandong.v1.Envelope\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"F\n\x10\x41ttachmentStatus\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x10\n\x08received\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x32\xea\x05\n\x08\x45xchange\x12\x43\n\x0cTransferClue\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12\x44\n\rTransferCrime\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12\x41\n\nSendNotice\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12\x46\n\x0fRequestEvidence\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12J\n\x13IssueRecommendation\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12<\n\x05Reply\x12\x15.liandong.v1.Envelope\x1a\x1c.liandong.v1.DeliveryReceipt\x12G\n\x07\x44\x65liver\x12\x1a.liandong.v1.DeliveryBatch\x1a\x1c.liandong.v1.DeliveryResults(\x01\x30\x01\x12Q\n\x10UploadAttachment\x12\x1c.liandong.v1.AttachmentChunk\x1a\x1d.liandong.v1.AttachmentStatus(\x01\x12N\n\x0fQueryAttachment\x12\x1c.liandong.v1.AttachmentQuery\x1a\x1d.liandong.v1.AttachmentStatus\x12R\n\x12\x44ownloadAttachment\x12\x1c.liandong.v1.AttachmentQuery\x1a\x1c.liandong.v1.AttachmentChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELIVERYRESULTS']._serialized_start=209
   _globals['_DELIVERYRESULTS']._serialized_end=272
   _globals['_DELIVERYRESULT']._serialized_start=274
-  _globals['_DELIVERYRESULT']._serialized_end=374
-  _globals['_DELIVERYRECEIPT']._serialized_start=376
-  _globals['_DELIVERYRECEIPT']._serialized_end=433
-  _globals['_ATTACHMENTCHUNK']._serialized_start=435
-  _globals['_ATTACHMENTCHUNK']._serialized_end=539
-  _globals['_ATTACHMENTQUERY']._serialized_start=541
-  _globals['_ATTACHMENTQUERY']._serialized_end=615
-  _globals['_ATTACHMENTSTATUS']._serialized_start=617
-  _globals['_ATTACHMENTSTATUS']._serialized_end=687
-  _globals['_EXCHANGE']._serialized_start=690
-  _globals['_EXCHANGE']._serialized_end=1436
+  _globals['_DELIVERYRESULT']._serialized_end=398
+  _globals['_DELIVERYRECEIPT']._serialized_start=400
+  _globals['_DELIVERYRECEIPT']._serialized_end=481
+  _globals['_ATTACHMENTCHUNK']._serialized_start=483
+  _globals['_ATTACHMENTCHUNK']._serialized_end=587
+  _globals['_ATTACHMENTQUERY']._serialized_start=589
+  _globals['_ATTACHMENTQUERY']._serialized_end=663
+  _globals['_ATTACHMENTSTATUS']._serialized_start=665
+  _globals['_ATTACHMENTSTATUS']._serialized_end=735
+  _globals['_EXCHANGE']._serialized_start=738
+  _globals['_EXCHANGE']._serialized_end=1484
 # @@protoc_insertion_point(module_scope)

@@ -98,11 +98,16 @@ class DeliveryResult(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RECEIVER_PROOF_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     code: _builtins.int
     """a google.rpc.Code / grpc status code; 0 (OK) when accepted"""
     message: _builtins.str
     """why it was refused, when code != 0"""
+    receiver_proof: _builtins.bytes
+    """The receiver's C2SP tlog-proof that its log holds the "received" entry the receipt
+    names (log_index), against the checkpoint it signed with the entry; may be empty.
+    """
     @_builtins.property
     def receipt(self) -> _envelope_pb2.Envelope:
         """set when the message was accepted"""
@@ -114,10 +119,11 @@ class DeliveryResult(_message.Message):
         receipt: _envelope_pb2.Envelope | None = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        receiver_proof: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "receipt", b"receipt", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "receipt", b"receipt", "receiver_proof", b"receiver_proof", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -128,6 +134,9 @@ class DeliveryReceipt(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECEIPT_FIELD_NUMBER: _builtins.int
+    RECEIVER_PROOF_FIELD_NUMBER: _builtins.int
+    receiver_proof: _builtins.bytes
+    """as in DeliveryResult"""
     @_builtins.property
     def receipt(self) -> _envelope_pb2.Envelope:
         """payload is a node._pb.liandong.v1.Receipt"""
@@ -136,10 +145,11 @@ class DeliveryReceipt(_message.Message):
         self,
         *,
         receipt: _envelope_pb2.Envelope | None = ...,
+        receiver_proof: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "receiver_proof", b"receiver_proof"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

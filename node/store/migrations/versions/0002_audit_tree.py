@@ -21,6 +21,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("audit_entries", schema=None) as batch_op:
         batch_op.add_column(sa.Column("leaf_hash", sa.LargeBinary(), nullable=True))
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("receiver_proof", sa.LargeBinary(), nullable=True))
     op.create_table(
         "merkle_nodes",
         sa.Column("level", sa.Integer(), autoincrement=False, nullable=False),
@@ -60,5 +62,7 @@ def downgrade() -> None:
     op.drop_table("cosignatures")
     op.drop_table("checkpoints")
     op.drop_table("merkle_nodes")
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_column("receiver_proof")
     with op.batch_alter_table("audit_entries", schema=None) as batch_op:
         batch_op.drop_column("leaf_hash")
