@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.audit.checkpoint import parse_checkpoint
+from node.audit.checkpoint import open_checkpoint
 from node.audit.merkle import Frontier, leaf_hash
-from node.audit.note import NoteError, Verifier, verify_note
+from node.audit.note import NoteError, Verifier
 from node.audit.tree import TILE_HEIGHT
 from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, MERKLE_NODES
 
@@ -52,7 +52,7 @@ def check_log(
     ).all()
     for size, root, signed in checkpoints:
         try:
-            checkpoint = parse_checkpoint(verify_note(signed, verifier))
+            checkpoint = open_checkpoint(signed, [verifier])
         except NoteError as error:
             raise LogMismatch(
                 max(size - 1, 0), f"checkpoint of size {size} is not one this node signed: {error}"

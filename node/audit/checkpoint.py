@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from node.audit.merkle import HASH_SIZE
-from node.audit.note import NoteError, check_key_name
+from node.audit.note import NoteError, Verifier, check_key_name, verify_note_by_any
 
 _DECIMAL = re.compile(r"^(0|[1-9][0-9]*)$")
+MAX_SIZE = (1 << 63) - 1  # what SQLite and PostgreSQL integers hold
 _UNSAFE_IN_NAME = re.compile(r"[\s+]+")  # key names have no spaces and no '+'
 
 
@@ -38,6 +40,15 @@ class Checkpoint:
         return f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n".encode()
 
 
+def open_checkpoint(note: bytes, verifiers: Sequence[Verifier]) -> Checkpoint:
+    """The checkpoint in a signed note, checked: signed by one of `verifiers` (a log's keys,
+    all under its origin), and naming that origin. NoteError otherwise."""
+    checkpoint = parse_checkpoint(verify_note_by_any(note, verifiers))
+    if verifiers and checkpoint.origin != verifiers[0].name:
+        raise NoteError(f"checkpoint of '{checkpoint.origin}', expected '{verifiers[0].name}'")
+    return checkpoint
+
+
 def parse_checkpoint(text: bytes) -> Checkpoint:
     """The checkpoint in a note's text (extension lines are allowed and ignored)."""
     try:
@@ -49,8 +60,8 @@ def parse_checkpoint(text: bytes) -> Checkpoint:
     origin, size, root = lines[0], lines[1], lines[2]
     if not origin:
         raise NoteError("checkpoint has an empty origin line")
-    if not _DECIMAL.match(size):
-        raise NoteError(f"checkpoint size {size[:30]!r} is not a decimal number")
+    if not _DECIMAL.match(size) or int(size) > MAX_SIZE:
+        raise NoteError(f"checkpoint size {size[:30]!r} is not a decimal number below 2^63")
     try:
         digest = base64.b64decode(root, validate=True)
     except (ValueError, binascii.Error):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -128,6 +129,17 @@ def verify_note(data: bytes, verifier: Verifier) -> bytes:
     raise NoteError(f"the note is not signed by {verifier.name} (key {verifier.key_id.hex()})")
 
 
+def verify_note_by_any(data: bytes, verifiers: Sequence[Verifier]) -> bytes:
+    """verify_note with each key a signer had (key rotation): the text, or the last failure."""
+    failure = "no verifier key to check it with"
+    for verifier in verifiers:
+        try:
+            return verify_note(data, verifier)
+        except NoteError as error:
+            failure = str(error)
+    raise NoteError(failure)
+
+
 def cosigned_message(body: bytes, timestamp: int) -> bytes:
     """What a tlog-cosignature/v1 Ed25519 cosigner signs for checkpoint `body`."""
     return b"cosignature/v1\ntime %d\n" % timestamp + body
@@ -147,3 +159,16 @@ def verify_cosignature(body: bytes, signature: NoteSignature, verifier: Verifier
     except InvalidSignature:
         raise NoteError(f"cosignature by {verifier.name} does not verify") from None
     return timestamp
+
+
+def verify_cosignature_by_any(
+    body: bytes, signature: NoteSignature, verifiers: Sequence[Verifier]
+) -> int:
+    """verify_cosignature with each key the witness had: the timestamp, or the last failure."""
+    failure = "no verifier key to check it with"
+    for verifier in verifiers:
+        try:
+            return verify_cosignature(body, signature, verifier)
+        except NoteError as error:
+            failure = str(error)
+    raise NoteError(failure)

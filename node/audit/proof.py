@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from node.audit.checkpoint import Checkpoint, parse_checkpoint
+from node.audit.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint
 from node.audit.merkle import ProofError, leaf_hash, verify_inclusion
-from node.audit.note import NoteError, Verifier, split_note, verify_note
+from node.audit.note import NoteError, Verifier, split_note
 
 HEADER = b"c2sp.org/tlog-proof@v1"
 
@@ -67,14 +69,53 @@ def parse_proof(data: bytes) -> LogProof:
     return LogProof(int(number), hashes, note, entry)
 
 
-def verify_proof(proof: LogProof, verifier: Verifier, entry: bytes | None = None) -> Checkpoint:
-    """Check a proof of `entry` (default: the one it carries); return the checkpoint it is in."""
+def check_receipt_proof(
+    proof_text: bytes,
+    verifiers: Sequence[Verifier],
+    *,
+    log_index: int,
+    message_id: str,
+    envelope_sha256: str,
+    opened: dict[bytes, Checkpoint] | None = None,
+) -> LogProof:
+    """A receiver's proof that its log holds the "received" entry of this message (this
+    envelope) at the index its receipt names, under a checkpoint it signed. NoteError
+    otherwise. `opened` remembers checkpoints already checked (one signature per batch)."""
+    proof = parse_proof(proof_text)
+    if proof.index != log_index or proof.entry is None:
+        raise NoteError(f"it proves entry {proof.index}, the receipt names {log_index}")
+    try:
+        fields = json.loads(proof.entry)
+    except ValueError:
+        raise NoteError("its entry is not JSON") from None
+    if not isinstance(fields, dict) or (
+        fields.get("event"),
+        fields.get("message_id"),
+        fields.get("envelope_sha256"),
+    ) != ("received", message_id, envelope_sha256):
+        raise NoteError("its entry does not record receiving this envelope")
+    checkpoint = None if opened is None else opened.get(proof.checkpoint_note)
+    checkpoint = verify_proof(proof, verifiers, checkpoint=checkpoint)
+    if opened is not None:
+        opened[proof.checkpoint_note] = checkpoint
+    return proof
+
+
+def verify_proof(
+    proof: LogProof,
+    verifiers: Verifier | Sequence[Verifier],
+    entry: bytes | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> Checkpoint:
+    """Check a proof of `entry` (default: the one it carries) against the log's keys; return
+    the checkpoint it is in. A caller checking many proofs under one checkpoint may pass the
+    checkpoint it already opened (from this proof's note) to skip its signature check."""
     entry = proof.entry if entry is None else entry
     if entry is None:
         raise NoteError("tlog-proof carries no entry and none was given to check it against")
-    checkpoint = parse_checkpoint(verify_note(proof.checkpoint_note, verifier))
-    if checkpoint.origin != verifier.name:
-        raise NoteError(f"checkpoint origin {checkpoint.origin!r} is not {verifier.name!r}")
+    if checkpoint is None:
+        keys = [verifiers] if isinstance(verifiers, Verifier) else list(verifiers)
+        checkpoint = open_checkpoint(proof.checkpoint_note, keys)
     try:
         verify_inclusion(
             proof.index, checkpoint.size, leaf_hash(entry), proof.hashes, checkpoint.root

@@ -15,13 +15,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import log as audit
+from node.audit.checkpoint import MAX_SIZE
 from node.audit.log import AuditEvent
 from node.audit.merkle import ProofError, consistency_proof, inclusion_proof, root_at
 from node.audit.note import (
     NoteError,
     parse_signature_line,
     split_note,
-    verify_cosignature,
+    verify_cosignature_by_any,
 )
 from node.audit.proof import LogProof
 from node.audit.tree import NodeCache, StoredTree
@@ -32,6 +33,12 @@ from node.store.writer import Batch, BatchWriter
 
 MAX_ENTRIES = 1000  # entries per GetEntries answer
 FIRST_EVENT_OF_A_MESSAGE = (AuditEvent.RECEIVED, AuditEvent.SENT)
+
+
+def _in_range(value: int, field: str) -> None:
+    """Sizes and indices come as uint64 from the wire; the log's fit in 63 bits."""
+    if not 0 <= value <= MAX_SIZE:
+        raise ExchangeError(Reason.INVALID, f"{field} {value} is beyond any log (at most 2^63-1)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class AuditLog:
 
     def checkpoint(self, size: int = 0) -> SignedCheckpoint:
         """The latest signed checkpoint, or the one of exactly `size` entries."""
+        _in_range(size, "size")
         with self.sessions() as session:
             return self._checkpoint(session, size)
 
@@ -66,6 +74,8 @@ class AuditLog:
         By message id, the entry is the first the node wrote about it: "received" on the
         receiving node, "sent" on the sender.
         """
+        _in_range(size, "size")
+        _in_range(index or 0, "index")
         with self.sessions() as session:
             if message_id:
                 index = self._index_of(session, message_id)
@@ -87,6 +97,8 @@ class AuditLog:
             return LogProof(index, tuple(hashes), checkpoint.note, bytes(entry or b""))
 
     def prove_consistency(self, old_size: int, new_size: int) -> list[bytes]:
+        _in_range(old_size, "old_size")
+        _in_range(new_size, "new_size")
         with self.sessions() as session:
             latest = self._checkpoint(session, 0)
             if new_size > latest.size:
@@ -100,8 +112,7 @@ class AuditLog:
                 raise ExchangeError(Reason.INVALID, str(error)) from None
 
     def entries(self, start: int, limit: int) -> list[bytes]:
-        if start < 0:
-            raise ExchangeError(Reason.INVALID, "start must not be negative")
+        _in_range(start, "start")
         limit = min(max(limit, 1), MAX_ENTRIES)
         with self.sessions() as session:
             rows = session.scalars(
@@ -181,6 +192,7 @@ class AuditLog:
 
     async def add_cosignature(self, witness: str, size: int, line: bytes) -> None:
         """Store a witness's tlog-cosignature/v1 of this node's checkpoint of `size`."""
+        _in_range(size, "size")
         now = datetime.now(UTC)
         registry = self.context.usable_registry(now)
         member = registry.member(witness)
@@ -193,16 +205,14 @@ class AuditLog:
         with self.sessions() as session:
             checkpoint = self._checkpoint(session, size)
         body, _signatures = split_note(checkpoint.note)
-        timestamp = None
-        failure = f"the cosignature is not by '{registry.log_origin(witness)}'"
-        for verifier in registry.cosigner_verifiers(witness):
-            try:
-                timestamp = verify_cosignature(body, signature, verifier)
-                break
-            except NoteError as error:
-                failure = str(error)
-        if timestamp is None:
-            raise ExchangeError(Reason.UNAUTHENTICATED, f"cosignature of size {size}: {failure}")
+        try:
+            timestamp = verify_cosignature_by_any(
+                body, signature, registry.cosigner_verifiers(witness)
+            )
+        except NoteError as error:
+            raise ExchangeError(
+                Reason.UNAUTHENTICATED, f"cosignature of size {size}: {error}"
+            ) from None
         skew = self.context.limits.clock_skew_seconds
         if timestamp > now.timestamp() + skew:
             raise ExchangeError(

@@ -27,16 +27,15 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit.bundle import Bundle, BundleError, read_bundle
-from node.audit.checkpoint import parse_checkpoint
+from node.audit.checkpoint import open_checkpoint
 from node.audit.merkle import Frontier, leaf_hash
 from node.audit.note import (
     NoteError,
     Verifier,
     split_note,
-    verify_cosignature,
-    verify_note,
+    verify_cosignature_by_any,
 )
-from node.audit.proof import parse_proof, verify_proof
+from node.audit.proof import check_receipt_proof
 from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
     RECEIPT_PAYLOAD_TYPE,
@@ -189,14 +188,10 @@ def _verified_checkpoints(
 ) -> dict[int, bytes]:
     roots: dict[int, bytes] = {}
     for size, signed in bundle.checkpoints:
-        for verifier in verifiers:
-            try:
-                checkpoint = parse_checkpoint(verify_note(signed, verifier))
-                break
-            except NoteError as error:
-                failure = str(error)
-        else:
-            problem(f"checkpoint of size {size}: {failure}", max(size - 1, 0))
+        try:
+            checkpoint = open_checkpoint(signed, verifiers)
+        except NoteError as error:
+            problem(f"checkpoint of size {size}: {error}", max(size - 1, 0))
             continue
         if checkpoint.size != size or checkpoint.origin != bundle.manifest.origin:
             problem(
@@ -235,16 +230,11 @@ def _check_cosignatures(
                     max(size - 1, 0),
                 )
                 continue
-            failure = ""
-            for verifier in verifiers:
-                try:
-                    verify_cosignature(body, signature, verifier)
-                    good[size] = good.get(size, 0) + 1
-                    break
-                except NoteError as error:
-                    failure = str(error)
-            else:
-                problem(f"checkpoint of size {size}: {failure}", max(size - 1, 0))
+            try:
+                verify_cosignature_by_any(body, signature, verifiers)
+                good[size] = good.get(size, 0) + 1
+            except NoteError as error:
+                problem(f"checkpoint of size {size}: {error}", max(size - 1, 0))
     return good
 
 
@@ -273,8 +263,10 @@ def _check_entries(
         frontier.append(leaf_hash(entry))
         try:
             fields = json.loads(entry)
-        except json.JSONDecodeError:
-            problem("is not JSON", index)
+        except ValueError:  # not JSON, or not UTF-8
+            fields = None
+        if not isinstance(fields, dict):
+            problem("is not a JSON object", index)
             fields = {}
         if fields.get("event") == "received":
             received[index] = str(fields.get("envelope_sha256", ""))
@@ -381,25 +373,14 @@ def _check_receiver_proof(
 ) -> None:
     """The recipient's tlog-proof the sender kept: alone, it shows the recipient logged it."""
     try:
-        proof = parse_proof(proof_text)
-        fields = json.loads(proof.entry or b"{}")
-        if proof.index != log_index:
-            raise NoteError(f"it proves entry {proof.index}, the receipt names {log_index}")
-        if (fields.get("event"), fields.get("message_id"), fields.get("envelope_sha256")) != (
-            "received",
-            message_id,
-            digest,
-        ):
-            raise NoteError("its entry does not record receiving this envelope")
-        failure = f"'{recipient}' has no signing key in the registry"
-        for verifier in registry.log_verifiers(recipient):
-            try:
-                verify_proof(proof, verifier)
-                return
-            except NoteError as error:
-                failure = str(error)
-        raise NoteError(failure)
-    except (NoteError, ValueError) as error:
+        check_receipt_proof(
+            proof_text,
+            registry.log_verifiers(recipient),
+            log_index=log_index,
+            message_id=message_id,
+            envelope_sha256=digest,
+        )
+    except NoteError as error:
         problem(f"{label}: {recipient}'s proof of receipt: {error}", None)
 
 

@@ -24,10 +24,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import log as audit
-from node.audit.checkpoint import Checkpoint, log_origin, parse_checkpoint
+from node.audit.checkpoint import Checkpoint, log_origin, open_checkpoint
 from node.audit.log import AuditEvent
 from node.audit.merkle import ProofError, verify_consistency
-from node.audit.note import NoteError, split_note, verify_note
+from node.audit.note import NoteError, split_note
 from node.envelope import cosign_checkpoint
 from node.exchange.context import NodeContext
 from node.exchange.delivery import TransportError
@@ -143,19 +143,10 @@ class Witness:
         return seen
 
     def _verified(self, member: Member, note: bytes) -> Checkpoint:
-        registry = self.context.registry
-        origin = registry.log_origin(member.agency_id)
-        failure = "no signing key"
-        for verifier in registry.log_verifiers(member.agency_id):
-            try:
-                checkpoint = parse_checkpoint(verify_note(note, verifier))
-            except NoteError as error:
-                failure = str(error)
-                continue
-            if checkpoint.origin != origin:
-                raise WitnessRefusal(f"checkpoint of '{checkpoint.origin}', expected '{origin}'")
-            return checkpoint
-        raise WitnessRefusal(f"checkpoint from {member.agency_id} does not verify: {failure}")
+        try:
+            return open_checkpoint(note, self.context.registry.log_verifiers(member.agency_id))
+        except NoteError as error:
+            raise WitnessRefusal(f"checkpoint from {member.agency_id}: {error}") from None
 
     async def _check_consistent(
         self, member: Member, size: int, root: bytes, last: Seen, note: bytes

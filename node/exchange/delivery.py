@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -24,11 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
-from node.audit.checkpoint import Checkpoint, parse_checkpoint
+from node.audit.checkpoint import Checkpoint
 from node.audit.log import AuditEvent
-from node.audit.merkle import ProofError, leaf_hash, verify_inclusion
-from node.audit.note import NoteError, verify_note
-from node.audit.proof import parse_proof
+from node.audit.note import NoteError
+from node.audit.proof import check_receipt_proof
 from node.config import Delivery
 from node.envelope import RECEIPT_PAYLOAD_TYPE, EnvelopeError, envelope_digest, verify_envelope
 from node.exchange.attachments import BlobStore
@@ -137,7 +135,7 @@ def check_receiver_proof(
     proof_text: bytes,
     log_index: int,
     item: Due,
-    checkpoints: dict[bytes, Checkpoint | None],
+    checkpoints: dict[bytes, Checkpoint],
 ) -> bytes:
     """The receiver's proof if it shows its log holds this message's "received" entry at the
     index the receipt names, under a checkpoint it signed; else b"" (logged: the receipt
@@ -145,27 +143,15 @@ def check_receiver_proof(
     if not proof_text:
         return b""
     try:
-        proof = parse_proof(proof_text)
-        if proof.index != log_index or proof.entry is None:
-            raise NoteError(f"it proves entry {proof.index}, the receipt names {log_index}")
-        fields = json.loads(proof.entry)
-        if (
-            fields.get("event") != "received"
-            or fields.get("message_id") != item.message_id
-            or fields.get("envelope_sha256") != item.envelope_sha256
-        ):
-            raise NoteError("its entry does not record receiving this message")
-        if proof.checkpoint_note not in checkpoints:
-            checkpoints[proof.checkpoint_note] = _receiver_checkpoint(
-                registry, recipient, proof.checkpoint_note
-            )
-        checkpoint = checkpoints[proof.checkpoint_note]
-        if checkpoint is None:
-            raise NoteError(f"its checkpoint is not signed by {recipient}")
-        verify_inclusion(
-            proof.index, checkpoint.size, leaf_hash(proof.entry), proof.hashes, checkpoint.root
+        check_receipt_proof(
+            proof_text,
+            registry.log_verifiers(recipient),
+            log_index=log_index,
+            message_id=item.message_id,
+            envelope_sha256=item.envelope_sha256,
+            opened=checkpoints,
         )
-    except (NoteError, ProofError, ValueError) as error:
+    except NoteError as error:
         log.warning(
             "receiver's proof refused; the receipt is kept",
             recipient=recipient,
@@ -174,15 +160,6 @@ def check_receiver_proof(
         )
         return b""
     return proof_text
-
-
-def _receiver_checkpoint(registry: Registry, recipient: str, note: bytes) -> Checkpoint | None:
-    for verifier in registry.log_verifiers(recipient):
-        try:
-            return parse_checkpoint(verify_note(note, verifier))
-        except NoteError:
-            continue
-    return None
 
 
 class DeliveryWorker:
@@ -410,7 +387,7 @@ class DeliveryWorker:
     ) -> None:
         """Fill in `outcomes` and `receipts` for the items sent: verified or why not."""
         delivered_at = datetime.now(UTC)
-        checkpoints: dict[bytes, Checkpoint | None] = {}  # one signature check per checkpoint
+        checkpoints: dict[bytes, Checkpoint] = {}  # one signature check per checkpoint
         for position, answer in zip(sending, answers, strict=True):
             item = batch[position]
             if isinstance(answer, TransportError):

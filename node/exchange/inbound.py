@@ -47,8 +47,6 @@ from node.store.writer import Batch, BatchWriter
 
 # Messages one delivery batch may carry (DeliveryBatch in docs/protocol.md).
 MAX_BATCH = 256
-# Stands for an outcome still to come while a batch is being received.
-_NOT_YET = Exception("not yet received")
 
 
 @dataclass(frozen=True)
@@ -66,6 +64,13 @@ class Receipted:
 
     receipt: envelope_pb2.Envelope
     proof: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    receipt: envelope_pb2.Envelope
+    log_index: int
+    stored_at: datetime | None  # None: a repeat, answered with the original receipt
 
 
 @dataclass(frozen=True)
@@ -241,29 +246,24 @@ class Receiver:
         # Off the event loop: Ed25519 releases the GIL, so checking signatures overlaps
         # with the loop's own work instead of stalling every stream on this node.
         checked = await asyncio.to_thread(self._verify_all, envelopes, peer, expected_family)
-        outcomes: list[Receipted | Exception] = []
-        to_store: list[tuple[int, VerifiedMessage]] = []
-        for position, check in enumerate(checked):
-            if isinstance(check, ExchangeError):
-                outcomes.append(check)
-                continue
-            outcomes.append(_NOT_YET)
-            to_store.append((position, check))
+        to_store = [(n, c) for n, c in enumerate(checked) if isinstance(c, VerifiedMessage)]
         stored = await self.writer.run_many([partial(self._store, v, peer) for _, v in to_store])
+        results: dict[int, Receipted | Exception] = {}
         new_items: list[InboundItem] = []
         for (position, verified), result in zip(to_store, stored, strict=True):
             if isinstance(result, Exception):
-                outcomes[position] = result
-                continue
-            receipt, received_at = result
-            if received_at is None:  # a repeat: the original receipt, no new entry
-                outcomes[position] = Receipted(receipt)
-                continue
-            index = envelope_pb2.Receipt.FromString(receipt.payload).log_index
-            outcomes[position] = Receipted(receipt, self.proof_for(index))
-            new_items.append(
-                item_for(verified.message, verified.digest.hex(), received_at, self.blobs)
-            )
+                results[position] = result
+            elif result.stored_at is None:  # a repeat: the original receipt, no new entry
+                results[position] = Receipted(result.receipt)
+            else:
+                results[position] = Receipted(result.receipt, self.proof_for(result.log_index))
+                new_items.append(
+                    item_for(verified.message, verified.digest.hex(), result.stored_at, self.blobs)
+                )
+        outcomes: list[Receipted | Exception] = [
+            check if isinstance(check, ExchangeError) else results[n]
+            for n, check in enumerate(checked)
+        ]
         if new_items:
             self.on_stored(new_items)
         refused = [
@@ -333,9 +333,7 @@ class Receiver:
             if isinstance(outcome, Exception):
                 raise outcome
 
-    def _store(
-        self, verified: VerifiedMessage, peer: PeerIdentity, batch: Batch
-    ) -> tuple[envelope_pb2.Envelope, datetime | None]:
+    def _store(self, verified: VerifiedMessage, peer: PeerIdentity, batch: Batch) -> _Stored:
         message = verified.message
         digest_hex = verified.digest.hex()
         # Repeats are rare (a retry after a lost answer), so in a shared batch the unique
@@ -352,7 +350,7 @@ class Receiver:
         )
         if existing is not None:
             if existing.sender == message.sender and existing.envelope_sha256 == digest_hex:
-                return _parse_envelope(existing.receipt), None
+                return _Stored(_parse_envelope(existing.receipt), -1, None)
             raise ExchangeError(
                 Reason.INVALID,
                 f"message id {message.message_id} was already received with other content or "
@@ -403,7 +401,7 @@ class Receiver:
             ),
         )
         batch.proof_requests.append(index)
-        return receipt, now
+        return _Stored(receipt, index, now)
 
     # -- attachments ------------------------------------------------------------------
 

@@ -281,6 +281,18 @@ def test_audit_service_refusals(running: dict[str, NodeProcess]) -> None:
             grpc.StatusCode.NOT_FOUND,
             "no checkpoint of size 10000",
         ),
+        (
+            stub.GetCheckpoint,
+            audit_pb2.GetCheckpointRequest(size=2**64 - 1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "beyond any log",
+        ),
+        (
+            stub.GetEntries,
+            audit_pb2.GetEntriesRequest(start=2**63),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "beyond any log",
+        ),
     ]:
         with pytest.raises(grpc.RpcError) as caught:
             call(request, timeout=30)

@@ -9,6 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.audit import note
 from node.audit.checkpoint import Checkpoint, log_origin, parse_checkpoint
+from node.audit.merkle import leaf_hash
+from node.audit.proof import LogProof, check_receipt_proof
 from node.envelope import cosign_checkpoint, sign_note
 from node.identity import SigningKey
 
@@ -119,3 +121,16 @@ def test_checkpoints_round_trip_and_cosignatures_verify() -> None:
 def test_malformed_checkpoints_are_refused(text: bytes, problem: str) -> None:
     with pytest.raises(note.NoteError, match=problem):
         parse_checkpoint(text)
+
+
+@pytest.mark.parametrize("entry", [b"[]", b'"received"', b"not json", b"\xff\xfe"])
+def test_a_receipt_proof_whose_entry_is_no_object_is_refused(entry: bytes) -> None:
+    """Bytes from a peer: refused with a reason, never an AttributeError in the delivery path."""
+    key = peter_key()
+    body = Checkpoint("o/140400/police", 1, leaf_hash(entry)).body()
+    proof = LogProof(0, (), sign_note(body, "o/140400/police", key), entry)
+    verifier = note.parse_vkey(note.vkey("o/140400/police", key.public_bytes()))
+    with pytest.raises(note.NoteError, match="entry"):
+        check_receipt_proof(
+            proof.text(), [verifier], log_index=0, message_id="m", envelope_sha256="00"
+        )
