@@ -53,6 +53,7 @@ class AdminClient:
         confidentiality: int = 0,
         attachment_paths: Sequence[str] = (),
         client_key: str = "",
+        deadline: str = "",
     ) -> str:
         request = admin_pb2.SubmitRequest(
             family=family,
@@ -64,6 +65,7 @@ class AdminClient:
             confidentiality=confidentiality,  # type: ignore[arg-type]
             attachment_paths=list(attachment_paths),
             client_key=client_key,
+            deadline=deadline,
         )
         response = self._call("Submit", request)
         assert isinstance(response, admin_pb2.SubmitResponse)
@@ -78,6 +80,37 @@ class AdminClient:
         response = self._call("ListItems", admin_pb2.ListItemsRequest(direction=value, limit=limit))
         assert isinstance(response, admin_pb2.ListItemsResponse)
         return list(response.items)
+
+    def cases(
+        self, *, case_id: str = "", state: str = "", limit: int = 200
+    ) -> list[admin_pb2.Case]:
+        request = admin_pb2.ListCasesRequest(case_id=case_id, state=state, limit=limit)
+        response = self._call("ListCases", request)
+        assert isinstance(response, admin_pb2.ListCasesResponse)
+        return list(response.cases)
+
+    def decide(
+        self, case_id: str, event: str, *, peer: str = "", reason: str = "", date: str = ""
+    ) -> admin_pb2.Case:
+        request = admin_pb2.DecideCaseRequest(
+            case_id=case_id, peer=peer, event=event, reason=reason, date=date
+        )
+        response = self._call("DecideCase", request)
+        assert isinstance(response, admin_pb2.Case)
+        return response
+
+    def deadlines(
+        self, *, overdue: bool = False, agency: str = "", limit: int = 500
+    ) -> list[admin_pb2.Deadline]:
+        request = admin_pb2.ListDeadlinesRequest(overdue=overdue, agency=agency, limit=limit)
+        response = self._call("ListDeadlines", request)
+        assert isinstance(response, admin_pb2.ListDeadlinesResponse)
+        return list(response.deadlines)
+
+    def supervision_report(self) -> list[admin_pb2.SupervisionFinding]:
+        response = self._call("SupervisionReport", admin_pb2.SupervisionReportRequest())
+        assert isinstance(response, admin_pb2.SupervisionReportResponse)
+        return list(response.findings)
 
     def get_item(self, message_id: str) -> admin_pb2.Item:
         response = self._call("GetItem", admin_pb2.GetItemRequest(message_id=message_id))

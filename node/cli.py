@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--case-ref", default="", help="case reference (thread)")
     send.add_argument("--in-reply-to", default="", help="message id answered")
     send.add_argument(
+        "--deadline",
+        default="",
+        help="RFC 3339 time the message sets as its deadline, e.g. 2026-12-20T17:00:00+08:00",
+    )
+    send.add_argument(
         "--confidentiality", default="internal", choices=sorted(CONFIDENTIALITY_NAMES)
     )
     _client_options(send)
@@ -137,6 +143,66 @@ def build_parser() -> argparse.ArgumentParser:
         listing.add_argument("--limit", type=positive_int, default=50, help="most recent N")
         _client_options(listing)
         listing.set_defaults(handler=cmd_list, direction=name)
+
+    cases = commands.add_parser(
+        "cases",
+        help="cases: each opening message with each peer, and its lifecycle state",
+        description="List the cases this node holds (newest first), or show one with its "
+        "history. A case is an opening message (clue, crime transfer, evidence request, "
+        "recommendation, notice) between this node and one peer.",
+    )
+    cases.add_argument("case_id", nargs="?", default="", help="one case, with its history")
+    cases.add_argument("--state", default="", help="only cases in this state")
+    cases.add_argument("--limit", type=positive_int, default=200, help="most recent N")
+    _client_options(cases)
+    cases.set_defaults(handler=cmd_cases)
+
+    decide = commands.add_parser(
+        "decide",
+        help="record a decision on a case (e.g. accepted, needs_checking, completed)",
+        description="Record a decision this agency made on a case, as its lifecycle allows "
+        "(docs/workflows.md lists the events of each family). Decisions the other agency "
+        "must hear about are sent instead: liandong send reply --body-type feedback with "
+        '{"status": EVENT, "text": REASON}.',
+    )
+    decide.add_argument("case_id")
+    decide.add_argument("event", help="the lifecycle event, e.g. accepted")
+    decide.add_argument("--peer", default="", help="the other agency, when the case has several")
+    decide.add_argument("--reason", default="", help="why (required by some events)")
+    decide.add_argument("--date", default="", help="RFC 3339 new date (for a delay)")
+    _client_options(decide)
+    decide.set_defaults(handler=cmd_decide)
+
+    deadlines = commands.add_parser(
+        "deadlines",
+        help="open legal deadlines with time left, most urgent first",
+        description="Every running deadline clock on this node's cases — due soon, overdue, "
+        "escalated — with the agency responsible and the time left, most urgent first.",
+    )
+    deadlines.add_argument("--overdue", action="store_true", help="only overdue ones")
+    deadlines.add_argument("--agency", default="", help="only those this agency must meet")
+    _client_options(deadlines)
+    deadlines.set_defaults(handler=cmd_deadlines)
+
+    report = commands.add_parser("report", help="reports for supervision")
+    reports = report.add_subparsers(dest="report", required=True, metavar="REPORT")
+    supervision = reports.add_parser(
+        "supervision",
+        help="filing supervision (立案监督): transfers not decided in time, and not filed",
+        description="Crime transfers this node holds (the procuratorate: its copies) with no "
+        "filing decision past their deadline (应立未立), most overdue first, then those the "
+        "police declined to file, with their reasons.",
+    )
+    supervision.add_argument(
+        "--format", choices=["table", "csv", "json"], default="table", help="output format"
+    )
+    supervision.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("LIANDONG_CONFIG", CONFIG_FILE_NAME)),
+        help="the node's node.toml (default: $LIANDONG_CONFIG or ./node.toml)",
+    )
+    supervision.set_defaults(handler=cmd_report_supervision, json=False)
 
     show = commands.add_parser("show", help="one message in full, with its deliveries")
     show.add_argument("message_id")
@@ -192,12 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
+    verify.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes checking signatures (default: one per core for large bundles; "
+        "0: check in this process)",
+    )
     verify.set_defaults(handler=cmd_audit_verify)
 
     demo = commands.add_parser(
         "demo", help="run three agencies' nodes on loopback through a full scenario"
     )
     demo.add_argument("--workdir", type=Path, help="keep every node's files here")
+    demo.add_argument(
+        "--speed",
+        type=float,
+        default=100_000.0,
+        help="simulated clock: legal deadlines run N times faster (default 100000: the "
+        "15 days of an urgent recommendation pass in 13 s)",
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -346,6 +427,7 @@ def cmd_send(options: argparse.Namespace) -> int:
             in_reply_to=options.in_reply_to,
             confidentiality=CONFIDENTIALITY_NAMES[options.confidentiality],
             attachment_paths=[str(p.resolve()) for p in options.attach],
+            deadline=options.deadline,
         )
     if options.json:
         print(json.dumps({"message_id": message_id}))
@@ -395,6 +477,157 @@ def cmd_list(options: argparse.Namespace) -> int:
             for i in items
         ]
     print(render_table(headers, rows))
+    return 0
+
+
+def _case_dict(case: admin_pb2.Case) -> dict[str, Any]:
+    return json_format.MessageToDict(case, preserving_proto_field_name=True)
+
+
+def cmd_cases(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        cases = client.cases(case_id=options.case_id, state=options.state, limit=options.limit)
+    if options.json:
+        print(json.dumps([_case_dict(c) for c in cases], ensure_ascii=False, indent=2))
+        return 0
+    if not cases:
+        print("no cases")
+        return 0
+    headers = ["updated", "case id", "family", "with", "role", "state", "marking", "title"]
+    rows = [
+        [
+            c.updated_at[:19],
+            c.case_id,
+            c.family,
+            c.peer,
+            c.role,
+            c.state,
+            c.confidentiality,
+            c.title[:40],
+        ]
+        for c in cases
+    ]
+    print(render_table(headers, rows))
+    for case in cases:
+        if case.history:
+            print(f"\nhistory with {case.peer}:")
+            print(
+                render_table(
+                    ["at", "event", "from", "to", "by", "reason"],
+                    [
+                        [e.at[:19], e.event, e.from_state, e.to_state, e.actor, e.reason[:50]]
+                        for e in case.history
+                    ],
+                )
+            )
+    return 0
+
+
+def cmd_decide(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        case = client.decide(
+            options.case_id,
+            options.event,
+            peer=options.peer,
+            reason=options.reason,
+            date=options.date,
+        )
+    if options.json:
+        print(json.dumps(_case_dict(case), ensure_ascii=False))
+    else:
+        print(f"case {case.case_id} with {case.peer}: now {case.state}")
+    return 0
+
+
+def _time_left(seconds: int) -> str:
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    if days:
+        return f"{sign}{days}d {hours}h"
+    return f"{sign}{hours}h {rest // 60}m"
+
+
+def cmd_deadlines(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        clocks = client.deadlines(overdue=options.overdue, agency=options.agency)
+    if options.json:
+        print(
+            json.dumps(
+                [json_format.MessageToDict(c, preserving_proto_field_name=True) for c in clocks],
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
+        return 0
+    if not clocks:
+        print("no open deadlines" + (" overdue" if options.overdue else ""))
+        return 0
+    headers = ["due", "left", "state", "rule", "responsible", "case id", "with", "marking", "title"]
+    rows = [
+        [
+            c.due_at[:19],
+            _time_left(c.seconds_left),
+            c.state,
+            c.rule,
+            c.responsible,
+            c.case_id,
+            c.peer,
+            c.confidentiality,
+            c.title[:30],
+        ]
+        for c in clocks
+    ]
+    print(render_table(headers, rows))
+    return 0
+
+
+SUPERVISION_COLUMNS = (
+    "finding",
+    "case_id",
+    "transferred_by",
+    "title",
+    "state",
+    "received_at",
+    "due_at",
+    "overdue_days",
+    "reason",
+    "decided_by",
+)
+
+
+def cmd_report_supervision(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        findings = client.supervision_report()
+    rows = [{column: getattr(f, column) for column in SUPERVISION_COLUMNS} for f in findings]
+    if options.format == "json":
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    elif options.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=SUPERVISION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        print("nothing to report: every transfer was decided in time, none declined")
+    else:
+        label = {"should_be_filed": "应立未立 overdue", "not_filed": "不予立案 not filed"}
+        print(
+            render_table(
+                ["finding", "case id", "from", "state", "overdue (days)", "reason", "title"],
+                [
+                    [
+                        label.get(r["finding"], r["finding"]),
+                        r["case_id"],
+                        r["transferred_by"],
+                        r["state"],
+                        f"{r['overdue_days']:.1f}" if r["finding"] == "should_be_filed" else "",
+                        str(r["reason"])[:30],
+                        str(r["title"])[:30],
+                    ]
+                    for r in rows
+                ],
+            )
+        )
     return 0
 
 
@@ -519,9 +752,11 @@ def cmd_audit_verify(options: argparse.Namespace) -> int:
     for path in options.bundles:
         if not path.is_file():
             raise CommandError(f"bundle {path}: file not found")
+    if options.workers is not None and options.workers < 0:
+        raise CommandError(f"--workers {options.workers}: give 0 or more processes")
     bar = ProgressBar()
     try:
-        report = verify_bundles(options.bundles, bar.update)
+        report = verify_bundles(options.bundles, bar.update, workers=options.workers)
     finally:
         bar.close()
     if options.json:
@@ -534,7 +769,9 @@ def cmd_audit_verify(options: argparse.Namespace) -> int:
 def cmd_demo(options: argparse.Namespace) -> int:
     from node.demo import run_demo
 
-    return run_demo(options.workdir)
+    if options.speed <= 0:
+        raise CommandError(f"--speed {options.speed}: give a number greater than 0")
+    return run_demo(options.workdir, options.speed)
 
 
 if __name__ == "__main__":

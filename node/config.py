@@ -7,10 +7,12 @@ fix. Relative paths resolve against the directory of the config file.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from node.exchange.deadlines import Deadlines, RuleError, WorkCalendar, override_rule
 from node.identity import IdentityError, agency_kind, validate_agency_id
 
 CONFIG_FILE_NAME = "node.toml"
@@ -64,6 +66,9 @@ class NodeConfig:
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # How often this node witnesses (fetches, checks and cosigns) its peers' checkpoints; 0: never.
     witness_interval_seconds: float = 60.0
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    # How often the deadline scheduler looks for clocks that came due.
+    deadline_scan_seconds: float = 60.0
 
 
 _KNOWN = {
@@ -75,6 +80,15 @@ _KNOWN = {
     "delivery": set(Delivery.__dataclass_fields__),
     "logging": {"format", "level"},
     "audit": {"witness_interval_seconds"},
+    "deadlines": {
+        "supervisor",
+        "escalation_grace_days",
+        "speed",
+        "scan_seconds",
+        "holidays",
+        "workdays",
+        "rules",
+    },
 }
 
 
@@ -165,7 +179,57 @@ def load_config(path: Path) -> NodeConfig:
         plugins_enabled=enabled,
         plugin_settings=settings,
         witness_interval_seconds=reader.number("audit", "witness_interval_seconds", 60.0),
+        deadlines=_deadlines(reader),
+        deadline_scan_seconds=_positive(reader, "deadlines", "scan_seconds", 60.0),
     )
+
+
+def _positive(reader: _Reader, section: str, key: str, default: float) -> float:
+    value = float(reader.number(section, key, default))
+    if value <= 0:
+        raise ConfigError(f"config {reader.path}: key '{section}.{key}' must be greater than 0")
+    return value
+
+
+def _deadlines(reader: _Reader) -> Deadlines:
+    """[deadlines]: the supervising agency, the grace before escalating, the calendar, and
+    rule overrides (``[deadlines.rules."clue.feedback"] amount = 20``)."""
+    path = reader.path
+    table = reader.table("deadlines")
+    supervisor = reader.string("deadlines", "supervisor", "")
+    if supervisor:
+        try:
+            validate_agency_id(supervisor)
+        except IdentityError as error:
+            raise ConfigError(f"config {path}: key 'deadlines.supervisor': {error}") from None
+
+    def days(key: str) -> frozenset[date]:
+        values = table.get(key, [])
+        if not isinstance(values, list):
+            raise ConfigError(f"config {path}: key 'deadlines.{key}' must be a list of dates")
+        try:
+            return frozenset(
+                v if isinstance(v, date) else date.fromisoformat(str(v)) for v in values
+            )
+        except ValueError as error:
+            raise ConfigError(f"config {path}: key 'deadlines.{key}': {error}") from None
+
+    base = Deadlines(
+        calendar=WorkCalendar(days("holidays"), days("workdays")),
+        escalation_grace=timedelta(
+            days=float(reader.number("deadlines", "escalation_grace_days", 3.0))
+        ),
+        supervisor=supervisor,
+        speed=_positive(reader, "deadlines", "speed", 1.0),
+    )
+    rules = table.get("rules", {})
+    if not isinstance(rules, dict) or not all(isinstance(v, dict) for v in rules.values()):
+        raise ConfigError(f"config {path}: 'deadlines.rules' must hold one table per rule")
+    try:
+        overrides = [override_rule(base.rule(name), name, values) for name, values in rules.items()]
+    except RuleError as error:
+        raise ConfigError(f"config {path}: {error}") from None
+    return replace(base.with_overrides(overrides), configured=frozenset(rules))
 
 
 def default_plugins(config: NodeConfig) -> tuple[str, ...]:

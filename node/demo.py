@@ -1,12 +1,16 @@
 """`liandong demo`: three agencies of Changzhi exchange a case, end to end, on loopback.
 
-Three nodes run as separate processes with mutual TLS. The scenario follows
-长环发〔2024〕75号 and the procuratorate cooperation rules: ecology transfers a
-suspected pollution crime to the police (copied to the procuratorate) with an
-evidence file, and a public-interest-litigation clue to the procuratorate; the
-police answer with feedback; the procuratorate asks ecology for evidence, which
-answers with results and a file; ecology's case system drops a major-incident
-notice for both others into its drop folder.
+Three nodes run as separate processes with mutual TLS, and a fourth for the discipline
+commission, which receives escalations. The scenario follows 长环发〔2024〕75号 and the
+procuratorate cooperation rules, on a simulated clock (`--speed N`: every legal deadline
+runs N times faster): ecology transfers a suspected pollution crime to the police (copied to
+the procuratorate) with an evidence file, and the police file it within the 3 days; ecology
+sends a public-interest-litigation clue, which the procuratorate accepts and answers within
+the month; the procuratorate asks ecology for evidence, ecology sends a signed delay notice
+with a new date and then the results with a file; the procuratorate issues an urgent
+recommendation that ecology leaves unanswered until it is overdue, is reminded (催办) and is
+escalated to the discipline commission (督办), and ecology's late reply closes it; ecology's
+case system drops a major-incident notice for both others into its drop folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +30,33 @@ from node.audit.verify import verify_bundles
 from node.federation_setup import NodeProcess, NodeProcessError, NodeSetup, create_federation
 
 ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
+DISCIPLINE = "140400/discipline"
 NAMES = {
     ECOLOGY: "长治市生态环境局",
     POLICE: "长治市公安局",
     PROCURATORATE: "长治市人民检察院",
+    DISCIPLINE: "长治市纪委监委",
 }
-SHORT = {ECOLOGY: "ecology", POLICE: "police", PROCURATORATE: "procuratorate"}
+SHORT = {
+    ECOLOGY: "ecology",
+    POLICE: "police",
+    PROCURATORATE: "procuratorate",
+    DISCIPLINE: "discipline",
+}
+DEFAULT_SPEED = 100_000.0  # 15 days in 13 s, 3 days in 2.6 s
+DAY = 86400.0
+
+
+def deadline_config(speed: float) -> str:
+    return (
+        "\n[deadlines]\n"
+        f"speed = {speed}\n"
+        "scan_seconds = 0.2\n"
+        f'supervisor = "{DISCIPLINE}"\n'
+        "escalation_grace_days = 3\n"
+    )
+
+
 STARTUP_SECONDS = 60.0
 DELIVERY_SECONDS = 60.0
 
@@ -43,7 +69,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(workdir: Path | None) -> int:
+def run_demo(workdir: Path | None, speed: float = DEFAULT_SPEED) -> int:
     started = time.monotonic()
     keep = workdir is not None
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="liandong-demo-"))
@@ -53,9 +79,19 @@ def run_demo(workdir: Path | None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     processes: list[NodeProcess] = []
     try:
-        say(f"Setting up a federation of three agencies in {root}")
+        say(
+            f"Setting up a federation of three agencies, and the discipline commission that "
+            f"receives escalations, in {root}"
+        )
         # Witnessing every second, so the short scenario ends with cosigned checkpoints.
-        setups = create_federation(root, list(NAMES), names=NAMES, witness_interval=1.0)
+        setups = create_federation(
+            root,
+            list(NAMES),
+            names=NAMES,
+            witness_interval=1.0,
+            extra_config=deadline_config(speed),
+        )
+        say(f"Legal deadlines run {speed:,.0f} times faster than real time (--speed)")
         nodes = {n.agency: n for n in setups}
         for node in nodes.values():
             processes.append(NodeProcess(node).start(wait=False))
@@ -64,11 +100,13 @@ def run_demo(workdir: Path | None) -> int:
             process.wait_serving(STARTUP_SECONDS)
         clients = {agency: AdminClient(node.admin_socket) for agency, node in nodes.items()}
         say("Running the scenario")
-        run_scenario(root, nodes, clients)
+        run_scenario(root, nodes, clients, speed)
         say("")
         print_timeline(clients)
         say("")
         summarize(clients)
+        say("")
+        print_cases(clients)
         say("")
         audit_trail(root, clients)
         for client in clients.values():
@@ -126,7 +164,31 @@ def _send(
     return message_id
 
 
-def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]) -> None:
+def _case_state(client: AdminClient, case_id: str, peer: str) -> str:
+    return next((c.state for c in client.cases(case_id=case_id) if c.peer == peer), "")
+
+
+def _in_days(days: float) -> str:
+    """The date `days` from now, RFC 3339 (the node's simulated clock scales it)."""
+    return (datetime.now(UTC) + timedelta(days=days)).isoformat()
+
+
+def _wait_state(client: AdminClient, case_id: str, peer: str, state: str, what: str) -> None:
+    wait_until(
+        lambda: _case_state(client, case_id, peer) == state,
+        DELIVERY_SECONDS,
+        f"{what}: the case did not reach '{state}'",
+    )
+
+
+def _simulated(seconds: float, speed: float) -> str:
+    days = seconds * speed / DAY
+    return f"{days:.1f} days" if days >= 1 else f"{days * 24:.1f} hours"
+
+
+def run_scenario(
+    root: Path, nodes: dict[str, NodeSetup], clients: dict[str, AdminClient], speed: float
+) -> None:
     evidence = root / "evidence"
     evidence.mkdir()
     report = evidence / "监测报告-2026-118.csv"
@@ -169,16 +231,32 @@ def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, Adm
         },
         case_ref=case,
     )
+    clue = next(i for i in clients[ECOLOGY].list_items("outbox", 10) if i.family == "clue")
     _send(
         clients[POLICE],
-        "police → ecology: feedback on the transfer (received, filing under review)",
+        "police → ecology (cc procuratorate): filed (立案) within the 3-day filing deadline",
         "reply",
-        [ECOLOGY],
-        {"status": "received", "text": "已接收移送案件，出具回执，正在进行立案审查。"},
+        [ECOLOGY, PROCURATORATE],
+        {"status": "filed", "text": "长公环立字〔2026〕15号"},
         body_type="feedback",
         in_reply_to=crime,
         case_ref=case,
     )
+    _wait_state(clients[ECOLOGY], crime, POLICE, "filed", "the filing")
+    _wait_state(clients[PROCURATORATE], crime, ECOLOGY, "filed", "the procuratorate's copy")
+    clients[PROCURATORATE].decide(clue.message_id, "accepted")
+    say("  ✓ procuratorate: clue accepted (受理), recorded on its node")
+    _send(
+        clients[PROCURATORATE],
+        "procuratorate → ecology: how the clue was handled, within the month",
+        "reply",
+        [ECOLOGY],
+        {"status": "feedback", "text": "线索已受理，已立案调查（长检公益立〔2026〕9号）。"},
+        body_type="feedback",
+        in_reply_to=clue.message_id,
+        case_ref=case,
+    )
+    _wait_state(clients[ECOLOGY], clue.message_id, PROCURATORATE, "feedback_sent", "feedback")
     request = _send(
         clients[PROCURATORATE],
         "procuratorate → ecology: evidence-assistance request",
@@ -190,6 +268,23 @@ def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, Adm
             "legal_basis": "《人民检察院公益诉讼办案规则》",
             "contact": "公益诉讼检察部 联络员",
         },
+        case_ref=case,
+        deadline=_in_days(20),
+    )
+    _wait_state(clients[ECOLOGY], request, PROCURATORATE, "received", "the request")
+    clients[ECOLOGY].decide(request, "accepted")
+    _send(
+        clients[ECOLOGY],
+        "ecology → procuratorate: signed delay notice (延期), new date in 30 days",
+        "reply",
+        [PROCURATORATE],
+        {
+            "status": "delayed",
+            "text": "补充采样需待汛期后开展，申请延期。",
+            "due": _in_days(30),
+        },
+        body_type="feedback",
+        in_reply_to=request,
         case_ref=case,
     )
     results = evidence / "补充监测结果.csv"
@@ -205,6 +300,64 @@ def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, Adm
         case_ref=case,
         attachment_paths=[str(results)],
     )
+    _send(
+        clients[PROCURATORATE],
+        "procuratorate → ecology: results acknowledged (确认)",
+        "reply",
+        [ECOLOGY],
+        {"status": "acknowledged", "text": "结果已收悉。"},
+        body_type="feedback",
+        in_reply_to=request,
+        case_ref=case,
+    )
+    clients[PROCURATORATE].decide(request, "completed")
+    say("  ✓ procuratorate: evidence request completed (办结)")
+    recommendation = _send(
+        clients[PROCURATORATE],
+        "procuratorate → ecology: urgent procuratorial recommendation (reply due in 15 days)",
+        "recommendation",
+        [ECOLOGY],
+        {
+            "title": "关于督促依法履行漳河支流水污染监管职责的检察建议",
+            "facts": "暗管排放含铬废水，下游河段生态环境损害持续扩大。",
+            "legal_basis": "《中华人民共和国行政诉讼法》第二十五条",
+            "requests": ["立即封堵暗管", "督促企业开展生态修复"],
+            "urgent": True,
+        },
+        case_ref=case,
+    )
+    say("  … ecology leaves the recommendation unanswered; the procuratorate's node waits")
+    began = time.monotonic()
+    wait_until(
+        lambda: any(
+            d.case_id == recommendation and d.state == "escalated"
+            for d in clients[PROCURATORATE].deadlines(overdue=True)
+        ),
+        15 * DAY / speed + 3 * DAY / speed + DELIVERY_SECONDS,
+        "the unanswered recommendation was not escalated",
+    )
+    say(
+        f"  ✓ overdue after 15 days, reminded (催办 → ecology), escalated after 3 more "
+        f"(督办 → discipline commission): {_simulated(time.monotonic() - began, speed)} "
+        "of simulated time"
+    )
+    wait_until(
+        lambda: any(i.family == "notice" for i in clients[DISCIPLINE].list_items("inbox", 10)),
+        DELIVERY_SECONDS,
+        "the escalation notice did not reach the discipline commission",
+    )
+    print_deadlines(clients[PROCURATORATE], PROCURATORATE, speed)
+    _send(
+        clients[ECOLOGY],
+        "ecology → procuratorate: the written reply, late",
+        "reply",
+        [PROCURATORATE],
+        {"summary": "已封堵暗管，企业已停产整改。", "measures": "封堵暗管2处，责令停产整治"},
+        body_type="recommendation_reply",
+        in_reply_to=recommendation,
+        case_ref=case,
+    )
+    _wait_state(clients[PROCURATORATE], recommendation, ECOLOGY, "replied", "the late reply")
     # The notice comes from ecology's own case system, through its drop folder.
     drafts = nodes[ECOLOGY].local_folder / "drafts"
     draft = {
@@ -234,7 +387,8 @@ def run_scenario(root: Path, nodes: dict[str, NodeSetup], clients: dict[str, Adm
     )
     say("  ✓ ecology → police, procuratorate: major-incident notice (from the drop folder)")
     # Every inbound message must reach the receiving agency's local system.
-    for agency, client in clients.items():
+    for agency in (ECOLOGY, POLICE, PROCURATORATE):  # the discipline commission has no plugin
+        client = clients[agency]
         wait_until(
             partial(_all_handed_off, client),
             DELIVERY_SECONDS,
@@ -261,9 +415,30 @@ def print_timeline(clients: dict[str, AdminClient]) -> None:
         say(f"  {'':<12} {'':<32} {title}")
 
 
+def print_deadlines(client: AdminClient, agency: str, speed: float) -> None:
+    say(f"  liandong deadlines on {SHORT[agency]}'s node:")
+    for d in client.deadlines():
+        who = SHORT.get(d.responsible, d.responsible)
+        # From due_at, not the whole seconds of seconds_left: at this speed a second is a day.
+        left = (datetime.fromisoformat(d.due_at) - datetime.now(UTC)).total_seconds()
+        late = "late by" if left < 0 else "left:"
+        when = _simulated(abs(left), speed)
+        say(f"    {d.state:<10} {d.rule:<28} responsible {who:<8} {late} {when}")
+
+
+def print_cases(clients: dict[str, AdminClient]) -> None:
+    say("Cases (liandong cases), as each opener's node records them")
+    for agency, client in clients.items():
+        for case in client.cases():
+            if case.role != "opener":
+                continue
+            route = f"{SHORT[agency]} → {SHORT.get(case.peer, case.peer)}"
+            say(f"  {route:<28} {case.family:<17} {case.state:<14} {case.title[:28]}")
+
+
 def audit_trail(root: Path, clients: dict[str, AdminClient]) -> None:
     """What an auditor would do: export each agency's log and check them together, offline."""
-    say("Audit trail (liandong audit export, then liandong audit verify on all three)")
+    say("Audit trail (liandong audit export, then liandong audit verify on all of them)")
     bundles = []
     for agency, client in clients.items():
         path = root / f"{agency.replace('/', '-')}.audit-bundle"

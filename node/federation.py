@@ -198,11 +198,20 @@ class Registry:
     def log_verifiers(self, agency_id: str) -> list[Verifier]:
         """Verifier keys of a member's checkpoints, one per signing key it ever had (the
         registry publishes them as `log_vkey`; they are checked against the keys on load)."""
-        m = self.member(agency_id)
-        if m is None:
-            return []
-        origin = self.log_origin(agency_id)
-        return [parse_vkey(vkey(origin, k.public_key)) for k in m.signing_keys]
+        # Asked for every receiver's proof a verifier checks: made once per member.
+        verifiers = self._log_verifiers.get(agency_id)
+        if verifiers is None:
+            m = self.member(agency_id)
+            if m is None:
+                return []
+            origin = self.log_origin(agency_id)
+            verifiers = [parse_vkey(vkey(origin, k.public_key)) for k in m.signing_keys]
+            self._log_verifiers[agency_id] = verifiers
+        return list(verifiers)
+
+    @cached_property
+    def _log_verifiers(self) -> dict[str, list[Verifier]]:
+        return {}
 
     def cosigner_verifiers(self, agency_id: str) -> list[Verifier]:
         """Verifier keys of a member's tlog-cosignatures as a witness (signature type 0x04)."""

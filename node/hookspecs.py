@@ -71,6 +71,7 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from node.exchange.deadlines import DeadlineRule
     from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
@@ -151,3 +152,20 @@ def liandong_deliveries_confirmed(
     :param confirmations: per receipt, the message, recipient, delivery time and digest.
     :param api: the node API.
     """
+
+
+@hookspec
+def liandong_deadline_rules(api: NodeAPI) -> Sequence[DeadlineRule]:
+    """Called once at start-up, before the node serves, for the deadline rules the plugin
+    contributes (node.exchange.deadlines.DeadlineRule): an agency's own rules, or a legal
+    default (by its name, e.g. ``"clue.feedback"``) changed for its local practice.
+
+    Called for every plugin; **all results are used**: each rule replaces the rule of the same
+    name, later plugins' over earlier ones'. A rule the node's config sets (``[deadlines.rules]``)
+    wins over every plugin: the operator has the last word. An exception is logged and the
+    plugin's rules are left out.
+
+    :param api: the node API.
+    :return: the rules, possibly empty.
+    """
+    return ()  # never run: pluggy calls the implementations

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
 from node import hookspecs
+from node.exchange.deadlines import DeadlineRule
 from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "PluginHooks", "load_plugin_manager"]
@@ -107,6 +108,22 @@ class PluginHooks:
         """
         result: str | None = self._pm.hook.liandong_hand_off(item=item, api=api)
         return result
+
+    def deadline_rules(self, api: NodeAPI) -> list[DeadlineRule]:
+        """Every plugin's rules, in the order they override each other; a failing plugin's
+        are left out (and logged)."""
+        caller: pluggy.HookCaller = self._pm.hook.liandong_deadline_rules
+        rules: list[DeadlineRule] = []
+        # In registration order (get_hookimpls' order), so a later plugin's rule wins.
+        for impl in caller.get_hookimpls():
+            try:
+                given = impl.function(**({"api": api} if "api" in impl.argnames else {}))
+                rules.extend(cast(Sequence[DeadlineRule], given or ()))
+            except Exception:
+                api.log.exception(
+                    "plugin hook failed", hook="liandong_deadline_rules", plugin=impl.plugin_name
+                )
+        return rules
 
     def deliveries_confirmed(
         self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI

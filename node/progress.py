@@ -21,10 +21,15 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last < self.every and done < total:
+        if now - self._last < self.every and (done < total or not total):
             return
         self._last = now
-        share = done / total if total else 1.0
+        if not total:  # a count with no known end
+            self.stream.write(f"\r{label} {done}")
+            self.stream.flush()
+            self._drawn = True
+            return
+        share = done / total
         filled = int(WIDTH * share)
         bar = "#" * filled + "-" * (WIDTH - filled)
         self.stream.write(f"\r{label} [{bar}] {share:4.0%} {done}/{total}")

@@ -39,6 +39,7 @@ from node.exchange.errors import ExchangeError, Reason
 from node.exchange.handoff import HandOffWorker
 from node.exchange.inbound import Receiver
 from node.exchange.outbox import Outbox, Submission
+from node.exchange.scheduler import DeadlineScheduler
 from node.federation import Registry, RegistryError, verify_registry
 from node.identity import IdentityError, load_public_key, load_signing_key
 from node.peers import GrpcPeerTransport
@@ -50,7 +51,7 @@ from node.services.admin import LocalAdminServicer
 from node.services.audit import AuditServicer
 from node.services.exchange import ExchangeServicer
 from node.store.db import SequencerBusy, SequencerLock, make_engine, session_factory, upgrade
-from node.store.models import NODE_STATE, NodeStateRecord
+from node.store.models import NODE_STATE, REGISTRIES, NodeStateRecord
 from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
@@ -162,6 +163,7 @@ class Node:
             ) from None
         self.sessions = session_factory(self.engine)
         self.registry = self._verify_registry(registry_bytes)
+        self.registry_bytes = registry_bytes
         self._check_own_membership(self.registry)
         self._registry_mtime = config.registry.stat().st_mtime
         self.log_origin = log_origin(self.registry.federation, config.agency)
@@ -179,6 +181,7 @@ class Node:
             registry=self.registry,
             registry_grace=timedelta(seconds=config.registry_grace_seconds),
             limits=config.limits,
+            deadlines=config.deadlines,
         )
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(config.data_dir / "blobs")
@@ -258,6 +261,11 @@ class Node:
         self.writer.start()
         await self.writer.run(self._record_registry)
         self.api = PluginAPI(self, loop)
+        plugin_rules = await asyncio.to_thread(self.hooks.deadline_rules, self.api)
+        if plugin_rules:
+            deadlines = self.config.deadlines.with_plugin_rules(plugin_rules)
+            self.context.deadlines = self.context.cases.deadlines = deadlines
+            log.info("deadline rules from plugins", rules=[r.name for r in plugin_rules])
         self._confirmations: asyncio.Queue[DeliveryConfirmation] = asyncio.Queue()
         self.transport = GrpcPeerTransport(
             self.ca_cert, self.tls_key, self.tls_cert, self.config.delivery.rpc_timeout_seconds
@@ -301,6 +309,7 @@ class Node:
             self.config.listen,
             self.audit_log,
             self._log_identity,
+            self.writer,
         )
         self.admin_server = build_admin_server(
             self.admin_servicer,
@@ -320,9 +329,13 @@ class Node:
             self.config.witness_interval_seconds,
             self._split_view_seen,
         )
+        self.scheduler = DeadlineScheduler(
+            self.context, self.sessions, self.writer, self.outbox, self.config.deadline_scan_seconds
+        )
         self._workers = [
             loop.create_task(self._supervise("delivery", self.delivery.run)),
             loop.create_task(self._supervise("hand-off", self.handoff.run)),
+            loop.create_task(self._supervise("deadlines", self.scheduler.run)),
         ]
         if self.config.witness_interval_seconds > 0:
             self._workers.append(loop.create_task(self._supervise("witness", self.witness.run)))
@@ -342,6 +355,20 @@ class Node:
         )
 
     def _record_registry(self, batch: Batch) -> None:
+        if (
+            batch.session.scalar(
+                select(REGISTRIES.c.serial).where(REGISTRIES.c.serial == self.registry.serial)
+            )
+            is None
+        ):
+            batch.insert(
+                REGISTRIES,
+                {
+                    "serial": self.registry.serial,
+                    "data": self.registry_bytes,
+                    "accepted_at": datetime.now(UTC),
+                },
+            )
         stored = batch.session.scalar(
             select(NODE_STATE.c.value).where(NODE_STATE.c.key == REGISTRY_SERIAL_KEY)
         )
@@ -443,6 +470,7 @@ class Node:
         if registry.serial == self.registry.serial:
             return
         self.registry = registry
+        self.registry_bytes = data
         self.context.registry = registry
         await self.writer.run(self._record_registry)
         log.info(
@@ -501,6 +529,7 @@ class Node:
             task.cancel()
         self.handoff.stop()
         self.witness.stop()
+        self.scheduler.stop()
         self.exchange_servicer.draining.set()
         self.admin_servicer.draining.set()
         await asyncio.gather(self.peer_server.stop(grace), self.admin_server.stop(grace))

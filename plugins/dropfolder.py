@@ -6,6 +6,7 @@ the node's data directory)::
     root/inbound/<message_id>.json           inbound messages, written by the node
     root/inbound/<message_id>/<file_name>    their attachments, written before the JSON
     root/drafts/*.json                       outbound drafts, dropped by the local system
+    root/drafts/*.csv                        outbound drafts, one per row (drafts_from_csv)
     root/drafts/processing/                  drafts being submitted (the node's, do not touch)
     root/drafts/processed/<name>             submitted drafts, <name>.message_id beside each
     root/drafts/failed/<name>                refused drafts, <name>.error.txt beside each
@@ -21,7 +22,9 @@ documented in docs/plugins.md.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -173,7 +176,52 @@ def _free_name(directory: Path, name: str) -> Path:
 
 
 def _is_draft_name(name: str) -> bool:
-    return name.endswith(".json") and not name.startswith(".") and not name.endswith(".tmp")
+    return name.endswith((".json", ".csv")) and not name.startswith(".")
+
+
+def drafts_from_csv(text: str) -> Iterator[tuple[int, dict[str, Any] | DraftError]]:
+    """(row number, draft fields as a JSON draft would have them, or why not) per data row.
+
+    Columns: ``family``, ``to`` (agency ids separated by ``;``), ``body_type``, ``case_ref``,
+    ``in_reply_to``, ``confidentiality``, ``attachments`` (``;``-separated), and one column
+    per body field, ``body.<field>``; ``body.<field>[]`` holds a list, ``;``-separated.
+    """
+    reader = csv.DictReader(io.StringIO(text))
+    columns = reader.fieldnames or []
+    if not columns:
+        yield 1, DraftError("the CSV file has no header row")
+        return
+    unknown = [c for c in columns if c not in _DRAFT_KEYS - {"body"} and not c.startswith("body.")]
+    missing = [c for c in ("family", "to") if c not in columns]
+    if unknown or missing:
+        problem = []
+        if missing:
+            problem.append(f"missing column(s) {', '.join(map(repr, missing))}")
+        if unknown:
+            problem.append(f"unknown column(s) {', '.join(map(repr, unknown))}")
+        yield 1, DraftError("header: " + "; ".join(problem))
+        return
+    for number, row in enumerate(reader, start=2):
+        if None in row or any(value is None for value in row.values()):
+            yield number, DraftError(f"has {len(columns)} columns in the header, not this many")
+            continue
+        draft: dict[str, Any] = {"body": {}}
+        for column, value in row.items():
+            if column is None or value is None:  # ruled out above; for the type checker
+                continue
+            if column.startswith("body."):
+                name = column[len("body.") :]
+                items = [v.strip() for v in value.split(";") if v.strip()]
+                if name.endswith("[]"):
+                    if items:  # an empty cell leaves the field out, as for a string
+                        draft["body"][name[:-2]] = items
+                elif value != "":
+                    draft["body"][name] = value
+            elif column in ("to", "attachments"):
+                draft[column] = [v.strip() for v in value.split(";") if v.strip()]
+            elif value != "":
+                draft[column] = value
+        yield number, draft
 
 
 def _optional_str(data: Mapping[str, Any], key: str) -> str:
@@ -375,6 +423,8 @@ class DropFolder:
         return f"{self.drafts / path.name}#sha256={hashlib.sha256(raw).hexdigest()}"
 
     def _process(self, path: Path, submit: Callable[[Draft], str]) -> DraftOutcome:
+        if path.name.endswith(".csv"):
+            return self._process_csv(path, submit)
         try:
             raw = path.read_bytes()
             try:
@@ -403,8 +453,53 @@ class DropFolder:
         _fsync_dir(self.processed)
         return DraftOutcome(path=target, message_id=message_id)
 
-    def _fail(self, path: Path, problem: str) -> DraftOutcome:
-        target = _free_name(self.failed, path.name)
+    def _process_csv(self, path: Path, submit: Callable[[Draft], str]) -> DraftOutcome:
+        """Each row is a draft: the good rows are submitted whatever the bad ones hold. The
+        file goes to processed/ when every row went, else to failed/ with an error file
+        naming each bad row and field; dropped again once fixed, the rows that went before
+        get their first message ids back (each row's source is its own content)."""
+        try:
+            raw = path.read_bytes()
+            text = raw.decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._fail(path, f"not a readable UTF-8 CSV file: {exc}")
+        sent: list[str] = []
+        problems: list[str] = []
+        for number, fields in drafts_from_csv(text):
+            where = f"row {number}"
+            try:
+                if isinstance(fields, DraftError):
+                    raise fields
+                row_bytes = json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()
+                draft = draft_from_json(
+                    fields,
+                    base_dir=self.drafts,
+                    root=self.root,
+                    source=self._source(path, row_bytes),
+                )
+                sent.append(f"{where}: {submit(draft)}")
+            except DraftError as exc:
+                problems.append(f"{where}: {exc}")
+            except DraftRejected as exc:
+                problems.append(f"{where}: rejected by the node: {exc}")
+            except Exception as exc:
+                # The node cannot take it now: keep the whole file claimed for the next poll
+                # (rows already sent come back with the same ids).
+                return DraftOutcome(path=path, error=f"will retry: {type(exc).__name__}: {exc}")
+        folder = self.failed if problems else self.processed
+        target = _free_name(folder, path.name)
+        if sent:
+            _write_atomic(
+                target.with_name(target.name + ".message_id"), ("\n".join(sent) + "\n").encode()
+            )
+        if problems:
+            return self._fail(path, "; ".join(problems), target)
+        os.replace(path, target)
+        _fsync_dir(self.processed)
+        return DraftOutcome(path=target, message_id=",".join(s.split(": ")[1] for s in sent))
+
+    def _fail(self, path: Path, problem: str, target: Path | None = None) -> DraftOutcome:
+        target = target or _free_name(self.failed, path.name)
         error = f"{self.drafts / path.name}: {problem}"
         _write_atomic(target.with_name(target.name + ".error.txt"), f"{error}\n".encode())
         os.replace(path, target)

@@ -13,7 +13,9 @@ A bundle is a ZIP file (deflate) holding:
   (for a received message, the one this node signed; for a sent one, each recipient's, with
   the recipient's tlog-proof that it logged the message);
 - ``registry.json`` — the federation registry the node was running on, as the operator signed
-  it, and ``operator.pub`` — the operator's public key that signed it.
+  it, and ``operator.pub`` — the operator's public key that signed it;
+- ``registries/<n>.json`` — every earlier registry the node ran on, so that a signature made
+  under a key a later registry no longer lists still verifies.
 
 Writing happens on the node (node.audit.export); reading and checking anywhere
 (node.audit.verify).
@@ -22,14 +24,16 @@ Writing happens on the node (node.audit.export); reading and checking anywhere
 from __future__ import annotations
 
 import base64
+import io
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 FORMAT = "liandong-audit-bundle/1"
+READ_BUFFER = 1 << 20
 
 
 class BundleError(ValueError):
@@ -47,6 +51,7 @@ class Manifest:
     start_frontier: list[bytes]
     since: str = ""
     until: str = ""
+    messages: int = 0  # lines in messages.jsonl (0 in bundles written before it was counted)
 
     def to_json(self) -> bytes:
         data = {
@@ -60,6 +65,7 @@ class Manifest:
             "start_frontier": [base64.b64encode(h).decode() for h in self.start_frontier],
             "since": self.since,
             "until": self.until,
+            "messages": self.messages,
         }
         return json.dumps(data, ensure_ascii=False, indent=2).encode() + b"\n"
 
@@ -81,16 +87,37 @@ class Bundle:
     registry: bytes
     operator_key_pem: bytes
     checkpoints: list[tuple[int, bytes]]
-    messages: list[BundledMessage]
     _zip: zipfile.ZipFile
+    earlier_registries: list[bytes] = field(default_factory=list)
 
     def entries(self) -> Iterator[tuple[int, bytes]]:
         """(index, entry) in order, read as they are needed."""
         index = self.manifest.first_index
-        with self._zip.open("entries.log") as stream:
+        # ZipExtFile's own readline is slow; a buffer over it reads lines 5x faster.
+        with (
+            self._zip.open("entries.log") as raw,
+            io.BufferedReader(cast(Any, raw), READ_BUFFER) as stream,
+        ):
             for line in stream:
                 yield index, line.rstrip(b"\n")
                 index += 1
+
+    def messages(self) -> Iterator[BundledMessage]:
+        """Each message, read as it is needed (a year's bundle holds millions).
+
+        BundleError when a line is malformed, naming it; the messages before it are given."""
+        for number, line in self.message_lines():
+            yield parse_message_line(self.path, number, line)
+
+    def message_lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) of messages.jsonl, unparsed: parsing can happen elsewhere."""
+        with (
+            self._zip.open("messages.jsonl") as raw,
+            io.BufferedReader(cast(Any, raw), READ_BUFFER) as stream,
+        ):
+            for number, line in enumerate(stream, start=1):
+                if line.strip():
+                    yield number, line
 
     def close(self) -> None:
         self._zip.close()
@@ -117,8 +144,11 @@ class BundleWriter:
         operator_key_pem: bytes,
         checkpoints: list[tuple[int, bytes]],
         messages: list[BundledMessage],
+        earlier_registries: Sequence[bytes] = (),
     ) -> None:
         self._entries.close()
+        for number, data in enumerate(earlier_registries, start=1):
+            self._zip.writestr(f"registries/{number}.json", data)
         self._zip.writestr("manifest.json", manifest.to_json())
         self._zip.writestr("registry.json", registry)
         self._zip.writestr("operator.pub", operator_key_pem)
@@ -139,6 +169,21 @@ class BundleWriter:
         self._entries.close()
         self._zip.close()
         self.path.unlink(missing_ok=True)
+
+
+def parse_message_line(path: Path, number: int, line: bytes) -> BundledMessage:
+    """One line of messages.jsonl; BundleError naming the line when it is malformed."""
+    try:
+        item = json.loads(line)
+        return BundledMessage(
+            message_id=str(item["message_id"]),
+            direction=str(item["direction"]),
+            envelope=base64.b64decode(item["envelope"]),
+            receipts={k: base64.b64decode(v) for k, v in dict(item["receipts"]).items()},
+            proofs={k: str(v).encode() for k, v in dict(item.get("proofs", {})).items()},
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        raise BundleError(f"{path}: messages.jsonl line {number} is malformed: {error!r}") from None
 
 
 def _message_line(message: BundledMessage) -> bytes:
@@ -163,25 +208,21 @@ def read_bundle(path: Path) -> Bundle:
             (int(item["size"]), str(item["note"]).encode())
             for item in _json_lines(path, archive, "checkpoints.jsonl")
         ]
-        messages = [
-            BundledMessage(
-                message_id=str(item["message_id"]),
-                direction=str(item["direction"]),
-                envelope=base64.b64decode(item["envelope"]),
-                receipts={k: base64.b64decode(v) for k, v in dict(item["receipts"]).items()},
-                proofs={k: str(v).encode() for k, v in dict(item.get("proofs", {})).items()},
-            )
-            for item in _json_lines(path, archive, "messages.jsonl")
-        ]
+        archive.getinfo("messages.jsonl")  # read lazily, by Bundle.messages()
         registry = archive.read("registry.json")
         operator = archive.read("operator.pub")
+        earlier = [
+            archive.read(name)
+            for name in sorted(archive.namelist())
+            if name.startswith("registries/") and name.endswith(".json")
+        ]
     except KeyError as error:
         archive.close()
         raise BundleError(f"{path}: missing part {error}") from None
     except (ValueError, TypeError) as error:
         archive.close()
         raise BundleError(f"{path}: malformed: {error}") from None
-    return Bundle(path, manifest, registry, operator, checkpoints, messages, archive)
+    return Bundle(path, manifest, registry, operator, checkpoints, archive, earlier)
 
 
 def _json(path: Path, archive: zipfile.ZipFile, name: str) -> Any:
@@ -212,4 +253,5 @@ def _manifest(path: Path, data: Any) -> Manifest:
         start_frontier=[base64.b64decode(h) for h in data["start_frontier"]],
         since=str(data.get("since", "")),
         until=str(data.get("until", "")),
+        messages=int(data.get("messages", 0)),
     )

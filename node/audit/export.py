@@ -22,7 +22,14 @@ from node.audit.log import AuditEvent, format_time
 from node.audit.merkle import Frontier
 from node.audit.tree import StoredTree
 from node.exchange.errors import ExchangeError, Reason
-from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, COSIGNATURES, DELIVERIES, MESSAGES
+from node.store.models import (
+    AUDIT_ENTRIES,
+    CHECKPOINTS,
+    COSIGNATURES,
+    DELIVERIES,
+    MESSAGES,
+    REGISTRIES,
+)
 
 CHUNK = 5000
 Progress = Callable[[int, int], None]
@@ -84,6 +91,15 @@ def export_bundle(
                 )
             ]
             messages = _messages(session, message_ids, identity.agency)
+            # Every registry the node ran on: keys a later registry dropped still verify the
+            # signatures made under them.
+            earlier = [
+                bytes(data)
+                for (data,) in session.execute(
+                    select(REGISTRIES.c.data).order_by(REGISTRIES.c.serial)
+                )
+                if bytes(data) != identity.registry
+            ]
             manifest = Manifest(
                 agency=identity.agency,
                 origin=identity.origin,
@@ -94,6 +110,7 @@ def export_bundle(
                 start_frontier=list(frontier.hashes),
                 since=format_time(since) if since else "",
                 until=format_time(until) if until else "",
+                messages=len(messages),
             )
             writer.finish(
                 manifest,
@@ -101,6 +118,7 @@ def export_bundle(
                 operator_key_pem=identity.operator_key_pem,
                 checkpoints=checkpoints,
                 messages=messages,
+                earlier_registries=earlier,
             )
         except BaseException:
             writer.abort()

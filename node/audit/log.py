@@ -36,6 +36,10 @@ class AuditEvent(StrEnum):
     REGISTRY_ACCEPTED = "registry_accepted"
     AUDIT_QUERY = "audit_query"  # a member read this log (Audit service), or was refused
     SPLIT_VIEW = "split_view"  # a peer showed this node two inconsistent checkpoints
+    CASE_TRANSITION = "case_transition"  # a case moved (node.exchange.cases)
+    CASE_MISMATCH = "case_mismatch"  # a peer's reply its case's lifecycle does not allow
+    DEADLINE_OVERDUE = "deadline_overdue"  # a legal deadline passed (reminder sent, if any)
+    DEADLINE_ESCALATED = "deadline_escalated"  # ... and was escalated to the supervisor
 
 
 @dataclass(frozen=True)

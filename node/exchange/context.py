@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from node.config import Limits
+from node.exchange.cases import CaseBook
+from node.exchange.deadlines import Deadlines
 from node.exchange.errors import ExchangeError, Reason
 from node.federation import Registry
 from node.identity import SigningKey
@@ -18,6 +20,11 @@ class NodeContext:
     registry: Registry
     registry_grace: timedelta
     limits: Limits
+    deadlines: Deadlines = field(default_factory=Deadlines)
+
+    def __post_init__(self) -> None:
+        # The lifecycles and clocks of this node's cases, moved in the writer's units.
+        self.cases = CaseBook(self.agency, self.deadlines)
 
     def usable_registry(self, now: datetime) -> Registry:
         """The registry, unless it has expired past the grace period (fail closed)."""

@@ -314,9 +314,14 @@ class DeliveryWorker:
         units: list[Callable[[Batch], None]] = []
         confirmed: list[Confirmation] = []
         failures: dict[str, list[Due]] = {}
+        cases = tuple(
+            (item.message_id, recipient)
+            for item, outcome in zip(batch, outcomes, strict=True)
+            if isinstance(outcome, Confirmation)
+        )
         for item, outcome, receipt in zip(batch, outcomes, receipts, strict=True):
             if isinstance(outcome, Confirmation) and receipt is not None:
-                units.append(partial(self._mark_delivered, item, receipt, outcome))
+                units.append(partial(self._mark_delivered, item, receipt, outcome, cases))
                 confirmed.append(outcome)
             else:
                 failures.setdefault(str(outcome), []).append(item)
@@ -435,6 +440,7 @@ class DeliveryWorker:
         item: Due,
         receipt: envelope_pb2.Envelope,
         confirmation: Confirmation,
+        cases: tuple[tuple[str, str], ...],
         batch: Batch,
     ) -> None:
         batch.update(
@@ -461,6 +467,10 @@ class DeliveryWorker:
             peer=item.recipient,
             detail=f"receipt_sha256={confirmation.receipt_sha256} "
             f"receiver_log_index={confirmation.receiver_log_index}",
+        )
+        self.context.cases.preload(batch, cases)
+        self.context.cases.receipt_stored(
+            batch, item.message_id, item.recipient, confirmation.delivered_at
         )
 
     def _backoff(self, item: Due) -> float:

@@ -400,6 +400,12 @@ class Receiver:
                 log_index=index,
             ),
         )
+        if verified.family == "reply":
+            self.context.cases.reply_received(batch, message, now)
+        else:
+            self.context.cases.open_received(
+                batch, message, verified.family, confidentiality_label(message), now
+            )
         batch.proof_requests.append(index)
         return _Stored(receipt, index, now)
 

@@ -69,6 +69,7 @@ def compose_message(
     confidentiality: str = "internal",
     attachments: Sequence[AttachmentInput] = (),
     message_id: str | None = None,
+    deadline: datetime | None = None,
 ) -> envelope_pb2.Message:
     """Build a Message, or raise ExchangeError(INVALID) naming the bad field."""
     if family not in FAMILY_BODIES:
@@ -105,6 +106,10 @@ def compose_message(
         confidentiality=CONFIDENTIALITY_NAMES[confidentiality],  # type: ignore[arg-type]
     )
     set_timestamp(message.created_at, created_at)
+    if deadline is not None:
+        if deadline <= created_at:
+            raise _invalid(f"deadline {deadline.isoformat()} is not after the message's creation")
+        set_timestamp(message.deadline, deadline)
     target = getattr(message, body_type)
     if isinstance(body, ProtoMessage):
         if body.DESCRIPTOR is not target.DESCRIPTOR:
@@ -181,8 +186,20 @@ def parse_message(payload: bytes) -> envelope_pb2.Message:
         raise _invalid("message has no body")
     if not message.HasField("created_at"):
         raise _invalid("message has no created_at")
-    if not 0 <= message.created_at.seconds < MAX_TIMESTAMP_SECONDS:
-        raise _invalid("created_at is outside 1970-01-01 .. 9999-12-31")
+    # Every time the node reads (the case clocks read the deadline, the approval time and a
+    # delay's new date): one out of range would fail the store of a valid signed message.
+    times = [
+        ("created_at", message, "created_at"),
+        ("deadline", message, "deadline"),
+        ("crime_transfer.approved_at", message.crime_transfer, "approved_at"),
+        ("feedback.due", message.feedback, "due"),
+    ]
+    for name, holder, field in times:
+        stamp = getattr(holder, field)
+        if holder.HasField(field) and not (
+            0 <= stamp.seconds < MAX_TIMESTAMP_SECONDS and 0 <= stamp.nanos < 1_000_000_000
+        ):
+            raise _invalid(f"{name} is outside 1970-01-01 .. 9999-12-31")
     for recipient in message.recipients:
         try:
             validate_agency_id(recipient)

@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy import select
 
+from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.envelope import MESSAGE_PAYLOAD_TYPE, serialize_envelope, sign_envelope
@@ -45,6 +46,7 @@ class Submission:
     confidentiality: str = "internal"
     attachment_paths: Sequence[Path] = field(default_factory=tuple)
     client_key: str = ""
+    deadline: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class _Prepared:
     row: dict[str, Any]
     recipients: list[str]
     attachments: list[AttachmentInput]
+    message: envelope_pb2.Message
 
 
 class Outbox:
@@ -100,9 +103,7 @@ class Outbox:
             else:
                 prepared.append((position, ready))
                 outcomes.append("")
-        stored = await self.writer.run_many(
-            [partial(self._store, p.row, p.recipients, p.attachments) for _, p in prepared]
-        )
+        stored = await self.writer.run_many([partial(self._store, p) for _, p in prepared])
         queued: list[Due] = []
         for (position, p), result in zip(prepared, stored, strict=True):
             outcomes[position] = result
@@ -153,6 +154,7 @@ class Outbox:
             in_reply_to=submission.in_reply_to,
             confidentiality=submission.confidentiality,
             attachments=attachments,
+            deadline=submission.deadline,
         )
         for recipient in submission.recipients:
             if not registry.is_permitted(submission.family, self.context.agency, recipient):
@@ -189,7 +191,7 @@ class Outbox:
             envelope_sha256=digest.hex(),
             client_key=submission.client_key or None,
         )
-        return _Prepared(row, list(message.recipients), attachments)
+        return _Prepared(row, list(message.recipients), attachments, message)
 
     def _check_recipients(self, submission: Submission, now: datetime) -> Registry:
         registry = self.context.usable_registry(now)
@@ -216,13 +218,8 @@ class Outbox:
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return AttachmentInput(digest, size, media_type, path.name)
 
-    def _store(
-        self,
-        row: dict[str, Any],
-        recipients: list[str],
-        attachments: list[AttachmentInput],
-        batch: Batch,
-    ) -> str:
+    def _store(self, prepared: _Prepared, batch: Batch) -> str:
+        row, recipients, attachments = prepared.row, prepared.recipients, prepared.attachments
         if row["client_key"]:
             earlier = batch.session.scalar(
                 select(MESSAGES.c.message_id).where(MESSAGES.c.client_key == row["client_key"])
@@ -230,6 +227,13 @@ class Outbox:
             if earlier is not None:
                 return str(earlier)
         batch.insert(MESSAGES, row)
+        # The case moves with the message, or neither is stored (an illegal transition).
+        if row["family"] == "reply":
+            self.context.cases.reply_sent(batch, prepared.message, row["stored_at"])
+        else:
+            self.context.cases.open_sent(
+                batch, prepared.message, row["family"], row["confidentiality"], row["stored_at"]
+            )
         for recipient in recipients:
             batch.insert(
                 DELIVERIES,

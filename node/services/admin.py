@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message as ProtoMessage
@@ -17,13 +19,16 @@ from node.audit import log as audit
 from node.audit.export import LogIdentity, export_bundle
 from node.audit.service import AuditLog
 from node.exchange import queries
+from node.exchange.cases import CaseView
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import CONFIDENTIALITY_LABELS
 from node.exchange.outbox import Outbox, Submission
+from node.exchange.supervision import supervision_report
 from node.services.audit import checkpoint_message, inclusion_message
 from node.services.status import domain_errors, item_status
 from node.services.streams import answer_concurrently
+from node.store.writer import BatchWriter
 
 # Submissions one SubmitBatch may carry.
 MAX_SUBMIT_BATCH = 256
@@ -83,6 +88,32 @@ def item_message(view: queries.ItemView) -> admin_pb2.Item:
     )
 
 
+def case_message(view: CaseView, history: list[dict[str, Any]]) -> admin_pb2.Case:
+    return admin_pb2.Case(
+        case_id=view.case_id,
+        peer=view.peer,
+        family=view.family,
+        role=view.role,
+        state=view.state,
+        title=view.title,
+        confidentiality=view.confidentiality,
+        opened_at=_time(view.opened_at),
+        updated_at=_time(view.updated_at),
+        history=[
+            admin_pb2.CaseEvent(
+                event=e["event"],
+                from_state=e["from_state"],
+                to_state=e["to_state"],
+                actor=e["actor"],
+                message_id=e["message_id"] or "",
+                reason=e["reason"],
+                at=_time(e["at"]),
+            )
+            for e in history
+        ],
+    )
+
+
 def submission_from(request: admin_pb2.SubmitRequest) -> Submission:
     """Translate a local submission; the body comes typed or as JSON."""
     typed = request.WhichOneof("typed_body")
@@ -108,6 +139,7 @@ def submission_from(request: admin_pb2.SubmitRequest) -> Submission:
         confidentiality=CONFIDENTIALITY_LABELS.get(request.confidentiality, "internal"),
         attachment_paths=[Path(p) for p in request.attachment_paths],
         client_key=request.client_key,
+        deadline=parse_time(request.deadline, "deadline"),
     )
 
 
@@ -120,7 +152,9 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         endpoint: str,
         audit_log: AuditLog,
         log_identity: Callable[[], LogIdentity],
+        writer: BatchWriter,
     ) -> None:
+        self.writer = writer
         self.context = context
         self.outbox = outbox
         self.audit_log = audit_log
@@ -273,6 +307,123 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
                 messages=summary.messages,
                 size_bytes=summary.size_bytes,
             )
+
+    async def ListCases(
+        self, request: admin_pb2.ListCasesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListCasesResponse:
+        async with domain_errors(context, "ListCases"):
+            book = self.context.cases
+            if request.case_id:
+                views = await asyncio.to_thread(
+                    self._read, partial(book.cases, case_id=request.case_id)
+                )
+                if not views:
+                    raise ExchangeError(Reason.NOT_FOUND, f"no case {request.case_id} here")
+                history = await asyncio.to_thread(self._read, book.history, request.case_id)
+                return admin_pb2.ListCasesResponse(
+                    cases=[
+                        case_message(v, [e for e in history if e["peer"] == v.peer]) for v in views
+                    ]
+                )
+            views = await asyncio.to_thread(
+                self._read, partial(book.cases, state=request.state, limit=request.limit or 200)
+            )
+            return admin_pb2.ListCasesResponse(cases=[case_message(v, []) for v in views])
+        raise AssertionError("unreachable")
+
+    async def DecideCase(
+        self, request: admin_pb2.DecideCaseRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Case:
+        async with domain_errors(context, "DecideCase"):
+            book = self.context.cases
+            peer = request.peer
+            if not peer:
+                views = await asyncio.to_thread(
+                    self._read, partial(book.cases, case_id=request.case_id)
+                )
+                if len(views) != 1:
+                    raise ExchangeError(
+                        Reason.INVALID if views else Reason.NOT_FOUND,
+                        f"case {request.case_id} is held with "
+                        + (
+                            ", ".join(v.peer for v in views) + "; name the peer"
+                            if views
+                            else "no peer here"
+                        ),
+                    )
+                peer = views[0].peer
+            view = await self.writer.run(
+                partial(
+                    book.decide,
+                    case_id=request.case_id,
+                    peer=peer,
+                    event=request.event,
+                    reason=request.reason,
+                    date=parse_time(request.date, "date"),
+                    at=datetime.now(UTC),
+                )
+            )
+            return case_message(view, [])
+        raise AssertionError("unreachable")
+
+    async def ListDeadlines(
+        self, request: admin_pb2.ListDeadlinesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListDeadlinesResponse:
+        async with domain_errors(context, "ListDeadlines"):
+            clocks = await asyncio.to_thread(
+                self._read,
+                partial(
+                    self.context.cases.open_clocks,
+                    overdue_only=request.overdue,
+                    agency=request.agency,
+                    limit=request.limit or 500,
+                ),
+            )
+            now = datetime.now(UTC)
+            return admin_pb2.ListDeadlinesResponse(
+                deadlines=[
+                    admin_pb2.Deadline(
+                        case_id=c.case_id,
+                        peer=c.peer,
+                        family=c.family,
+                        title=c.title,
+                        rule=c.rule,
+                        responsible=c.responsible,
+                        due_at=_time(c.due_at),
+                        state=c.state,
+                        seconds_left=int((c.due_at - now).total_seconds()),
+                        confidentiality=c.confidentiality,
+                    )
+                    for c in clocks
+                ]
+            )
+        raise AssertionError("unreachable")
+
+    async def SupervisionReport(
+        self, request: admin_pb2.SupervisionReportRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SupervisionReportResponse:
+        async with domain_errors(context, "SupervisionReport"):
+            findings = await asyncio.to_thread(
+                self._read, supervision_report, self.context.cases, datetime.now(UTC)
+            )
+            return admin_pb2.SupervisionReportResponse(
+                findings=[
+                    admin_pb2.SupervisionFinding(
+                        finding=f.finding,
+                        case_id=f.case_id,
+                        transferred_by=f.transferred_by,
+                        title=f.title,
+                        state=f.state,
+                        received_at=_time(f.received_at),
+                        due_at=_time(f.due_at),
+                        overdue_days=f.overdue_days,
+                        reason=f.reason,
+                        decided_by=f.decided_by,
+                    )
+                    for f in findings
+                ]
+            )
+        raise AssertionError("unreachable")
 
     def _read(self, query, *args):  # type: ignore[no-untyped-def]
         with self.sessions() as session:

@@ -162,6 +162,79 @@ class NodeStateRecord(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class RegistryRecord(Base):
+    """Every federation registry this node ran on, as the operator signed it: audit bundles
+    carry them all, so a signature made under a key a later registry dropped still checks."""
+
+    __tablename__ = "registries"
+
+    serial: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    accepted_at: Mapped[datetime]
+
+
+class CaseRecord(Base):
+    """One case as this node sees it: an opening message between this node and one peer
+    (node.exchange.cases), with its lifecycle state."""
+
+    __tablename__ = "cases"
+    __table_args__ = (Index("ix_cases_state", "state"),)
+
+    case_id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the opening message
+    peer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    family: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(16))  # this node's: "opener" or "addressee"
+    state: Mapped[str] = mapped_column(String(32))
+    title: Mapped[str] = mapped_column(String(256), default="")
+    confidentiality: Mapped[str] = mapped_column(String(16), default="internal")
+    attrs: Mapped[str] = mapped_column(Text, default="{}")  # JSON: urgent, deadline, ...
+    opened_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class CaseEventRecord(Base):
+    """One transition of a case: what caused it (a message or a local decision), and why."""
+
+    __tablename__ = "case_events"
+    __table_args__ = (
+        Index("ix_case_events_case", "case_id", "peer"),
+        Index("ix_case_events_message_id", "message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[str] = mapped_column(String(36))
+    peer: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime]
+
+
+class ClockRecord(Base):
+    """A legal deadline running on a case (node.exchange.deadlines)."""
+
+    __tablename__ = "clocks"
+    __table_args__ = (Index("ix_clocks_next_action_at", "next_action_at"),)
+
+    case_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    peer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64), primary_key=True)
+    responsible: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime]
+    due_at: Mapped[datetime]
+    warn_at: Mapped[datetime]
+    escalate_at: Mapped[datetime | None] = mapped_column(default=None)
+    # open -> due_soon -> overdue -> escalated, or met / met_late when the case moves on.
+    state: Mapped[str] = mapped_column(String(16))
+    # When the scheduler must look at it next; NULL once nothing more can happen. Indexed,
+    # so a pass reads only what is due, whatever the number of open clocks.
+    next_action_at: Mapped[datetime | None] = mapped_column(default=None)
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 # Typed handles on the tables, for the writer's Core statements.
 MESSAGES = cast(Table, MessageRecord.__table__)
 DELIVERIES = cast(Table, DeliveryRecord.__table__)
@@ -172,6 +245,10 @@ MERKLE_NODES = cast(Table, MerkleNodeRecord.__table__)
 CHECKPOINTS = cast(Table, CheckpointRecord.__table__)
 COSIGNATURES = cast(Table, CosignatureRecord.__table__)
 WITNESSED = cast(Table, WitnessedRecord.__table__)
+REGISTRIES = cast(Table, RegistryRecord.__table__)
+CASES = cast(Table, CaseRecord.__table__)
+CASE_EVENTS = cast(Table, CaseEventRecord.__table__)
+CLOCKS = cast(Table, ClockRecord.__table__)
 
 
 def message_row(**fields: Any) -> dict[str, Any]:

@@ -42,6 +42,9 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
+_ABSENT = object()
+
+
 class WriterStopped(RuntimeError):
     pass
 
@@ -58,6 +61,11 @@ class Batch:
         # Audit entries whose inclusion proof the unit wants once committed (the sequencer
         # makes them; a failed unit's request is harmless: nobody asks for its proof).
         self.proof_requests: list[int] = []
+        # What units of this batch changed that a later unit must read (the queued writes
+        # are not in the session yet): key -> value, and the values they replaced, so a
+        # failed unit's are undone with it.
+        self._overlay: dict[Any, Any] = {}
+        self._overlay_undo: list[tuple[Any, Any]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._updates: dict[
             tuple[Table, tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]
@@ -76,6 +84,14 @@ class Batch:
         params = {f"w_{k}": v for k, v in where.items()} | {f"v_{k}": v for k, v in values.items()}
         self._updates.setdefault(key, []).append(params)
 
+    def remember(self, key: Any, value: Any) -> None:
+        """Note a value a later unit in this batch reads with recall() (e.g. a case's state)."""
+        self._overlay_undo.append((key, self._overlay.get(key, _ABSENT)))
+        self._overlay[key] = value
+
+    def recall(self, key: Any) -> Any | None:
+        return self._overlay.get(key)
+
     def take_audit_index(self) -> int:
         index = self.next_audit_index
         self.next_audit_index += 1
@@ -84,12 +100,19 @@ class Batch:
     def _queues(self) -> list[tuple[Any, list[dict[str, Any]]]]:
         return [*self._inserts.items(), *self._updates.items()]
 
-    def mark(self) -> tuple[int, dict[Any, int]]:
+    def mark(self) -> tuple[int, int, dict[Any, int]]:
         """Where the queues stand, so a failed unit of work can be undone in memory."""
-        return self.next_audit_index, {key: len(rows) for key, rows in self._queues()}
+        sizes = {key: len(rows) for key, rows in self._queues()}
+        return self.next_audit_index, len(self._overlay_undo), sizes
 
-    def undo_to(self, mark: tuple[int, dict[Any, int]]) -> None:
-        self.next_audit_index, sizes = mark
+    def undo_to(self, mark: tuple[int, int, dict[Any, int]]) -> None:
+        self.next_audit_index, overlay, sizes = mark
+        while len(self._overlay_undo) > overlay:
+            key, previous = self._overlay_undo.pop()
+            if previous is _ABSENT:
+                del self._overlay[key]
+            else:
+                self._overlay[key] = previous
         for key, rows in self._queues():
             del rows[sizes.get(key, 0) :]
 

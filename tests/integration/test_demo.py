@@ -22,7 +22,16 @@ def test_the_demo_runs_the_scenario_and_verifies_the_audit_trail(tmp_path: Path)
     assert "Demo finished" in out
     bundles = sorted(p.name for p in workdir.glob("*.audit-bundle"))
     assert bundles == [
+        "140400-discipline.audit-bundle",
         "140400-ecology.audit-bundle",
         "140400-police.audit-bundle",
         "140400-procuratorate.audit-bundle",
     ]
+    # The case story on the simulated clock: filed in time, the clue answered, the request
+    # delayed, the recommendation reminded and escalated, then answered late.
+    assert "ecology → police             crime_transfer    filed" in out
+    assert "clue              feedback_sent" in out
+    assert "evidence_request  completed" in out
+    assert "escalated  recommendation.reply_urgent  responsible ecology  late by" in out
+    assert "procuratorate → ecology      recommendation    replied" in out
+    assert "督办 escalation" in out and "催办 reminder" in out

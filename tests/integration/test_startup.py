@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from node.federation import Registry, sign_registry
 from node.federation_setup import NodeSetup, publish_registry
 from node.identity import generate_signing_key, load_signing_key
 from tests.conftest import ECOLOGY, POLICE, NodeProcess, wait_for
+from tests.integration.test_exchange import cli
 from tests.peer import audit_events
 
 MakeFederation = Callable[..., dict[str, NodeProcess]]
@@ -200,6 +202,21 @@ def test_a_newly_published_registry_is_taken_without_a_restart(
     wait_for(lambda: "registry reloaded" in node.log_path.read_text(), what="reload logged")
     events = [e["event"] for e in audit_events(setup)]
     assert events.count("registry_accepted") == 2
+    # Its audit bundle carries both registries it ran on, and verifies with them.
+    bundle = setup.directory / "audit.bundle"
+    exported = cli("audit", "export", "--out", str(bundle), config=setup.config)
+    assert exported.returncode == 0, exported.stderr
+    with zipfile.ZipFile(bundle) as archive:
+        [earlier] = [n for n in archive.namelist() if n.startswith("registries/")]
+        assert json.loads(envelope_from_json(archive.read(earlier)).payload)["serial"] == 1
+    verified = subprocess.run(
+        [sys.executable, "-m", "node.cli", "audit", "verify", str(bundle), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stdout
+    assert json.loads(verified.stdout)["bundles"][0]["registries"] == 2
 
 
 def test_an_agency_without_a_builtin_plugin_starts(make_federation: MakeFederation) -> None:

@@ -506,3 +506,64 @@ def test_attachment_names_never_collide(tmp_path: Path) -> None:
     assert len(set(paths)) == 3
     for entry, path in zip(written["attachments"], paths, strict=True):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+
+
+CSV_HEADER = "family,to,case_ref,confidentiality,body.title,body.evidence[]\n"
+
+
+def test_csv_rows_are_drafts_and_a_bad_row_blocks_nothing(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    drop(
+        folder,
+        "penalties.csv",
+        "\ufeff"  # a byte-order mark, as spreadsheet programs write
+        + CSV_HEADER
+        + "clue,procuratorate.sz;police.sz,C-1,confidential,漳河排污,笔录;监测报告\n"
+        + ",procuratorate.sz,C-2,internal,no family,\n"
+        + "clue,procuratorate.sz,C-3,secret,bad marking,\n"
+        + "clue,procuratorate.sz,C-4,internal,good too,\n",
+    )
+    drop(folder, "z-after.json", GOOD)
+    submit = Submitter()
+    csv_outcome, json_outcome = folder.collect_drafts(submit)
+    first, last = submit.calls[0], submit.calls[1]
+    assert first.recipients == ("procuratorate.sz", "police.sz")
+    assert first.body == {"title": "漳河排污", "evidence": ["笔录", "监测报告"]}
+    assert first.confidentiality == "confidential" and first.case_ref == "C-1"
+    assert last.body == {"title": "good too"}
+    # The file goes to failed/, naming each bad row and field; the good rows went.
+    assert csv_outcome.path == folder.failed / "penalties.csv"
+    error = (folder.failed / "penalties.csv.error.txt").read_text(encoding="utf-8")
+    assert "row 3: field 'family'" in error and "row 4: field 'confidentiality'" in error
+    sent = (folder.failed / "penalties.csv.message_id").read_text(encoding="utf-8")
+    assert sent == "row 2: msg-1\nrow 5: msg-2\n"
+    assert json_outcome.message_id == "msg-3"
+
+    # Fixed and dropped again: the rows that went before get their first ids back.
+    drop(
+        folder,
+        "penalties.csv",
+        CSV_HEADER
+        + "clue,procuratorate.sz;police.sz,C-1,confidential,漳河排污,笔录;监测报告\n"
+        + "clue,procuratorate.sz,C-4,internal,good too,\n",
+    )
+    (again,) = folder.collect_drafts(submit)
+    assert again.path == folder.processed / "penalties.csv"
+    assert again.message_id == "msg-1,msg-2"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("", "no header row"),
+        ("to,body.title\nx,y\n", "missing column(s) 'family'"),
+        ("family,to,recipients\nclue,x,y\n", "unknown column(s) 'recipients'"),
+        ("family,to,body.title\nclue,procuratorate.sz,a,extra\n", "row 2: has 3 columns"),
+    ],
+)
+def test_a_malformed_csv_file_is_named(tmp_path: Path, content: str, problem: str) -> None:
+    folder = DropFolder(tmp_path / "local")
+    drop(folder, "bad.csv", content)
+    (outcome,) = folder.collect_drafts(Submitter())
+    assert outcome.path == folder.failed / "bad.csv"
+    assert problem in (folder.failed / "bad.csv.error.txt").read_text(encoding="utf-8")

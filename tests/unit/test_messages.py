@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -73,3 +74,21 @@ def test_parse_refuses_garbage() -> None:
         parse_message(
             compose().SerializeToString()[:0] + b"\n$01a2087f-397b-7d93-9e6b-dca9fcaac36a"
         )
+
+
+@pytest.mark.parametrize(
+    ("set_time", "name"),
+    [
+        (lambda m: setattr(m.deadline, "seconds", 2**62), "deadline"),
+        (lambda m: setattr(m.feedback.due, "seconds", -1), "feedback.due"),
+        (lambda m: setattr(m.feedback.due, "nanos", 2_000_000_000), "feedback.due"),
+        (lambda m: setattr(m.crime_transfer.approved_at, "seconds", 2**62), "approved_at"),
+    ],
+)
+def test_parse_refuses_a_time_the_node_could_not_read(set_time: Any, name: str) -> None:
+    # A peer's signed feedback whose date is out of range must be refused at the door, not
+    # fail the case code when the message is stored.
+    message = compose()
+    set_time(message)
+    with pytest.raises(ExchangeError, match=re.escape(f"{name} is outside")):
+        parse_message(message.SerializeToString())

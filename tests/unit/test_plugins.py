@@ -213,8 +213,49 @@ def _hook_names() -> list[str]:
     )
 
 
+def test_liandong_deadline_rules_all_results_later_plugins_win_config_wins_over_all(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from node.exchange.deadlines import Deadlines, Unit
+
+    base = Deadlines()
+    feedback = base.rule("clue.feedback")
+    filing = base.rule("crime_transfer.filing")
+    assert feedback is not None and filing is not None
+    first = [replace(feedback, amount=20), replace(filing, amount=5)]
+    second = [replace(feedback, amount=25)]
+
+    def broken(api: NodeAPI) -> Any:
+        raise RuntimeError("no rules table")
+
+    extra = [
+        plugin(liandong_deadline_rules=lambda api: first),
+        plugin(liandong_deadline_rules=lambda: second),
+        plugin(liandong_deadline_rules=broken),
+    ]
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=extra))
+    with structlog.testing.capture_logs() as logs:
+        rules = hooks.deadline_rules(FakeAPI(tmp_path))
+    assert [(r.name, r.amount) for r in rules] == [
+        ("clue.feedback", 20),
+        ("crime_transfer.filing", 5),
+        ("clue.feedback", 25),
+    ]
+    assert [e["hook"] for e in logs if e["event"] == "plugin hook failed"] == [
+        "liandong_deadline_rules"
+    ]
+    merged = base.with_plugin_rules(rules)
+    assert merged.rule("clue.feedback").amount == 25  # type: ignore[union-attr]
+    configured = replace(base, configured=frozenset({"crime_transfer.filing"}))
+    assert configured.with_plugin_rules(rules).rule("crime_transfer.filing") == filing
+    assert configured.with_plugin_rules(rules).rule("clue.feedback").unit is Unit.MONTHS  # type: ignore[union-attr]
+
+
 def test_hookspecs_are_discovered() -> None:
     assert _hook_names() == [
+        "liandong_deadline_rules",
         "liandong_deliveries_confirmed",
         "liandong_hand_off",
         "liandong_node_started",

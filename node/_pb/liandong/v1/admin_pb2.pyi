@@ -24,6 +24,356 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SupervisionReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SupervisionReportRequest: _TypeAlias = SupervisionReportRequest  # noqa: Y015
+
+@_typing.final
+class SupervisionFinding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDING_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    TRANSFERRED_BY_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    OVERDUE_DAYS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    finding: _builtins.str
+    """"should_be_filed" (应立未立) or "not_filed" (不予立案)"""
+    case_id: _builtins.str
+    transferred_by: _builtins.str
+    title: _builtins.str
+    state: _builtins.str
+    received_at: _builtins.str
+    """RFC 3339"""
+    due_at: _builtins.str
+    """RFC 3339; empty for "not_filed" """
+    overdue_days: _builtins.float
+    """in the node's (possibly simulated) days"""
+    reason: _builtins.str
+    """the police's reasons, for "not_filed" """
+    decided_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        finding: _builtins.str = ...,
+        case_id: _builtins.str = ...,
+        transferred_by: _builtins.str = ...,
+        title: _builtins.str = ...,
+        state: _builtins.str = ...,
+        received_at: _builtins.str = ...,
+        due_at: _builtins.str = ...,
+        overdue_days: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "decided_by", b"decided_by", "due_at", b"due_at", "finding", b"finding", "overdue_days", b"overdue_days", "reason", b"reason", "received_at", b"received_at", "state", b"state", "title", b"title", "transferred_by", b"transferred_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SupervisionFinding: _TypeAlias = SupervisionFinding  # noqa: Y015
+
+@_typing.final
+class SupervisionReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SupervisionFinding]: ...
+    def __init__(
+        self,
+        *,
+        findings: _abc.Iterable[Global___SupervisionFinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings", b"findings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SupervisionReportResponse: _TypeAlias = SupervisionReportResponse  # noqa: Y015
+
+@_typing.final
+class ListCasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    """one case (with its history), or empty for the latest"""
+    state: _builtins.str
+    """only cases in this state"""
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "limit", b"limit", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCasesRequest: _TypeAlias = ListCasesRequest  # noqa: Y015
+
+@_typing.final
+class CaseEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    FROM_STATE_FIELD_NUMBER: _builtins.int
+    TO_STATE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    event: _builtins.str
+    from_state: _builtins.str
+    to_state: _builtins.str
+    actor: _builtins.str
+    message_id: _builtins.str
+    reason: _builtins.str
+    at: _builtins.str
+    """RFC 3339"""
+    def __init__(
+        self,
+        *,
+        event: _builtins.str = ...,
+        from_state: _builtins.str = ...,
+        to_state: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "event", b"event", "from_state", b"from_state", "message_id", b"message_id", "reason", b"reason", "to_state", b"to_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseEvent: _TypeAlias = CaseEvent  # noqa: Y015
+
+@_typing.final
+class Case(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    CONFIDENTIALITY_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    """the opening message's id"""
+    peer: _builtins.str
+    family: _builtins.str
+    role: _builtins.str
+    """this node's: "opener" or "addressee" """
+    state: _builtins.str
+    title: _builtins.str
+    confidentiality: _builtins.str
+    opened_at: _builtins.str
+    updated_at: _builtins.str
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaseEvent]:
+        """when one case was asked for"""
+
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        family: _builtins.str = ...,
+        role: _builtins.str = ...,
+        state: _builtins.str = ...,
+        title: _builtins.str = ...,
+        confidentiality: _builtins.str = ...,
+        opened_at: _builtins.str = ...,
+        updated_at: _builtins.str = ...,
+        history: _abc.Iterable[Global___CaseEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "confidentiality", b"confidentiality", "family", b"family", "history", b"history", "opened_at", b"opened_at", "peer", b"peer", "role", b"role", "state", b"state", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Case: _TypeAlias = Case  # noqa: Y015
+
+@_typing.final
+class ListCasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Case]: ...
+    def __init__(
+        self,
+        *,
+        cases: _abc.Iterable[Global___Case] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCasesResponse: _TypeAlias = ListCasesResponse  # noqa: Y015
+
+@_typing.final
+class DecideCaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    peer: _builtins.str
+    """optional when the case has one peer"""
+    event: _builtins.str
+    reason: _builtins.str
+    date: _builtins.str
+    """RFC 3339, for events that need a new date"""
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        event: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        date: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "date", b"date", "event", b"event", "peer", b"peer", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideCaseRequest: _TypeAlias = DecideCaseRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadlinesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OVERDUE_FIELD_NUMBER: _builtins.int
+    AGENCY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    overdue: _builtins.bool
+    agency: _builtins.str
+    """only clocks this agency is responsible for"""
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        overdue: _builtins.bool = ...,
+        agency: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "limit", b"limit", "overdue", b"overdue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadlinesRequest: _TypeAlias = ListDeadlinesRequest  # noqa: Y015
+
+@_typing.final
+class Deadline(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    RESPONSIBLE_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SECONDS_LEFT_FIELD_NUMBER: _builtins.int
+    CONFIDENTIALITY_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    peer: _builtins.str
+    family: _builtins.str
+    title: _builtins.str
+    rule: _builtins.str
+    responsible: _builtins.str
+    due_at: _builtins.str
+    """RFC 3339"""
+    state: _builtins.str
+    """"open", "due_soon", "overdue", "escalated" """
+    seconds_left: _builtins.int
+    """negative when overdue"""
+    confidentiality: _builtins.str
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        family: _builtins.str = ...,
+        title: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        responsible: _builtins.str = ...,
+        due_at: _builtins.str = ...,
+        state: _builtins.str = ...,
+        seconds_left: _builtins.int = ...,
+        confidentiality: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "confidentiality", b"confidentiality", "due_at", b"due_at", "family", b"family", "peer", b"peer", "responsible", b"responsible", "rule", b"rule", "seconds_left", b"seconds_left", "state", b"state", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deadline: _TypeAlias = Deadline  # noqa: Y015
+
+@_typing.final
+class ListDeadlinesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEADLINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deadlines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deadline]: ...
+    def __init__(
+        self,
+        *,
+        deadlines: _abc.Iterable[Global___Deadline] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadlines", b"deadlines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadlinesResponse: _TypeAlias = ListDeadlinesResponse  # noqa: Y015
+
+@_typing.final
 class ExportAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -112,6 +462,7 @@ class SubmitRequest(_message.Message):
     ATTACHMENT_PATHS_FIELD_NUMBER: _builtins.int
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     CLUE_FIELD_NUMBER: _builtins.int
     CRIME_TRANSFER_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
@@ -137,6 +488,8 @@ class SubmitRequest(_message.Message):
     """Idempotency: a retry with the same key returns the first message id."""
     seq: _builtins.int
     """On SubmitStream: chosen by the client, echoed in the result."""
+    deadline: _builtins.str
+    """RFC 3339, optional: the deadline the message sets (e.g. of an evidence request)."""
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -172,6 +525,7 @@ class SubmitRequest(_message.Message):
         attachment_paths: _abc.Iterable[_builtins.str] | None = ...,
         client_key: _builtins.str = ...,
         seq: _builtins.int = ...,
+        deadline: _builtins.str = ...,
         clue: _envelope_pb2.ClueTransfer | None = ...,
         crime_transfer: _envelope_pb2.CrimeTransfer | None = ...,
         notice: _envelope_pb2.Notice | None = ...,
@@ -183,7 +537,7 @@ class SubmitRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clue", b"clue", "crime_transfer", b"crime_transfer", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "notice", b"notice", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "typed_body", b"typed_body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_paths", b"attachment_paths", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "client_key", b"client_key", "clue", b"clue", "confidentiality", b"confidentiality", "crime_transfer", b"crime_transfer", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "family", b"family", "feedback", b"feedback", "in_reply_to", b"in_reply_to", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "seq", b"seq", "typed_body", b"typed_body"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_paths", b"attachment_paths", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "client_key", b"client_key", "clue", b"clue", "confidentiality", b"confidentiality", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "family", b"family", "feedback", b"feedback", "in_reply_to", b"in_reply_to", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "seq", b"seq", "typed_body", b"typed_body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_typed_body: _TypeAlias = _typing.Literal["clue", "crime_transfer", "notice", "evidence_request", "evidence_response", "recommendation", "recommendation_reply", "feedback"]  # noqa: Y015
     _WhichOneofArgType_typed_body: _TypeAlias = _typing.Literal["typed_body", b"typed_body"]  # noqa: Y015

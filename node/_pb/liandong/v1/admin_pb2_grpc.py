@@ -76,6 +76,26 @@ class LocalAdminStub:
                 request_serializer=liandong_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_admin__pb2.ExportProgress.FromString,
                 _registered_method=True)
+        self.ListCases = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/ListCases',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.ListCasesRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.ListCasesResponse.FromString,
+                _registered_method=True)
+        self.DecideCase = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/DecideCase',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.DecideCaseRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.Case.FromString,
+                _registered_method=True)
+        self.ListDeadlines = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/ListDeadlines',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.ListDeadlinesRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.ListDeadlinesResponse.FromString,
+                _registered_method=True)
+        self.SupervisionReport = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/SupervisionReport',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportResponse.FromString,
+                _registered_method=True)
 
 
 class LocalAdminServicer:
@@ -135,6 +155,33 @@ class LocalAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCases(self, request, context):
+        """Cases (one per opening message and peer), their history, and decisions recorded here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideCase(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadlines(self, request, context):
+        """Open deadline clocks, most urgent first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SupervisionReport(self, request, context):
+        """Filing supervision (立案监督): transfers not decided in time, and those not filed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +224,26 @@ def add_LocalAdminServicer_to_server(servicer, server):
                     servicer.ExportAudit,
                     request_deserializer=liandong_dot_v1_dot_admin__pb2.ExportAuditRequest.FromString,
                     response_serializer=liandong_dot_v1_dot_admin__pb2.ExportProgress.SerializeToString,
+            ),
+            'ListCases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCases,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.ListCasesRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.ListCasesResponse.SerializeToString,
+            ),
+            'DecideCase': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideCase,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.DecideCaseRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.Case.SerializeToString,
+            ),
+            'ListDeadlines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadlines,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.ListDeadlinesRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.ListDeadlinesResponse.SerializeToString,
+            ),
+            'SupervisionReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.SupervisionReport,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +462,114 @@ class LocalAdmin:
             '/liandong.v1.LocalAdmin/ExportAudit',
             liandong_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
             liandong_dot_v1_dot_admin__pb2.ExportProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/ListCases',
+            liandong_dot_v1_dot_admin__pb2.ListCasesRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.ListCasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideCase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/DecideCase',
+            liandong_dot_v1_dot_admin__pb2.DecideCaseRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.Case.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadlines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/ListDeadlines',
+            liandong_dot_v1_dot_admin__pb2.ListDeadlinesRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.ListDeadlinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SupervisionReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/SupervisionReport',
+            liandong_dot_v1_dot_admin__pb2.SupervisionReportRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.SupervisionReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

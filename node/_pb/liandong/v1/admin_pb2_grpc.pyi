@@ -51,6 +51,13 @@ class LocalAdminStub:
     """Write an audit bundle of the log to `path` on this host (the node writes it); the
     stream reports progress and ends with the summary (`finished`).
     """
+    ListCases: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCasesRequest, _admin_pb2.ListCasesResponse]
+    """Cases (one per opening message and peer), their history, and decisions recorded here."""
+    DecideCase: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DecideCaseRequest, _admin_pb2.Case]
+    ListDeadlines: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadlinesRequest, _admin_pb2.ListDeadlinesResponse]
+    """Open deadline clocks, most urgent first."""
+    SupervisionReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SupervisionReportRequest, _admin_pb2.SupervisionReportResponse]
+    """Filing supervision (立案监督): transfers not decided in time, and those not filed."""
 
 @_typing.type_check_only
 class LocalAdminAsyncStub(LocalAdminStub):
@@ -71,6 +78,13 @@ class LocalAdminAsyncStub(LocalAdminStub):
     """Write an audit bundle of the log to `path` on this host (the node writes it); the
     stream reports progress and ends with the summary (`finished`).
     """
+    ListCases: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCasesRequest, _admin_pb2.ListCasesResponse]  # type: ignore[assignment]
+    """Cases (one per opening message and peer), their history, and decisions recorded here."""
+    DecideCase: _aio.UnaryUnaryMultiCallable[_admin_pb2.DecideCaseRequest, _admin_pb2.Case]  # type: ignore[assignment]
+    ListDeadlines: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadlinesRequest, _admin_pb2.ListDeadlinesResponse]  # type: ignore[assignment]
+    """Open deadline clocks, most urgent first."""
+    SupervisionReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.SupervisionReportRequest, _admin_pb2.SupervisionReportResponse]  # type: ignore[assignment]
+    """Filing supervision (立案监督): transfers not decided in time, and those not filed."""
 
 class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -136,5 +150,36 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
         """Write an audit bundle of the log to `path` on this host (the node writes it); the
         stream reports progress and ends with the summary (`finished`).
         """
+
+    @_abc_1.abstractmethod
+    def ListCases(
+        self,
+        request: _admin_pb2.ListCasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCasesResponse, _abc.Awaitable[_admin_pb2.ListCasesResponse]]:
+        """Cases (one per opening message and peer), their history, and decisions recorded here."""
+
+    @_abc_1.abstractmethod
+    def DecideCase(
+        self,
+        request: _admin_pb2.DecideCaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Case, _abc.Awaitable[_admin_pb2.Case]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDeadlines(
+        self,
+        request: _admin_pb2.ListDeadlinesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDeadlinesResponse, _abc.Awaitable[_admin_pb2.ListDeadlinesResponse]]:
+        """Open deadline clocks, most urgent first."""
+
+    @_abc_1.abstractmethod
+    def SupervisionReport(
+        self,
+        request: _admin_pb2.SupervisionReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SupervisionReportResponse, _abc.Awaitable[_admin_pb2.SupervisionReportResponse]]:
+        """Filing supervision (立案监督): transfers not decided in time, and those not filed."""
 
 def add_LocalAdminServicer_to_server(servicer: LocalAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

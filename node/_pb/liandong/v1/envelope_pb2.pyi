@@ -332,6 +332,10 @@ class Notice(_message.Message):
         KIND_DATA_SHARING: Notice._Kind.ValueType  # 3
         """periodic penalty and monitoring data"""
         KIND_MEETING_MINUTES: Notice._Kind.ValueType  # 4
+        KIND_REMINDER: Notice._Kind.ValueType  # 5
+        """催办: a deadline passed; case_ref names the case"""
+        KIND_ESCALATION: Notice._Kind.ValueType  # 6
+        """督办: reported to the supervising agency; case_ref names the case"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Notice.Kind.ValueType  # 0
@@ -342,6 +346,10 @@ class Notice(_message.Message):
     KIND_DATA_SHARING: Notice.Kind.ValueType  # 3
     """periodic penalty and monitoring data"""
     KIND_MEETING_MINUTES: Notice.Kind.ValueType  # 4
+    KIND_REMINDER: Notice.Kind.ValueType  # 5
+    """催办: a deadline passed; case_ref names the case"""
+    KIND_ESCALATION: Notice.Kind.ValueType  # 6
+    """督办: reported to the supervising agency; case_ref names the case"""
 
     KIND_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
@@ -480,24 +488,32 @@ Global___RecommendationReply: _TypeAlias = RecommendationReply  # noqa: Y015
 
 @_typing.final
 class Feedback(_message.Message):
-    """Feedback or a status update on an earlier message (in_reply_to names it)."""
+    """Feedback or a status update on an earlier message (in_reply_to names it). The status is
+    an event of the case's lifecycle (docs/workflows.md), e.g. "filed", "not_filed", "delayed".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    DUE_FIELD_NUMBER: _builtins.int
     status: _builtins.str
-    """e.g. "received", "filed", "not_filed" """
     text: _builtins.str
+    """the reason, where the event needs one"""
+    @_builtins.property
+    def due(self) -> _timestamp_pb2.Timestamp:
+        """the new date, for "delayed" """
+
     def __init__(
         self,
         *,
         status: _builtins.str = ...,
         text: _builtins.str = ...,
+        due: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due", b"due"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due", b"due", "status", b"status", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

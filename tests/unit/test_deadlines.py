@@ -1,0 +1,130 @@
+"""Deadline rules as data: the calendar, the legal defaults, overrides and their errors, and
+the lifecycles' shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_config, render_config
+from node.exchange.deadlines import (
+    LEGAL_DEFAULTS,
+    Deadlines,
+    RuleError,
+    Unit,
+    WorkCalendar,
+    add_months,
+    override_rule,
+)
+from node.exchange.families import FAMILY_BODIES
+from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role
+
+FRIDAY = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+
+
+def test_working_days_skip_weekends_and_holidays_and_count_make_up_days() -> None:
+    plain = WorkCalendar()
+    assert plain.add_working_days(FRIDAY, 1) == FRIDAY + timedelta(days=3)  # Monday
+    assert plain.add_working_days(FRIDAY, 5) == FRIDAY + timedelta(days=7)
+    holiday = WorkCalendar(holidays=frozenset({date(2026, 11, 23)}))
+    assert holiday.add_working_days(FRIDAY, 1) == FRIDAY + timedelta(days=4)  # Tuesday
+    make_up = WorkCalendar(workdays=frozenset({date(2026, 11, 21)}))  # a working Saturday
+    assert make_up.add_working_days(FRIDAY, 1) == FRIDAY + timedelta(days=1)
+
+
+def test_months_keep_the_day_or_take_the_last_one() -> None:
+    assert add_months(datetime(2026, 1, 31, tzinfo=UTC), 1) == datetime(2026, 2, 28, tzinfo=UTC)
+    assert add_months(datetime(2026, 11, 15, tzinfo=UTC), 2) == datetime(2027, 1, 15, tzinfo=UTC)
+
+
+def test_the_legal_defaults() -> None:
+    deadlines = Deadlines()
+    by_name = {r.name: r for r in LEGAL_DEFAULTS}
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    assert deadlines.due(by_name["crime_transfer.filing"], start) == start + timedelta(days=3)
+    assert deadlines.due(by_name["clue.feedback"], start) == datetime(2026, 4, 1, tzinfo=UTC)
+    assert deadlines.due(by_name["recommendation.reply"], start) == datetime(2026, 5, 1, tzinfo=UTC)
+    assert deadlines.due(by_name["recommendation.reply_urgent"], start) == start + timedelta(15)
+    urgent, normal = by_name["recommendation.reply_urgent"], by_name["recommendation.reply"]
+    assert urgent.applies({"urgent": True}) and not normal.applies({"urgent": True})
+    assert normal.applies({}) and not urgent.applies({})
+    filing = by_name["crime_transfer.filing"]
+    assert filing.applies({}, "140400/police") and not filing.applies({}, "140400/procuratorate")
+    # The simulated clock divides durations, the warning lead included.
+    fast = Deadlines(speed=86400.0)
+    due = fast.due(filing, start)
+    assert due == start + timedelta(seconds=3)
+    assert fast.warn_at(filing, due) == due - timedelta(seconds=1)
+
+
+def test_overrides_replace_by_name_and_name_the_bad_key() -> None:
+    base = Deadlines()
+    rule = override_rule(
+        base.rule("clue.feedback"), "clue.feedback", {"amount": 20, "unit": "working_days"}
+    )
+    assert (rule.amount, rule.unit, rule.while_in) == (
+        20,
+        Unit.WORKING_DAYS,
+        base.rule("clue.feedback").while_in,
+    )  # type: ignore[union-attr]
+    assert base.with_overrides([rule]).rule("clue.feedback") == rule
+    with pytest.raises(RuleError, match=r"'clue.feedback': unknown key\(s\) \['amont'\]"):
+        override_rule(base.rule("clue.feedback"), "clue.feedback", {"amont": 20})
+    with pytest.raises(RuleError, match="amount must be a positive whole number"):
+        override_rule(base.rule("clue.feedback"), "clue.feedback", {"amount": 0})
+    with pytest.raises(RuleError, match="'fortnights' is not a valid Unit"):
+        override_rule(base.rule("clue.feedback"), "clue.feedback", {"unit": "fortnights"})
+    with pytest.raises(RuleError, match="not a built-in rule: give family, while_in"):
+        override_rule(None, "local.rule", {"amount": 3})
+    own = override_rule(
+        None,
+        "local.rule",
+        {"family": "clue", "while_in": ["accepted"], "amount": 3, "unit": "calendar_days"},
+    )
+    assert own.responsible is Role.ADDRESSEE
+
+
+def test_deadlines_config_is_read_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    base = render_config(agency="140400/ecology", listen="127.0.0.1:7443")
+    config.write_text(
+        base
+        + '\n[deadlines]\nsupervisor = "140400/discipline"\nholidays = ["2026-10-01"]\n'
+        + '[deadlines.rules."clue.feedback"]\namount = 20\nunit = "working_days"\n',
+        encoding="utf-8",
+    )
+    loaded = load_config(config).deadlines
+    assert loaded.supervisor == "140400/discipline"
+    assert loaded.calendar.holidays == frozenset({date(2026, 10, 1)})
+    assert loaded.rule("clue.feedback").amount == 20  # type: ignore[union-attr]
+    for extra, error in (
+        ('\n[deadlines]\nsupervisor = "nobody"\n', "deadlines.supervisor"),
+        ('\n[deadlines]\nholidays = ["tomorrow"]\n', "deadlines.holidays"),
+        ("\n[deadlines]\nspeed = 0\n", "deadlines.speed' must be greater than 0"),
+        ("\n[deadlines]\nsped = 2\n", "unknown key 'deadlines.sped'"),
+        ('\n[deadlines.rules."clue.feedback"]\nunit = "weeks"\n', "deadline rule 'clue.feedback'"),
+    ):
+        config.write_text(base + extra, encoding="utf-8")
+        with pytest.raises(ConfigError, match=error):
+            load_config(config)
+
+
+@pytest.mark.parametrize("family", sorted(LIFECYCLES))
+def test_each_lifecycle_is_connected(family: str) -> None:
+    lifecycle = LIFECYCLES[family]
+    assert family in FAMILY_BODIES
+    reachable = {SENT, RECEIVED}
+    changed = True
+    while changed:
+        changed = False
+        for t in lifecycle.transitions:
+            if t.sources & reachable and t.target not in reachable:
+                reachable.add(t.target)
+                changed = True
+    assert set(lifecycle.states) == reachable, "a state no event leads to"
+    for final in lifecycle.final:
+        assert not any(final in t.sources for t in lifecycle.transitions), final
+    for body, event in lifecycle.body_events.items():
+        assert body in FAMILY_BODIES["reply"] and lifecycle.find(event)
