@@ -188,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     reports = report.add_subparsers(dest="report", required=True, metavar="REPORT")
     supervision = reports.add_parser(
         "supervision",
-        help="filing supervision (立案监督): transfers not decided in time, and not filed",
+        help="filing supervision (立案监督): 应立未立, 不予立案, 应移未移",
         description="Crime transfers this node holds (the procuratorate: its copies) with no "
-        "filing decision past their deadline (应立未立), most overdue first, then those the "
-        "police declined to file, with their reasons.",
+        "filing decision past their deadline (应立未立), most overdue first; those the "
+        "police declined to file, with their reasons; and penalty records shared with this "
+        "node that meet a crime threshold ([supervision.thresholds]) but were never "
+        "transferred (应移未移), with the days since the penalty decision.",
     )
     supervision.add_argument(
         "--format", choices=["table", "csv", "json"], default="table", help="output format"
@@ -608,19 +610,27 @@ def cmd_report_supervision(options: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     elif not rows:
-        print("nothing to report: every transfer was decided in time, none declined")
+        print(
+            "nothing to report: every transfer was decided in time, none declined, and no "
+            "shared penalty record over a crime threshold is missing its transfer"
+        )
     else:
-        label = {"should_be_filed": "应立未立 overdue", "not_filed": "不予立案 not filed"}
+        label = {
+            "should_be_filed": "应立未立 overdue",
+            "not_filed": "不予立案 not filed",
+            "should_be_transferred": "应移未移 not transferred",
+            "shared_data_error": "shared data unreadable",
+        }
         print(
             render_table(
-                ["finding", "case id", "from", "state", "overdue (days)", "reason", "title"],
+                ["finding", "case / record", "from", "state", "days late", "reason", "title"],
                 [
                     [
                         label.get(r["finding"], r["finding"]),
                         r["case_id"],
                         r["transferred_by"],
                         r["state"],
-                        f"{r['overdue_days']:.1f}" if r["finding"] == "should_be_filed" else "",
+                        f"{r['overdue_days']:.1f}" if r["overdue_days"] else "",
                         str(r["reason"])[:30],
                         str(r["title"])[:30],
                     ]

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from node.exchange.deadlines import Deadlines, RuleError, WorkCalendar, override_rule
+from node.exchange.thresholds import (
+    LEGAL_THRESHOLDS,
+    Threshold,
+    ThresholdError,
+    thresholds_from_config,
+)
 from node.identity import IdentityError, agency_kind, validate_agency_id
 
 CONFIG_FILE_NAME = "node.toml"
@@ -69,6 +75,8 @@ class NodeConfig:
     deadlines: Deadlines = field(default_factory=Deadlines)
     # How often the deadline scheduler looks for clocks that came due.
     deadline_scan_seconds: float = 60.0
+    # The crime thresholds the 应移未移 check applies to shared penalty data.
+    supervision_thresholds: tuple[Threshold, ...] = LEGAL_THRESHOLDS
 
 
 _KNOWN = {
@@ -80,6 +88,7 @@ _KNOWN = {
     "delivery": set(Delivery.__dataclass_fields__),
     "logging": {"format", "level"},
     "audit": {"witness_interval_seconds"},
+    "supervision": {"thresholds"},
     "deadlines": {
         "supervisor",
         "escalation_grace_days",
@@ -181,7 +190,17 @@ def load_config(path: Path) -> NodeConfig:
         witness_interval_seconds=reader.number("audit", "witness_interval_seconds", 60.0),
         deadlines=_deadlines(reader),
         deadline_scan_seconds=_positive(reader, "deadlines", "scan_seconds", 60.0),
+        supervision_thresholds=_thresholds(reader),
     )
+
+
+def _thresholds(reader: _Reader) -> tuple[Threshold, ...]:
+    try:
+        return thresholds_from_config(
+            reader.table("supervision").get("thresholds"), where="[supervision.thresholds]"
+        )
+    except ThresholdError as error:
+        raise ConfigError(f"config {reader.path}: {error}") from None
 
 
 def _positive(reader: _Reader, section: str, key: str, default: float) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,7 +55,41 @@ def deadline_config(speed: float) -> str:
         "scan_seconds = 0.2\n"
         f'supervisor = "{DISCIPLINE}"\n'
         "escalation_grace_days = 3\n"
+        # The police's and the procuratorate's case systems may hold confidential items.
+        '[plugins.police]\ncleared_for = "confidential"\n'
+        '[plugins.procuratorate]\ncleared_for = "confidential"\n'
     )
+
+
+ENFORCEMENT_TABLE = (
+    "CREATE TABLE penalty_records (id INTEGER PRIMARY KEY, decision_no TEXT, party TEXT, "
+    "decided_on TEXT, facts TEXT, hw_tonnes REAL, hidden_pipe TEXT, evidence TEXT, "
+    "leader_decision TEXT)"
+)
+
+ENFORCEMENT_QUERY = "SELECT * FROM penalty_records WHERE id > :after ORDER BY id LIMIT 500"
+
+
+def connect_enforcement_system(node: NodeSetup) -> Path:
+    """The bureau's enforcement system: a SQLite database of its own, which the ecology
+    plugin reads (read-only) through a query and a column mapping in node.toml."""
+    database = node.directory / "enforcement.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute(ENFORCEMENT_TABLE)
+    connection.close()
+    with node.config.open("a", encoding="utf-8") as config:
+        config.write(
+            "\n[plugins.ecology.records.penalties]\n"
+            f'url = "sqlite:///{database.resolve()}"\n'
+            f'query = "{ENFORCEMENT_QUERY}"\n'
+            'key = "id"\n'
+            "[plugins.ecology.records.penalties.columns]\n"
+            'record_id = "decision_no"\nparty = "party"\ndecided_on = "decided_on"\n'
+            'facts = "facts"\nhazardous_waste_tonnes = "hw_tonnes"\n'
+            'hidden_discharge = "hidden_pipe"\nevidence = "evidence"\n'
+            'transfer_decision = "leader_decision"\n'
+        )
+    return database
 
 
 STARTUP_SECONDS = 60.0
@@ -93,6 +128,7 @@ def run_demo(workdir: Path | None, speed: float = DEFAULT_SPEED) -> int:
         )
         say(f"Legal deadlines run {speed:,.0f} times faster than real time (--speed)")
         nodes = {n.agency: n for n in setups}
+        connect_enforcement_system(nodes[ECOLOGY])
         for node in nodes.values():
             processes.append(NodeProcess(node).start(wait=False))
             say(f"  started {node.agency:<22} {NAMES[node.agency]}  on {node.endpoint} (mTLS)")
@@ -386,6 +422,7 @@ def run_scenario(
         "notice not delivered",
     )
     say("  ✓ ecology → police, procuratorate: major-incident notice (from the drop folder)")
+    penalty_records(nodes, clients)
     # Every inbound message must reach the receiving agency's local system.
     for agency in (ECOLOGY, POLICE, PROCURATORATE):  # the discipline commission has no plugin
         client = clients[agency]
@@ -394,6 +431,74 @@ def run_scenario(
             DELIVERY_SECONDS,
             f"{agency}: inbound messages not handed to the local system",
         )
+
+
+def penalty_records(nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]) -> None:
+    """Last quarter's penalty records appear in the bureau's enforcement system: the plugin
+    transfers the one over a crime threshold, shares the quarter with the procuratorate, and
+    the procuratorate's supervision finds the one the bureau decided not to transfer."""
+    today = datetime.now(UTC).date()
+    quarter_start = today.replace(month=(today.month - 1) // 3 * 3 + 1, day=1)
+    last_quarter = [quarter_start - timedelta(days=d) for d in (70, 50, 20)]
+    evidence = nodes[ECOLOGY].directory / "evidence" / "penalty-31"
+    evidence.mkdir(parents=True)
+    (evidence / "危废称重单.csv").write_text("批次,重量(吨)\n1,3.9\n2,2.6\n", encoding="utf-8")
+    records = [
+        (
+            "长环罚〔2026〕31号",
+            "某化工有限公司",
+            last_quarter[0],
+            "非法倾倒废酸等危险废物",
+            6.5,
+            "否",
+            "penalty-31/危废称重单.csv",
+            "",
+        ),
+        (
+            "长环罚〔2026〕47号",
+            "某五金加工厂",
+            last_quarter[1],
+            "通过暗管排放电镀废水",
+            None,
+            "是",
+            "",
+            "否",
+        ),
+        ("长环罚〔2026〕52号", "某洗车店", last_quarter[2], "未批先建", None, "否", "", ""),
+    ]
+    with sqlite3.connect(nodes[ECOLOGY].directory / "enforcement.db") as connection:
+        connection.executemany(
+            "INSERT INTO penalty_records (decision_no, party, decided_on, facts, hw_tonnes, "
+            "hidden_pipe, evidence, leader_decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(no, party, str(day), *rest) for no, party, day, *rest in records],
+        )
+    connection.close()
+    say("  … the bureau's enforcement system records 3 penalties of last quarter (SQLite)")
+    wait_until(
+        lambda: any(
+            i.family == "crime_transfer" and i.case_ref == "长环罚〔2026〕31号"
+            for i in clients[ECOLOGY].list_items("outbox", 50)
+        ),
+        DELIVERY_SECONDS,
+        "the penalty record over the hazardous-waste threshold was not transferred",
+    )
+    say("  ✓ ecology plugin: 31号 (6.5 t hazardous waste ≥ 3 t) → crime transfer to police,")
+    say("    with its weighing slip attached; 47号 not transferred (the leader decided 否)")
+
+    def untransferred() -> list[str]:
+        return [
+            f.case_id
+            for f in clients[PROCURATORATE].supervision_report()
+            if f.finding == "should_be_transferred"
+        ]
+
+    wait_until(
+        lambda: untransferred() == ["长环罚〔2026〕47号"],
+        DELIVERY_SECONDS,
+        "the procuratorate's supervision did not find the untransferred record",
+    )
+    say("  ✓ ecology → procuratorate: last quarter's penalty records shared (信息共享)")
+    say("  ✓ procuratorate: liandong report supervision finds 47号 (hidden pipe) 应移未移")
 
 
 def print_timeline(clients: dict[str, AdminClient]) -> None:

@@ -75,6 +75,11 @@ def agency_kind(agency_id: str) -> str:
     return validate_agency_id(agency_id).split("/")[1]
 
 
+def agency_region(agency_id: str) -> str:
+    """The region part of a validated agency id, e.g. '140400'."""
+    return validate_agency_id(agency_id).split("/")[0]
+
+
 def agency_slug(agency_id: str) -> str:
     """A file-name-safe form: '140400/ecology' -> '140400-ecology'."""
     return validate_agency_id(agency_id).replace("/", "-")

@@ -20,6 +20,7 @@ __all__ = [
     "DeliveryConfirmation",
     "Draft",
     "DraftRejected",
+    "HandOffWithheld",
     "InboundItem",
     "NodeAPI",
 ]
@@ -33,6 +34,16 @@ class DraftRejected(Exception):
     ``str(exc)`` names the offending field and says why (unknown recipient, body does not match
     the family's schema, attachment missing, ...) so a plugin can report it verbatim to the
     local system.
+    """
+
+
+class HandOffWithheld(Exception):
+    """Raised by ``liandong_hand_off`` when an item must not reach the local system at all —
+    typically one marked confidential for an adapter not cleared for that marking (002 §五(三)).
+
+    ``str(exc)`` says why. The node records the item as not handed off, writes the reason to
+    its audit log (``hand_off_withheld``) and does not offer it again; the item stays readable
+    with ``liandong show``, where only the node's own operators can see it.
     """
 
 

@@ -182,6 +182,7 @@ class Node:
             registry_grace=timedelta(seconds=config.registry_grace_seconds),
             limits=config.limits,
             deadlines=config.deadlines,
+            thresholds=config.supervision_thresholds,
         )
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(config.data_dir / "blobs")

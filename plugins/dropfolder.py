@@ -35,17 +35,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast, get_args
 
-from node.hookspecs import hookimpl
 from node.plugin_api import (
     Confidentiality,
     DeliveryConfirmation,
     Draft,
     DraftRejected,
     InboundItem,
-    NodeAPI,
 )
 
-__all__ = ["DraftOutcome", "DropFolder", "DropFolderPlugin", "draft_from_json"]
+__all__ = ["DraftError", "DraftOutcome", "DropFolder", "draft_from_json", "flat_draft"]
 
 _CONFIDENTIALITY: tuple[str, ...] = get_args(Confidentiality)
 _DRAFT_KEYS = frozenset(
@@ -205,23 +203,33 @@ def drafts_from_csv(text: str) -> Iterator[tuple[int, dict[str, Any] | DraftErro
         if None in row or any(value is None for value in row.values()):
             yield number, DraftError(f"has {len(columns)} columns in the header, not this many")
             continue
-        draft: dict[str, Any] = {"body": {}}
-        for column, value in row.items():
-            if column is None or value is None:  # ruled out above; for the type checker
-                continue
-            if column.startswith("body."):
-                name = column[len("body.") :]
-                items = [v.strip() for v in value.split(";") if v.strip()]
-                if name.endswith("[]"):
-                    if items:  # an empty cell leaves the field out, as for a string
-                        draft["body"][name[:-2]] = items
-                elif value != "":
-                    draft["body"][name] = value
-            elif column in ("to", "attachments"):
-                draft[column] = [v.strip() for v in value.split(";") if v.strip()]
+        yield number, flat_draft(row)
+
+
+def flat_draft(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A draft as a JSON draft file would hold it, from flat fields: a CSV row or a SQL row.
+
+    ``to`` and ``attachments`` hold ``;``-separated lists, ``body.<field>`` one body field,
+    ``body.<field>[]`` a ``;``-separated list; an empty or missing value leaves the field out.
+    """
+    draft: dict[str, Any] = {"body": {}}
+    for column, raw in row.items():
+        if raw is None:
+            continue
+        value = raw if isinstance(raw, str) else str(raw)
+        if column.startswith("body."):
+            name = column[len("body.") :]
+            items = [v.strip() for v in value.split(";") if v.strip()]
+            if name.endswith("[]"):
+                if items:  # an empty cell leaves the field out, as for a string
+                    draft["body"][name[:-2]] = items
             elif value != "":
-                draft[column] = value
-        yield number, draft
+                draft["body"][name] = value
+        elif column in ("to", "attachments"):
+            draft[column] = [v.strip() for v in value.split(";") if v.strip()]
+        elif value != "":
+            draft[column] = value
+    return draft
 
 
 def _optional_str(data: Mapping[str, Any], key: str) -> str:
@@ -558,64 +566,3 @@ def _sha256_file(path: Path) -> str:
         while chunk := fh.read(_COPY_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class DropFolderPlugin:
-    """The hook implementations shared by the built-in agency plugins.
-
-    An agency module binds them to its name, which selects its ``[plugins.<name>]`` table::
-
-        _plugin = DropFolderPlugin("police")
-        liandong_node_started = _plugin.liandong_node_started
-        ...
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._folders: dict[Path, DropFolder] = {}
-
-    def folder(self, api: NodeAPI) -> DropFolder:
-        configured = api.plugin_config(self.name).get("folder", "local")
-        if not isinstance(configured, str) or not configured:
-            raise ValueError(f"[plugins.{self.name}] folder: expected a non-empty path string")
-        root = api.data_dir / configured
-        folder = self._folders.get(root)
-        if folder is None:
-            folder = self._folders.setdefault(root, DropFolder(root))
-        return folder
-
-    @hookimpl
-    def liandong_node_started(self, api: NodeAPI) -> None:
-        folder = self.folder(api)
-        folder.ensure_folders()
-        api.log.info("drop folder ready", plugin=self.name, folder=str(folder.root))
-
-    @hookimpl
-    def liandong_poll_local_system(self, api: NodeAPI) -> None:
-        for outcome in self.folder(api).collect_drafts(api.submit):
-            if outcome.message_id is not None:
-                api.log.info(
-                    "draft submitted",
-                    plugin=self.name,
-                    file=str(outcome.path),
-                    message_id=outcome.message_id,
-                )
-            else:
-                api.log.warning(
-                    "draft not submitted",
-                    plugin=self.name,
-                    file=str(outcome.path),
-                    error=outcome.error,
-                )
-
-    @hookimpl
-    def liandong_hand_off(self, item: InboundItem, api: NodeAPI) -> str | None:
-        if api.agency not in item.recipients:
-            return None
-        return str(self.folder(api).write_inbound(item))
-
-    @hookimpl
-    def liandong_deliveries_confirmed(
-        self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
-    ) -> None:
-        self.folder(api).append_confirmations(confirmations)

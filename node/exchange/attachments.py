@@ -29,6 +29,10 @@ class BlobStore:
     def path_for(self, sha256_hex: str) -> Path:
         return self.root / sha256_hex
 
+    def read(self, sha256_hex: str) -> bytes:
+        """A stored blob whole (for small files: shared data, not evidence videos)."""
+        return self.path_for(sha256_hex).read_bytes()
+
     def has(self, sha256_hex: str) -> bool:
         return self.path_for(sha256_hex).exists()
 

@@ -9,6 +9,7 @@ from node.config import Limits
 from node.exchange.cases import CaseBook
 from node.exchange.deadlines import Deadlines
 from node.exchange.errors import ExchangeError, Reason
+from node.exchange.thresholds import LEGAL_THRESHOLDS, Threshold
 from node.federation import Registry
 from node.identity import SigningKey
 
@@ -21,6 +22,7 @@ class NodeContext:
     registry_grace: timedelta
     limits: Limits
     deadlines: Deadlines = field(default_factory=Deadlines)
+    thresholds: tuple[Threshold, ...] = LEGAL_THRESHOLDS  # for 应移未移 (node.exchange.supervision)
 
     def __post_init__(self) -> None:
         # The lifecycles and clocks of this node's cases, moved in the writer's units.

@@ -24,13 +24,14 @@ from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.exchange.attachments import BlobStore
 from node.exchange.messages import body_dict, body_type_of, confidentiality_label, family_of
-from node.plugin_api import AttachmentFile, Confidentiality, InboundItem
+from node.plugin_api import AttachmentFile, Confidentiality, HandOffWithheld, InboundItem
 from node.store.models import MESSAGES, MessageRecord
 from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
 
 NOT_TAKEN = ""  # handed_off value when no plugin took the message
+WITHHELD = "withheld: "  # handed_off prefix when a plugin refused it (HandOffWithheld)
 HAND_OFF_GROUP = 100  # messages handed to the plugins in one thread hop and one commit
 
 
@@ -159,6 +160,9 @@ class HandOffWorker:
                 break
             try:
                 outcomes.append((item, self.hand_off(item), None))
+            except HandOffWithheld as refusal:
+                # Final, not a failure: recorded and audited, never offered again.
+                outcomes.append((item, WITHHELD + (str(refusal) or "no reason given"), None))
             except Exception as error:  # a plugin's failure must not stop the node
                 outcomes.append((item, None, str(error)))
         return outcomes
@@ -189,7 +193,18 @@ class HandOffWorker:
             {"message_id": item.message_id, "direction": "in"},
             {"handed_off": reference if reference is not None else NOT_TAKEN},
         )
-        if reference is not None:
+        if reference is not None and reference.startswith(WITHHELD):
+            log.warning("hand-off withheld", message_id=item.message_id, reason=reference)
+            audit.append(
+                batch,
+                AuditEvent.HAND_OFF_WITHHELD,
+                node=self.agency,
+                at=datetime.now(UTC),
+                message_id=item.message_id,
+                envelope_sha256=item.envelope_sha256,
+                detail=reference.removeprefix(WITHHELD),
+            )
+        elif reference is not None:
             audit.append(
                 batch,
                 AuditEvent.HANDED_OFF,

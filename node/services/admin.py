@@ -404,7 +404,12 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
     ) -> admin_pb2.SupervisionReportResponse:
         async with domain_errors(context, "SupervisionReport"):
             findings = await asyncio.to_thread(
-                self._read, supervision_report, self.context.cases, datetime.now(UTC)
+                self._read,
+                supervision_report,
+                self.context.cases,
+                datetime.now(UTC),
+                self.outbox.blobs.read,
+                self.context.thresholds,
             )
             return admin_pb2.SupervisionReportResponse(
                 findings=[

@@ -1,24 +1,363 @@
 """Ecology bureau (生态环境局) plugin.
 
-Today it connects the bureau's case system through a drop folder (see
-:mod:`plugins.dropfolder`): drafts dropped in ``drafts/`` are submitted, inbound messages such
-as evidence requests and recommendations appear in ``inbound/``, receipts in ``receipts/``.
+The bureau's case system is reached through the shared adapters (:mod:`plugins.adapters`): a
+drop folder for drafts and inbound messages — evidence requests and recommendations arrive in
+``inbound/`` as tasks, the results go back as reply drafts — and SQL sources. On top of them,
+this plugin reads the bureau's **enforcement and penalty records** and acts on each:
 
-Planned workflow: read enforcement and penalty records, classify each against configurable
-thresholds from the judicial interpretation on pollution crimes (污染环境罪) — hazardous waste of
-3 t or more, heavy metals above 3x the standard, hidden pipes, protected zones, a third offence
-within two years, falsified monitoring data — into suspected crimes (crime transfers to the
-police) and litigation clues (to the procuratorate), attach the evidence, share quarterly
-penalty and monitoring data, and answer evidence requests.
+* it classifies the record against the crime thresholds (:mod:`node.exchange.thresholds`):
+  one that meets a crime threshold becomes a crime transfer (涉嫌犯罪案件移送) to the police,
+  copied to the procuratorate; one that damages the public interest becomes a litigation clue
+  (公益诉讼线索) to the procuratorate; the evidence files the record names go as attachments;
+  a record whose ``transfer_decision`` is ``no`` (the bureau's leader decided against it) is
+  not transferred — and the procuratorate's 应移未移 check will see it in the shared data;
+* it keeps the record for the quarterly data sharing (001 §七): once a quarter is over, the
+  quarter's records go to the procuratorate as a data-sharing notice with a JSON file
+  (``liandong.penalty-records/1``), and again as an addendum if late records arrive.
 
-Config: ``[plugins.ecology] folder = "local"`` (relative to the node's data directory).
+Config::
+
+    [plugins.ecology]
+    police = "140400/police"                 # default: this region's police
+    procuratorate = "140400/procuratorate"   # default: this region's procuratorate
+    share_with = ["140400/procuratorate"]    # default: [procuratorate]
+    evidence_dir = "evidence"                # record evidence paths resolve inside it
+
+    [plugins.ecology.records.penalties]      # a SQL source (plugins.sqlsource)
+    url = "postgresql+psycopg://reader@db.hb.local/enforcement"
+    query = "SELECT * FROM penalty_records WHERE id > :after ORDER BY id LIMIT 1000"
+    key = "id"
+    [plugins.ecology.records.penalties.columns]   # record field = column
+    record_id = "decision_no"
+    decided_on = "decided_on"
+    party = "party_name"
+    hazardous_waste_tonnes = "hw_tonnes"
+
+    [plugins.ecology.thresholds.hazardous_waste]  # change or switch off a threshold
+    at_least = 1
+
+A record's fields: ``record_id``, ``decided_on`` (YYYY-MM-DD) and ``party`` are required;
+``facts``, ``location``, ``penalty``, ``evidence`` (``;``-separated paths),
+``confidentiality``, ``approved_by``, ``approved_at``, ``transfer_letter_no``,
+``transfer_decision`` and the fields the thresholds read are optional; others are shared as
+they are.
 """
 
-from plugins.dropfolder import DropFolderPlugin
+from __future__ import annotations
 
-_plugin = DropFolderPlugin("ecology")
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
 
-liandong_node_started = _plugin.liandong_node_started
-liandong_poll_local_system = _plugin.liandong_poll_local_system
-liandong_hand_off = _plugin.liandong_hand_off
-liandong_deliveries_confirmed = _plugin.liandong_deliveries_confirmed
+from node.exchange.sharing import penalty_document
+from node.exchange.thresholds import (
+    Met,
+    Threshold,
+    ThresholdError,
+    actions_of,
+    classify,
+    thresholds_from_config,
+)
+from node.hookspecs import hookimpl
+from node.identity import agency_region
+from node.plugin_api import (
+    Confidentiality,
+    DeliveryConfirmation,
+    Draft,
+    DraftRejected,
+    InboundItem,
+    NodeAPI,
+)
+from plugins.adapters import MARKINGS, AgencyAdapters
+from plugins.sqlsource import RowError, SqlSource
+
+_NO = frozenset({"no", "n", "false", "否", "不移送"})
+
+_adapters = AgencyAdapters("ecology")
+
+
+@dataclass(frozen=True)
+class EcologySettings:
+    police: str
+    procuratorate: str
+    share_with: tuple[str, ...]
+    evidence_dir: Path
+    thresholds: tuple[Threshold, ...]
+
+
+def settings_of(api: NodeAPI) -> EcologySettings:
+    """The plugin's settings, with the defaults filled in; errors name the key."""
+    table = api.plugin_config("ecology")
+    region = agency_region(api.agency)
+    police = table.get("police", f"{region}/police")
+    procuratorate = table.get("procuratorate", f"{region}/procuratorate")
+    for key, value in (("police", police), ("procuratorate", procuratorate)):
+        if not isinstance(value, str) or "/" not in value:
+            raise ValueError(f"[plugins.ecology] {key}: expected an agency id, got {value!r}")
+    share_with = table.get("share_with", [procuratorate])
+    if not isinstance(share_with, list) or not all(isinstance(a, str) for a in share_with):
+        raise ValueError("[plugins.ecology] share_with: expected a list of agency ids")
+    evidence = table.get("evidence_dir", "evidence")
+    if not isinstance(evidence, str) or not evidence:
+        raise ValueError("[plugins.ecology] evidence_dir: expected a path")
+    try:
+        thresholds = thresholds_from_config(
+            table.get("thresholds"), where="[plugins.ecology.thresholds]"
+        )
+    except ThresholdError as error:
+        raise ValueError(str(error)) from None
+    return EcologySettings(
+        police=police,
+        procuratorate=procuratorate,
+        share_with=tuple(share_with),
+        evidence_dir=api.data_dir / evidence,
+        thresholds=thresholds,
+    )
+
+
+def quarter_of(day: date) -> str:
+    return f"{day.year}-Q{(day.month - 1) // 3 + 1}"
+
+
+def quarter_end(quarter: str) -> datetime:
+    """The first moment after ``quarter`` (``2026-Q3`` -> 2026-10-01T00:00Z)."""
+    year, q = int(quarter[:4]), int(quarter[-1])
+    return datetime(year + (q == 4), 1 if q == 4 else 3 * q + 1, 1, tzinfo=UTC)
+
+
+def check_record(record: Mapping[str, Any]) -> date:
+    """The record's decision date; a record without its required fields raises RowError."""
+    for key in ("record_id", "decided_on", "party"):
+        value = record.get(key)
+        if value is None or str(value).strip() == "":
+            raise RowError(f"field {key!r}: required")
+    try:
+        return date.fromisoformat(str(record["decided_on"])[:10])
+    except ValueError:
+        raise RowError(f"field 'decided_on': {record['decided_on']!r} is not a date") from None
+
+
+def evidence_files(record: Mapping[str, Any], folder: Path) -> tuple[Path, ...]:
+    raw = record.get("evidence") or ""
+    names = raw if isinstance(raw, list) else [p.strip() for p in str(raw).split(";")]
+    root = folder.resolve()
+    files: list[Path] = []
+    for name in filter(None, names):
+        path = (folder / name).resolve()
+        if not path.is_relative_to(root):
+            raise RowError(f"field 'evidence': {name!r} points outside the evidence folder")
+        if not path.is_file():
+            raise RowError(f"field 'evidence': file not found: {path}")
+        files.append(path)
+    return tuple(files)
+
+
+def drafts_for(record: Mapping[str, Any], settings: EcologySettings) -> list[Draft]:
+    """The transfers a record calls for: a crime transfer, a clue, both or none."""
+    try:
+        met = classify(record, settings.thresholds)
+    except ThresholdError as error:
+        raise RowError(str(error)) from None
+    grouped = actions_of(met)
+    if not grouped or str(record.get("transfer_decision", "")).strip().lower() in _NO:
+        return []
+    record_id = str(record["record_id"])
+    party = str(record["party"])
+    marking = str(record.get("confidentiality") or "internal")
+    if marking not in MARKINGS:
+        raise RowError(f"field 'confidentiality': {marking!r} is not one of {', '.join(MARKINGS)}")
+    attachments = evidence_files(record, settings.evidence_dir)
+    evidence = [m.describe() for m in met] + [f"证据材料：{p.name}" for p in attachments]
+
+    def draft(family: str, to: tuple[str, ...], body: dict[str, Any]) -> Draft:
+        return Draft(
+            family=family,
+            recipients=to,
+            body={k: v for k, v in body.items() if v not in ("", None, [])},
+            case_ref=record_id,
+            confidentiality=cast(Confidentiality, marking),
+            attachments=attachments,
+            source=f"ecology:record:{record_id}:{family}",
+        )
+
+    drafts: list[Draft] = []
+    crimes: list[Met] = grouped.get("crime_transfer", [])
+    if crimes:
+        drafts.append(
+            draft(
+                "crime_transfer",
+                (settings.police, settings.procuratorate),
+                {
+                    "title": f"涉嫌污染环境罪案件移送：{party}",
+                    "facts": str(record.get("facts") or ""),
+                    "suspect": party,
+                    "location": str(record.get("location") or ""),
+                    "suspected_offence": "污染环境罪",
+                    "transfer_letter_no": str(record.get("transfer_letter_no") or ""),
+                    "approved_by": str(record.get("approved_by") or ""),
+                    "approved_at": record.get("approved_at") or None,
+                    "evidence": evidence,
+                },
+            )
+        )
+    clues: list[Met] = grouped.get("clue", [])
+    if clues:
+        drafts.append(
+            draft(
+                "clue",
+                (settings.procuratorate,),
+                {
+                    "title": f"公益诉讼线索：{party}",
+                    "facts": str(record.get("facts") or ""),
+                    "subject": party,
+                    "location": str(record.get("location") or ""),
+                    "legal_basis": "；".join(m.threshold.basis for m in clues),
+                    "evidence": evidence,
+                },
+            )
+        )
+    return drafts
+
+
+class Ledger:
+    """The records picked up, one JSON-lines file per quarter, for the quarterly sharing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def add(self, quarter: str, record: Mapping[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(
+            {k: v for k, v in record.items() if not k.startswith("_")},
+            ensure_ascii=False,
+            sort_keys=True,
+            default=str,
+        )
+        with (self.folder / f"{quarter}.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def quarters(self) -> list[str]:
+        return sorted(p.stem for p in self.folder.glob("*.jsonl"))
+
+    def records(self, quarter: str) -> list[dict[str, Any]]:
+        """The quarter's records, one per record id (a record picked up again after a crash,
+        or corrected in the bureau's system, counts once, as last read)."""
+        by_id: dict[str, dict[str, Any]] = {}
+        path = self.folder / f"{quarter}.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_id[str(record["record_id"])] = record
+        return list(by_id.values())
+
+    def shared(self, quarter: str) -> int:
+        """How many records of ``quarter`` the last sharing carried (0: never shared)."""
+        try:
+            return int((self.folder / f"{quarter}.shared").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return 0
+
+    def mark_shared(self, quarter: str, count: int, message_id: str) -> None:
+        (self.folder / f"{quarter}.shared").write_text(f"{count} {message_id}\n")
+
+
+def ledger_of(api: NodeAPI) -> Ledger:
+    return Ledger(_adapters.state_dir(api) / "ledger")
+
+
+def take_record(api: NodeAPI, settings: EcologySettings, record: Mapping[str, Any]) -> None:
+    """Classify, transfer and keep one penalty record (idempotent: drafts carry a source)."""
+    decided_on = check_record(record)
+    for draft in drafts_for(record, settings):
+        try:
+            message_id = api.submit(draft)
+        except DraftRejected as error:
+            raise RowError(f"{draft.family} rejected by the node: {error}") from None
+        api.log.info(
+            "penalty record transferred",
+            record=str(record["record_id"]),
+            family=draft.family,
+            message_id=message_id,
+        )
+    ledger_of(api).add(quarter_of(decided_on), record)
+
+
+def share_quarters(api: NodeAPI, settings: EcologySettings, now: datetime) -> list[str]:
+    """Share every finished quarter not yet shared (or grown since); return the message ids."""
+    ledger = ledger_of(api)
+    sent: list[str] = []
+    for quarter in ledger.quarters():
+        if quarter_end(quarter) > now:
+            continue
+        records = ledger.records(quarter)
+        before = ledger.shared(quarter)
+        if len(records) <= before:
+            continue
+        document = penalty_document(api.agency, quarter, records)
+        folder = _adapters.state_dir(api) / "shared"
+        folder.mkdir(parents=True, exist_ok=True)
+        attachment = folder / f"penalty-records-{quarter}-{len(records)}.json"
+        attachment.write_text(json.dumps(document, ensure_ascii=False, indent=1) + "\n")
+        addendum = "（补充）" if before else ""
+        message_id = api.submit(
+            Draft(
+                family="notice",
+                recipients=settings.share_with,
+                body={
+                    "kind": "KIND_DATA_SHARING",
+                    "title": f"{quarter} 行政处罚信息和监测数据{addendum}",
+                    "text": f"{quarter}：行政处罚记录 {len(records)} 条，见附件。",
+                },
+                attachments=(attachment,),
+                source=f"ecology:share:{quarter}:{len(records)}",
+            )
+        )
+        ledger.mark_shared(quarter, len(records), message_id)
+        api.log.info("quarter shared", quarter=quarter, records=len(records), message_id=message_id)
+        sent.append(message_id)
+    return sent
+
+
+def record_sources(api: NodeAPI) -> list[SqlSource]:
+    return _adapters.sql_sources(api, "records")
+
+
+@hookimpl
+def liandong_node_started(api: NodeAPI) -> None:
+    _adapters.liandong_node_started(api)
+    settings = settings_of(api)
+    api.log.info(
+        "ecology ready",
+        records=[s.query.name for s in record_sources(api)],
+        police=settings.police,
+        procuratorate=settings.procuratorate,
+        thresholds=[t.name for t in settings.thresholds if t.enabled],
+    )
+
+
+@hookimpl
+def liandong_poll_local_system(api: NodeAPI) -> None:
+    _adapters.liandong_poll_local_system(api)
+    settings = settings_of(api)
+    for source in record_sources(api):
+        _adapters.report(api, source, source.pick_up(partial(take_record, api, settings)))
+    share_quarters(api, settings, datetime.now(UTC))
+
+
+@hookimpl
+def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
+    return _adapters.liandong_hand_off(item, api)
+
+
+@hookimpl
+def liandong_deliveries_confirmed(
+    confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
+) -> None:
+    _adapters.liandong_deliveries_confirmed(confirmations, api)

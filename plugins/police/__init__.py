@@ -1,19 +1,32 @@
 """Public security bureau (公安机关) plugin.
 
-Today it connects the police case system through a drop folder (see
-:mod:`plugins.dropfolder`): crime transfers and clues arrive in ``inbound/``, feedback drafts
-dropped in ``drafts/`` are submitted, receipts appear in ``receipts/``.
+The police case system is connected through the shared adapters (:mod:`plugins.adapters`):
+crime transfers and clues arrive in the drop folder's ``inbound/`` — the node has already
+signed the receipt (回执) and started the filing clock (3 days; 7 or 30 when the police mark
+the case as needing checks or major and complex) — and the case system's decisions come back
+as feedback drafts, from ``drafts/`` or straight from its database through a SQL source::
 
-Planned workflow: receipt each crime transfer as soon as it arrives, start and track the
-filing-decision clock, and send filing / no-filing (with reasons) / supplementary-investigation
-feedback and later case-status updates to the transferring agency and the procuratorate.
+    [plugins.police.sql.decisions]
+    url = "postgresql+psycopg://reader@db.police.local/cases"
+    query = "SELECT id, transfer_id, decision, reason FROM decisions WHERE id > :after ORDER BY id"
+    key = "id"
+    [plugins.police.sql.decisions.columns]
+    in_reply_to = "transfer_id"
+    "body.status" = "decision"      # filed | not_filed | returned | arrest_approved | ...
+    "body.text" = "reason"
+    [plugins.police.sql.decisions.fixed]
+    family = "reply"
+    body_type = "feedback"
+    to = "140400/ecology;140400/procuratorate"
 
-Config: ``[plugins.police] folder = "local"`` (relative to the node's data directory).
+Each decision moves the transfer's case on both sides (and the procuratorate's copy).
+
+Config: ``[plugins.police] folder = "local"``, ``cleared_for = "internal"``.
 """
 
-from plugins.dropfolder import DropFolderPlugin
+from plugins.adapters import AgencyAdapters
 
-_plugin = DropFolderPlugin("police")
+_plugin = AgencyAdapters("police")
 
 liandong_node_started = _plugin.liandong_node_started
 liandong_poll_local_system = _plugin.liandong_poll_local_system

@@ -1,19 +1,22 @@
 """People's procuratorate (人民检察院) plugin.
 
-Today it connects the procuratorate's case system through a drop folder (see
-:mod:`plugins.dropfolder`): clues and feedback arrive in ``inbound/``, evidence requests and
-recommendations dropped in ``drafts/`` are submitted, receipts appear in ``receipts/``.
+The procuratorate's case system is connected through the shared adapters
+(:mod:`plugins.adapters`): litigation clues, crime-transfer copies, feedback and shared
+penalty data arrive in the drop folder's ``inbound/`` (a clue registered there is the case
+system's task; the node itself starts its one-month feedback clock), evidence requests and
+procuratorial recommendations come from ``drafts/`` or a SQL source (``[plugins.procuratorate.
+sql.NAME]``), and the replies they get move their cases and clocks in the node.
 
-Planned workflow: start the one-month clock when a litigation clue arrives and track the
-feedback owed on it, issue evidence requests and procuratorial recommendations and follow their
-replies, and report cases that should have been transferred or filed but were not.
+Filing supervision (立案监督) is the node's, not the plugin's: ``liandong report supervision``
+lists 应立未立 from the transfer copies and 应移未移 from the shared penalty data, with the
+thresholds of ``[supervision.thresholds]``.
 
-Config: ``[plugins.procuratorate] folder = "local"`` (relative to the node's data directory).
+Config: ``[plugins.procuratorate] folder = "local"``, ``cleared_for = "internal"``.
 """
 
-from plugins.dropfolder import DropFolderPlugin
+from plugins.adapters import AgencyAdapters
 
-_plugin = DropFolderPlugin("procuratorate")
+_plugin = AgencyAdapters("procuratorate")
 
 liandong_node_started = _plugin.liandong_node_started
 liandong_poll_local_system = _plugin.liandong_poll_local_system

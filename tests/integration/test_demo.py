@@ -35,3 +35,8 @@ def test_the_demo_runs_the_scenario_and_verifies_the_audit_trail(tmp_path: Path)
     assert "escalated  recommendation.reply_urgent  responsible ecology  late by" in out
     assert "procuratorate → ecology      recommendation    replied" in out
     assert "督办 escalation" in out and "催办 reminder" in out
+    # The bureau's enforcement system: the record over a threshold transferred by the plugin,
+    # the quarter shared, and the one decided against found by the procuratorate (应移未移).
+    assert "ecology plugin: 31号 (6.5 t hazardous waste ≥ 3 t) → crime transfer" in out
+    assert "procuratorate: liandong report supervision finds 47号 (hidden pipe) 应移未移" in out
+    assert "ecology → police             crime_transfer    received       涉嫌污染环境罪" in out

@@ -15,9 +15,11 @@ import structlog
 
 from node.plugin_api import (
     AttachmentFile,
+    Confidentiality,
     DeliveryConfirmation,
     Draft,
     DraftRejected,
+    HandOffWithheld,
     InboundItem,
 )
 from plugins import police
@@ -84,7 +86,9 @@ def make_attachment(tmp_path: Path, name: str, data: bytes) -> AttachmentFile:
 
 
 def make_item(
-    attachments: tuple[AttachmentFile, ...] = (), recipients: tuple[str, ...] = ("police.sz",)
+    attachments: tuple[AttachmentFile, ...] = (),
+    recipients: tuple[str, ...] = ("police.sz",),
+    confidentiality: Confidentiality = "confidential",
 ) -> InboundItem:
     return InboundItem(
         message_id="01J9Z3K6N2",
@@ -96,7 +100,7 @@ def make_item(
         received_at=NOW.replace(tzinfo=None),
         case_ref="深环罚〔2025〕12号",
         in_reply_to="",
-        confidentiality="confidential",
+        confidentiality=confidentiality,
         body={"title": "非法倾倒危险废物", "facts": "5 t"},
         attachments=attachments,
         envelope_sha256="ab" * 32,
@@ -458,8 +462,17 @@ def test_police_plugin_hooks_use_the_configured_folder(tmp_path: Path) -> None:
     police.liandong_poll_local_system(api)
     assert [d.family for d in api.submitter.calls] == ["clue"]
 
-    assert police.liandong_hand_off(make_item(), api) == str(root / "inbound" / "01J9Z3K6N2.json")
+    # make_item() is marked confidential: the adapter is cleared for internal by default.
+    with pytest.raises(HandOffWithheld, match=r"marked confidential; .* cleared for internal"):
+        police.liandong_hand_off(make_item(), api)
+    assert not (root / "inbound" / "01J9Z3K6N2.json").exists()
+    internal = make_item(confidentiality="internal")
+    assert police.liandong_hand_off(internal, api) == str(root / "inbound" / "01J9Z3K6N2.json")
     assert police.liandong_hand_off(make_item(recipients=("ecology.sz",)), api) is None
+    cleared = FakeAPI(tmp_path, {"folder": "case-system", "cleared_for": "confidential"})
+    assert police.liandong_hand_off(make_item(), cleared) == str(
+        root / "inbound" / "01J9Z3K6N2.json"
+    )
 
     police.liandong_deliveries_confirmed(
         [DeliveryConfirmation("m1", "ecology.sz", NOW, "00" * 32, 1)], api
@@ -471,6 +484,11 @@ def test_police_plugin_hooks_use_the_configured_folder(tmp_path: Path) -> None:
 def test_plugin_folder_must_be_a_string(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\[plugins.police\] folder"):
         police.liandong_node_started(FakeAPI(tmp_path, {"folder": 3}))
+
+
+def test_an_unknown_clearance_stops_the_plugin_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"cleared_for: 'secret' is not one of public, internal"):
+        police.liandong_node_started(FakeAPI(tmp_path, {"cleared_for": "secret"}))
 
 
 def test_attachment_names_never_collide(tmp_path: Path) -> None:

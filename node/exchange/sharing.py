@@ -1,0 +1,52 @@
+"""Quarterly data sharing (信息共享, 001 §七): the penalty records an agency shares with the
+procuratorate, as a JSON file attached to a data-sharing notice.
+
+One module writes and reads the format, so the bureau's plugin and the procuratorate's
+应移未移 check cannot drift apart::
+
+    {"format": "liandong.penalty-records/1", "agency": "140400/ecology",
+     "quarter": "2026-Q3", "records": [{"record_id": ..., "decided_on": ..., ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+PENALTY_RECORDS_FORMAT = "liandong.penalty-records/1"
+
+
+class SharedDataError(ValueError):
+    """A shared data file that cannot be read; the message says where."""
+
+
+def penalty_document(
+    agency: str, quarter: str, records: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "format": PENALTY_RECORDS_FORMAT,
+        "agency": agency,
+        "quarter": quarter,
+        "records": sorted((dict(r) for r in records), key=lambda r: str(r["record_id"])),
+    }
+
+
+def read_penalty_document(data: bytes) -> tuple[str, list[dict[str, Any]]] | None:
+    """(quarter, records) of a penalty-records file; ``None`` for a file of another kind.
+
+    :raises SharedDataError: it claims the format but does not hold it.
+    """
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(document, dict) or document.get("format") != PENALTY_RECORDS_FORMAT:
+        return None
+    records = document.get("records")
+    if not isinstance(records, list):
+        raise SharedDataError("'records' is not a list")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not str(record.get("record_id") or "").strip():
+            raise SharedDataError(f"records[{i}] has no record_id")
+    return str(document.get("quarter", "")), records

@@ -1,0 +1,191 @@
+"""The adapters every built-in agency plugin has: a drop folder, SQL sources, a clearance.
+
+An agency module binds them to its name, which selects its ``[plugins.<name>]`` table::
+
+    _adapters = AgencyAdapters("police")
+    liandong_node_started = _adapters.liandong_node_started
+    ...
+
+Config (all optional)::
+
+    [plugins.police]
+    folder = "local"            # the drop folder (plugins.dropfolder), under the data directory
+    cleared_for = "internal"    # the highest marking the local system may receive
+
+    [plugins.police.sql.decisions]   # outbound drafts from SQL rows (plugins.sqlsource)
+    ...
+
+Rows of a SQL source become drafts the way CSV rows do (:func:`plugins.dropfolder.flat_draft`):
+their output fields are ``family``, ``to``, ``body_type``, ``case_ref``, ``in_reply_to``,
+``confidentiality``, ``attachments`` (relative to the drop folder) and ``body.<field>``.
+
+Confidentiality (002 §五(三)): an inbound item marked above ``cleared_for`` is not written to
+the local system; the node audits it as withheld and keeps it for ``liandong show``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, get_args
+
+from node.hookspecs import hookimpl
+from node.plugin_api import (
+    Confidentiality,
+    DeliveryConfirmation,
+    DraftRejected,
+    HandOffWithheld,
+    InboundItem,
+    NodeAPI,
+)
+from plugins.dropfolder import DraftError, DropFolder, draft_from_json, flat_draft
+from plugins.sqlsource import PickUp, RowError, SqlConfigError, SqlQuery, SqlSource
+
+__all__ = ["MARKINGS", "AgencyAdapters", "cleared"]
+
+MARKINGS: tuple[str, ...] = get_args(Confidentiality)  # from least to most restricted
+_DRAFT_FIELDS = frozenset(
+    {"family", "to", "body_type", "case_ref", "in_reply_to", "confidentiality", "attachments"}
+)
+
+
+def cleared(marking: str, clearance: str) -> bool:
+    """Whether a local system cleared for ``clearance`` may receive an item marked ``marking``."""
+    return MARKINGS.index(marking) <= MARKINGS.index(clearance)
+
+
+class AgencyAdapters:
+    """The hook implementations shared by the built-in agency plugins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._folders: dict[Path, DropFolder] = {}
+        self._sources: dict[Path, list[SqlSource]] = {}
+
+    def settings(self, api: NodeAPI) -> Mapping[str, Any]:
+        return api.plugin_config(self.name)
+
+    def folder(self, api: NodeAPI) -> DropFolder:
+        configured = self.settings(api).get("folder", "local")
+        if not isinstance(configured, str) or not configured:
+            raise ValueError(f"[plugins.{self.name}] folder: expected a non-empty path string")
+        root = api.data_dir / configured
+        folder = self._folders.get(root)
+        if folder is None:
+            folder = self._folders.setdefault(root, DropFolder(root))
+        return folder
+
+    def clearance(self, api: NodeAPI) -> str:
+        value = self.settings(api).get("cleared_for", "internal")
+        if value not in MARKINGS:
+            raise ValueError(
+                f"[plugins.{self.name}] cleared_for: {value!r} is not one of {', '.join(MARKINGS)}"
+            )
+        return str(value)
+
+    def state_dir(self, api: NodeAPI) -> Path:
+        """Where the plugin keeps what it remembers (SQL cursors, failed rows)."""
+        return api.data_dir / "plugins" / self.name
+
+    def sql_sources(self, api: NodeAPI, table: str = "sql") -> list[SqlSource]:
+        """The SQL sources configured under ``[plugins.<name>.<table>.*]``."""
+        state = self.state_dir(api) / table
+        sources = self._sources.get(state)
+        if sources is None:
+            configured = self.settings(api).get(table, {})
+            if not isinstance(configured, Mapping):
+                raise SqlConfigError(f"[plugins.{self.name}.{table}]: expected tables of sources")
+            sources = []
+            for name, settings in configured.items():
+                query = SqlQuery.from_config(self.name, name, settings, table)
+                outputs = {*query.columns, *query.fixed}
+                bad = sorted(o for o in outputs if o not in _DRAFT_FIELDS and "." not in o)
+                if table == "sql" and bad:
+                    raise SqlConfigError(
+                        f"{query.where}: {', '.join(bad)} is not a draft field; use "
+                        f"{', '.join(sorted(_DRAFT_FIELDS))} or body.<field>"
+                    )
+                sources.append(SqlSource(query, state))
+            self._sources[state] = sources
+        return sources
+
+    def submit_row(self, api: NodeAPI, source: SqlSource, record: Mapping[str, Any]) -> str:
+        """Submit one SQL row as a draft; a row that is not a valid draft raises RowError."""
+        fields = flat_draft({k: v for k, v in record.items() if not k.startswith("_")})
+        root = self.folder(api).root
+        try:
+            draft = draft_from_json(
+                fields,
+                base_dir=root,
+                root=root,
+                source=f"sql:{self.name}:{source.query.name}:{record['_key']}",
+            )
+        except DraftError as error:
+            raise RowError(str(error)) from None
+        try:
+            return api.submit(draft)
+        except DraftRejected as error:
+            raise RowError(f"rejected by the node: {error}") from None
+
+    @hookimpl
+    def liandong_node_started(self, api: NodeAPI) -> None:
+        folder = self.folder(api)
+        folder.ensure_folders()
+        self.clearance(api)  # a wrong marking name fails here, at start, not at the first item
+        sources = self.sql_sources(api)
+        api.log.info(
+            "local system adapters ready",
+            plugin=self.name,
+            folder=str(folder.root),
+            sql=[s.query.name for s in sources],
+            cleared_for=self.clearance(api),
+        )
+
+    @hookimpl
+    def liandong_poll_local_system(self, api: NodeAPI) -> None:
+        for outcome in self.folder(api).collect_drafts(api.submit):
+            if outcome.message_id is not None:
+                api.log.info(
+                    "draft submitted",
+                    plugin=self.name,
+                    file=str(outcome.path),
+                    message_id=outcome.message_id,
+                )
+            else:
+                api.log.warning(
+                    "draft not submitted",
+                    plugin=self.name,
+                    file=str(outcome.path),
+                    error=outcome.error,
+                )
+        for source in self.sql_sources(api):
+            self.report(api, source, source.pick_up(partial(self.submit_row, api, source)))
+
+    def report(self, api: NodeAPI, source: SqlSource, picked: PickUp) -> None:
+        for problem in picked.failed:
+            api.log.warning("row not submitted", plugin=self.name, error=problem)
+        if picked.error:
+            api.log.warning("SQL source not read", plugin=self.name, error=picked.error)
+        elif picked.handled:
+            api.log.info(
+                "rows submitted", plugin=self.name, source=source.query.name, rows=picked.handled
+            )
+
+    @hookimpl
+    def liandong_hand_off(self, item: InboundItem, api: NodeAPI) -> str | None:
+        if api.agency not in item.recipients:
+            return None
+        clearance = self.clearance(api)
+        if not cleared(item.confidentiality, clearance):
+            raise HandOffWithheld(
+                f"marked {item.confidentiality}; the {self.name} adapter is cleared for "
+                f"{clearance} ([plugins.{self.name}] cleared_for)"
+            )
+        return str(self.folder(api).write_inbound(item))
+
+    @hookimpl
+    def liandong_deliveries_confirmed(
+        self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
+    ) -> None:
+        self.folder(api).append_confirmations(confirmations)

@@ -1,0 +1,275 @@
+"""The SQL adapter: rows read from an agency's own database with a configured query.
+
+The node never writes to the agency's database: SQLite connections are switched to
+``query_only`` and PostgreSQL transactions are opened read-only, so a query that tries to
+change something fails instead (for other databases, give the node a read-only account).
+What has been picked up is remembered in the plugin's own state, not in the agency's tables:
+a cursor on a key column that only grows (an id, an insertion time), kept in
+``<data_dir>/plugins/<plugin>/<source>.cursor.json`` and moved past each row once the row is
+handled. Rows that cannot be handled are logged in ``<source>.failed.jsonl`` beside it, with
+the key and the field, and skipped: a bad row never blocks the rows behind it.
+
+A source is a table of the plugin's config::
+
+    [plugins.police.sql.decisions]
+    url = "postgresql+psycopg://reader@db.police.local/cases"   # any SQLAlchemy URL
+    query = "SELECT id, transfer_id, decision, reason FROM decisions WHERE id > :after ORDER BY id"
+    key = "id"             # the column the cursor follows; the query must order by it
+    start_after = 0        # the cursor before the first row (default 0)
+    [plugins.police.sql.decisions.columns]   # output field = query column
+    in_reply_to = "transfer_id"
+    "body.status" = "decision"
+    "body.text" = "reason"
+    [plugins.police.sql.decisions.fixed]     # output field = constant
+    family = "reply"
+    body_type = "feedback"
+
+The query gets the cursor as ``:after`` and should return at most a few thousand rows per
+call (a ``LIMIT``); the adapter asks again on the next poll.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+__all__ = ["PickUp", "RowError", "SqlConfigError", "SqlQuery", "SqlSource"]
+
+_KEYS = frozenset({"url", "query", "key", "start_after", "columns", "fixed"})
+
+
+class SqlConfigError(ValueError):
+    """A source's config cannot work; the message names the table and key."""
+
+
+class RowError(ValueError):
+    """A row cannot be handled; the message names the field. The row is skipped and logged."""
+
+
+@dataclass(frozen=True)
+class SqlQuery:
+    """One configured source: where to read, what, and how the columns map."""
+
+    plugin: str
+    name: str
+    url: str
+    query: str
+    key: str
+    start_after: Any = 0
+    columns: Mapping[str, str] = field(default_factory=dict)
+    """Output field -> query column; empty: every column under its own name."""
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    table: str = "sql"
+    """The plugin's config table the source is in (``[plugins.<plugin>.<table>.<name>]``)."""
+
+    @property
+    def where(self) -> str:
+        return f"[plugins.{self.plugin}.{self.table}.{self.name}]"
+
+    @classmethod
+    def from_config(cls, plugin: str, name: str, settings: Any, table: str = "sql") -> SqlQuery:
+        where = f"[plugins.{plugin}.{table}.{name}]"
+        if not isinstance(settings, Mapping):
+            raise SqlConfigError(f"{where}: expected a table with url, query and key")
+        unknown = sorted(set(settings) - _KEYS)
+        if unknown:
+            raise SqlConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KEYS))}"
+            )
+        for key in ("url", "query", "key"):
+            if not isinstance(settings.get(key), str) or not settings[key].strip():
+                raise SqlConfigError(f"{where} {key}: required, a non-empty string")
+        try:
+            make_url(settings["url"])
+        except ArgumentError as error:
+            raise SqlConfigError(f"{where} url: {error}") from None
+        if ":after" not in settings["query"]:
+            raise SqlConfigError(
+                f"{where} query: must use the cursor as :after (e.g. WHERE id > :after "
+                "ORDER BY id), or every poll would read the same rows again"
+            )
+        for mapping in ("columns", "fixed"):
+            if not isinstance(settings.get(mapping, {}), Mapping):
+                raise SqlConfigError(f"{where} {mapping}: expected a table")
+        columns = settings.get("columns", {})
+        bad = [k for k, v in columns.items() if not isinstance(v, str) or not v]
+        if bad:
+            raise SqlConfigError(f"{where}.columns {bad[0]}: expected a column name")
+        return cls(
+            plugin=plugin,
+            name=name,
+            url=settings["url"],
+            query=settings["query"],
+            key=settings["key"],
+            start_after=settings.get("start_after", 0),
+            columns=dict(columns),
+            fixed=dict(settings.get("fixed", {})),
+            table=table,
+        )
+
+
+@dataclass(frozen=True)
+class PickUp:
+    """What one call of :meth:`SqlSource.pick_up` did."""
+
+    handled: int = 0
+    failed: tuple[str, ...] = ()
+    """One line per skipped row: its key and what was wrong."""
+    error: str | None = None
+    """Set when the database could not be read; nothing moved, the next poll tries again."""
+
+
+def _plain(value: Any) -> Any:
+    """A column value as the rest of the node takes it: text, numbers, ISO dates."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)  # the agency's system keeps UTC, as the node does
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, bytes | memoryview):
+        raise RowError("holds binary data, which no field takes")
+    return value
+
+
+def _read_only(engine: Engine) -> Engine:
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _query_only(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.execute("PRAGMA query_only = ON")
+
+        return engine
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(postgresql_readonly=True)
+    return engine
+
+
+class SqlSource:
+    """One source with its remembered cursor. Not thread-safe; the node polls one at a time."""
+
+    def __init__(self, query: SqlQuery, state_dir: Path, batch: int = 1000) -> None:
+        self.query = query
+        self.state_dir = state_dir
+        self.batch = batch
+        self.cursor_path = state_dir / f"{query.name}.cursor.json"
+        self.failed_path = state_dir / f"{query.name}.failed.jsonl"
+        self._engine: Engine | None = None
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    @property
+    def after(self) -> Any:
+        try:
+            return json.loads(self.cursor_path.read_text(encoding="utf-8"))["after"]
+        except FileNotFoundError:
+            return self.query.start_after
+
+    def _remember(self, after: Any) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cursor_path.with_name(f".{self.cursor_path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump({"after": after, "at": datetime.now(UTC).isoformat()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.cursor_path)
+
+    def _log_failure(self, key: Any, problem: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        line = {"key": key, "error": problem, "at": datetime.now(UTC).isoformat()}
+        with self.failed_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _engine_for(self) -> Engine:
+        if self._engine is None:
+            self._engine = _read_only(create_engine(self.query.url, pool_pre_ping=True))
+        return self._engine
+
+    def fetch(self) -> list[dict[str, Any]]:
+        """The next rows after the cursor, mapped to output fields (``_key`` holds the key).
+
+        :raises SQLAlchemyError: the database could not be read.
+        :raises SqlConfigError: the query does not return the mapped columns.
+        """
+        with self._engine_for().connect() as connection:
+            result = connection.execute(text(self.query.query), {"after": self.after})
+            names = list(result.keys())
+            rows = result.fetchmany(self.batch)
+        columns = dict(self.query.columns) or {name: name for name in names}
+        missing = sorted({c for c in (*columns.values(), self.query.key) if c not in names})
+        if missing:
+            raise SqlConfigError(
+                f"{self.query.where}: the query returns no column(s) {', '.join(missing)}; "
+                f"it returns {', '.join(names)}"
+            )
+        mapped: list[dict[str, Any]] = []
+        for row in rows:
+            values = dict(zip(names, row, strict=True))
+            record: dict[str, Any] = {"_key": _plain(values[self.query.key])}
+            for out, column in columns.items():
+                try:
+                    record[out] = _plain(values[column])
+                except RowError as error:
+                    record.setdefault("_errors", []).append(f"column {column!r} {error}")
+            record.update(self.query.fixed)
+            mapped.append(record)
+        return mapped
+
+    def pick_up(self, handle: Callable[[dict[str, Any]], object]) -> PickUp:
+        """Hand each new row to ``handle`` in key order, moving the cursor past it.
+
+        ``handle`` raising :class:`RowError` skips the row (logged in the failed file);
+        any other exception stops here with the cursor before that row, to retry it on the
+        next call. The cursor is saved once per call, so after a crash rows may be handed
+        over again: ``handle`` must be idempotent (a draft with a ``source`` is).
+        """
+        try:
+            rows = self.fetch()
+        except SqlConfigError as error:
+            return PickUp(error=str(error))
+        except SQLAlchemyError as error:
+            first = str(error).splitlines()[0]
+            shown = make_url(self.query.url).render_as_string(hide_password=True)
+            return PickUp(error=f"{self.query.where} {shown}: {type(error).__name__}: {first}")
+        handled = 0
+        failed: list[str] = []
+        last: Any = None
+        try:
+            for record in rows:
+                key = record["_key"]
+                try:
+                    if record.get("_errors"):
+                        raise RowError("; ".join(record["_errors"]))
+                    handle(record)
+                    handled += 1
+                except RowError as error:
+                    problem = f"{self.query.where} row {self.query.key}={key}: {error}"
+                    self._log_failure(key, problem)
+                    failed.append(problem)
+                last = key
+        except Exception as error:  # not the row's fault (the node is busy): retry it later
+            where = f"{self.query.where} row {self.query.key}={record['_key']}"
+            return PickUp(handled, tuple(failed), f"{where}: will retry: {error}")
+        finally:
+            # Once per call, not per row: a row handled again after a crash is harmless
+            # (handle is idempotent), an fsync per row is not.
+            if last is not None:
+                self._remember(last)
+        return PickUp(handled=handled, failed=tuple(failed))
