@@ -100,7 +100,9 @@ class AgencyAdapters:
             for name, settings in configured.items():
                 query = SqlQuery.from_config(self.name, name, settings, table)
                 outputs = {*query.columns, *query.fixed}
-                bad = sorted(o for o in outputs if o not in _DRAFT_FIELDS and "." not in o)
+                bad = sorted(
+                    o for o in outputs if o not in _DRAFT_FIELDS and not o.startswith("body.")
+                )
                 if table == "sql" and bad:
                     raise SqlConfigError(
                         f"{query.where}: {', '.join(bad)} is not a draft field; use "

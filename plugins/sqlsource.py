@@ -31,7 +31,9 @@ call (a ``LIMIT``); the adapter asks again on the next poll.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -46,10 +48,15 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 __all__ = ["PickUp", "RowError", "SqlConfigError", "SqlQuery", "SqlSource"]
 
 _KEYS = frozenset({"url", "query", "key", "start_after", "columns", "fixed"})
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class SqlConfigError(ValueError):
     """A source's config cannot work; the message names the table and key."""
+
+
+class CursorError(ValueError):
+    """The remembered cursor cannot be read; the message names the file."""
 
 
 class RowError(ValueError):
@@ -79,6 +86,8 @@ class SqlQuery:
     @classmethod
     def from_config(cls, plugin: str, name: str, settings: Any, table: str = "sql") -> SqlQuery:
         where = f"[plugins.{plugin}.{table}.{name}]"
+        if not _NAME.fullmatch(name):
+            raise SqlConfigError(f"{where}: a source name is letters, digits, '_' and '-'")
         if not isinstance(settings, Mapping):
             raise SqlConfigError(f"{where}: expected a table with url, query and key")
         unknown = sorted(set(settings) - _KEYS)
@@ -113,9 +122,17 @@ class SqlQuery:
             key=settings["key"],
             start_after=settings.get("start_after", 0),
             columns=dict(columns),
-            fixed=dict(settings.get("fixed", {})),
+            fixed={k: _fixed(where, k, v) for k, v in settings.get("fixed", {}).items()},
             table=table,
         )
+
+
+def _fixed(where: str, field: str, value: Any) -> Any:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ";".join(value)  # a list field (to = ["a", "b"]) as a row would hold it
+    if isinstance(value, str | int | float | bool):
+        return value
+    raise SqlConfigError(f"{where}.fixed {field}: expected text, a number or a list of text")
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,8 @@ class PickUp:
     """One line per skipped row: its key and what was wrong."""
     error: str | None = None
     """Set when the database could not be read; nothing moved, the next poll tries again."""
+    read: int = 0
+    """Rows the query returned; as many as the batch size means more are waiting."""
 
 
 def _plain(value: Any) -> Any:
@@ -138,7 +157,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise RowError(f"holds {value}, not a number")
         return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RowError(f"holds {value}, not a number")
     if isinstance(value, bytes | memoryview):
         raise RowError("holds binary data, which no field takes")
     return value
@@ -179,6 +202,12 @@ class SqlSource:
             return json.loads(self.cursor_path.read_text(encoding="utf-8"))["after"]
         except FileNotFoundError:
             return self.query.start_after
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CursorError(
+                f"{self.query.where}: the cursor file {self.cursor_path} cannot be read "
+                f'({error}); put the last key handled in it as {{"after": KEY}}, or remove it '
+                "to start from start_after again"
+            ) from None
 
     def _remember(self, after: Any) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -202,8 +231,8 @@ class SqlSource:
             self._engine = _read_only(create_engine(self.query.url, pool_pre_ping=True))
         return self._engine
 
-    def fetch(self) -> list[dict[str, Any]]:
-        """The next rows after the cursor, mapped to output fields (``_key`` holds the key).
+    def fetch(self) -> tuple[list[str], list[Any]]:
+        """The next rows after the cursor: (column names, rows).
 
         :raises SQLAlchemyError: the database could not be read.
         :raises SqlConfigError: the query does not return the mapped columns.
@@ -211,26 +240,32 @@ class SqlSource:
         with self._engine_for().connect() as connection:
             result = connection.execute(text(self.query.query), {"after": self.after})
             names = list(result.keys())
-            rows = result.fetchmany(self.batch)
-        columns = dict(self.query.columns) or {name: name for name in names}
-        missing = sorted({c for c in (*columns.values(), self.query.key) if c not in names})
+            rows = list(result.fetchmany(self.batch))
+        wanted = (*self.query.columns.values(), self.query.key)
+        missing = sorted({c for c in wanted if c not in names})
         if missing:
             raise SqlConfigError(
                 f"{self.query.where}: the query returns no column(s) {', '.join(missing)}; "
                 f"it returns {', '.join(names)}"
             )
-        mapped: list[dict[str, Any]] = []
-        for row in rows:
-            values = dict(zip(names, row, strict=True))
-            record: dict[str, Any] = {"_key": _plain(values[self.query.key])}
-            for out, column in columns.items():
-                try:
-                    record[out] = _plain(values[column])
-                except RowError as error:
-                    record.setdefault("_errors", []).append(f"column {column!r} {error}")
-            record.update(self.query.fixed)
-            mapped.append(record)
-        return mapped
+        return names, rows
+
+    def _record(self, names: list[str], row: Any) -> dict[str, Any]:
+        """One row under its output field names (``_key`` holds the key).
+
+        :raises RowError: a value no field can take.
+        """
+        values = dict(zip(names, row, strict=True))
+        # Without a mapping every column is an output, except the key: it is the cursor's.
+        columns = dict(self.query.columns) or {n: n for n in names if n != self.query.key}
+        record: dict[str, Any] = {}
+        for out, column in columns.items():
+            try:
+                record[out] = _plain(values[column])
+            except (RowError, ValueError, OverflowError) as error:
+                raise RowError(f"column {column!r}: {error}") from None
+        record.update(self.query.fixed)
+        return record
 
     def pick_up(self, handle: Callable[[dict[str, Any]], object]) -> PickUp:
         """Hand each new row to ``handle`` in key order, moving the cursor past it.
@@ -241,8 +276,8 @@ class SqlSource:
         over again: ``handle`` must be idempotent (a draft with a ``source`` is).
         """
         try:
-            rows = self.fetch()
-        except SqlConfigError as error:
+            names, rows = self.fetch()
+        except (SqlConfigError, CursorError) as error:
             return PickUp(error=str(error))
         except SQLAlchemyError as error:
             first = str(error).splitlines()[0]
@@ -251,13 +286,19 @@ class SqlSource:
         handled = 0
         failed: list[str] = []
         last: Any = None
+        key: Any = None
         try:
-            for record in rows:
-                key = record["_key"]
+            for row in rows:
+                key = row[names.index(self.query.key)]
+                if not isinstance(key, int | str | date | float | Decimal):
+                    # The cursor cannot pass it: stop the source, it is the config's fault.
+                    raise SqlConfigError(
+                        f"{self.query.where} key: column {self.query.key!r} holds "
+                        f"{type(key).__name__}; the cursor needs a number, text or time"
+                    )
+                key = _plain(key)
                 try:
-                    if record.get("_errors"):
-                        raise RowError("; ".join(record["_errors"]))
-                    handle(record)
+                    handle({"_key": key, **self._record(names, row)})
                     handled += 1
                 except RowError as error:
                     problem = f"{self.query.where} row {self.query.key}={key}: {error}"
@@ -265,11 +306,11 @@ class SqlSource:
                     failed.append(problem)
                 last = key
         except Exception as error:  # not the row's fault (the node is busy): retry it later
-            where = f"{self.query.where} row {self.query.key}={record['_key']}"
-            return PickUp(handled, tuple(failed), f"{where}: will retry: {error}")
+            where = f"{self.query.where} row {self.query.key}={key}"
+            return PickUp(handled, tuple(failed), f"{where}: will retry: {error}", len(rows))
         finally:
             # Once per call, not per row: a row handled again after a crash is harmless
             # (handle is idempotent), an fsync per row is not.
             if last is not None:
                 self._remember(last)
-        return PickUp(handled=handled, failed=tuple(failed))
+        return PickUp(handled=handled, failed=tuple(failed), read=len(rows))

@@ -39,8 +39,10 @@ def read_penalty_document(data: bytes) -> tuple[str, list[dict[str, Any]]] | Non
     """
     try:
         document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, a 5000-digit number...
+        if PENALTY_RECORDS_FORMAT.encode() in data[:4096]:
+            raise SharedDataError(f"not valid JSON: {str(error)[:200]}") from None
+        return None  # some other file beside the data (a cover letter)
     if not isinstance(document, dict) or document.get("format") != PENALTY_RECORDS_FORMAT:
         return None
     records = document.get("records")

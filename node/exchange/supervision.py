@@ -26,7 +26,7 @@ from node._pb.liandong.v1 import envelope_pb2
 from node.exchange.cases import CaseBook
 from node.exchange.lifecycles import Role
 from node.exchange.sharing import SharedDataError, read_penalty_document
-from node.exchange.thresholds import LEGAL_THRESHOLDS, Threshold, ThresholdError, classify
+from node.exchange.thresholds import LEGAL_THRESHOLDS, Threshold, classify
 from node.identity import agency_kind
 from node.store.models import CASE_EVENTS, CASES, MessageRecord
 
@@ -196,8 +196,8 @@ def untransferred(
             if content is None:
                 raise SharedDataError("the attachment is not on this node")
             document = read_penalty_document(content)
-        except SharedDataError as error:
-            problems.append(_problem(sender, received_at, name, str(error)))
+        except Exception as error:  # another agency's file must never break the report
+            problems.append(_problem(sender, received_at, name, str(error)[:300]))
             continue
         if document is None:
             continue
@@ -208,7 +208,7 @@ def untransferred(
     for (sender, record_id), (received_at, record) in latest.items():
         try:
             crimes = [m for m in classify(record, thresholds) if m.action == "crime_transfer"]
-        except ThresholdError as error:
+        except Exception as error:  # ThresholdError, or anything a hostile record causes
             problems.append(_problem(sender, received_at, f"record {record_id}", str(error)))
             continue
         if not crimes or (sender, record_id) in transferred:

@@ -15,6 +15,7 @@ measurements and findings the thresholds name (``hazardous_waste_tonnes``, ...).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
@@ -136,6 +137,8 @@ def thresholds_from_config(
     :raises ThresholdError: naming the threshold and key.
     """
     by_name = {t.name: t for t in base}
+    if table is not None and not isinstance(table, Mapping):
+        raise ThresholdError(f"{where}: expected a table of thresholds, one per name")
     for name, settings in (table or {}).items():
         here = f"{where.rstrip(']')}.{name}]"
         if not isinstance(settings, Mapping):
@@ -168,7 +171,12 @@ def thresholds_from_config(
             changes["action"] = settings["action"]
         if "at_least" in settings:
             value = settings["at_least"]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ThresholdError(f"{here} at_least: expected a number ≥ 0, got {value!r}")
             changes["at_least"] = float(value)
         if "enabled" in settings:
@@ -184,12 +192,13 @@ def _number(value: Any, field: str) -> float | None:
         return None
     if isinstance(value, bool):
         raise ThresholdError(f"field {field!r}: expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
     try:
-        return float(str(value).strip())
-    except ValueError:
-        raise ThresholdError(f"field {field!r}: expected a number, got {value!r}") from None
+        number = float(value) if isinstance(value, int | float) else float(str(value).strip())
+    except (ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ThresholdError(f"field {field!r}: expected a number, got {str(value)[:40]!r}")
+    return number
 
 
 def _finding(value: Any, field: str) -> bool:

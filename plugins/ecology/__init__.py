@@ -45,11 +45,13 @@ they are.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -76,7 +78,11 @@ from node.plugin_api import (
 from plugins.adapters import MARKINGS, AgencyAdapters
 from plugins.sqlsource import RowError, SqlSource
 
-_NO = frozenset({"no", "n", "false", "否", "不移送"})
+_NO = frozenset({"no", "n", "false", "0", "否", "不移送"})
+_YES = frozenset({"", "yes", "y", "true", "1", "是", "移送"})
+QUARTER = re.compile(r"[0-9]{4}-Q[1-4]")
+FIRST_YEAR, LAST_YEAR = 1949, 2199  # outside: a typo, not a penalty decision
+BEIJING = timezone(timedelta(hours=8))
 
 _adapters = AgencyAdapters("ecology")
 
@@ -130,16 +136,32 @@ def quarter_end(quarter: str) -> datetime:
     return datetime(year + (q == 4), 1 if q == 4 else 3 * q + 1, 1, tzinfo=UTC)
 
 
-def check_record(record: Mapping[str, Any]) -> date:
-    """The record's decision date; a record without its required fields raises RowError."""
-    for key in ("record_id", "decided_on", "party"):
-        value = record.get(key)
-        if value is None or str(value).strip() == "":
+def decided_on(record: Mapping[str, Any]) -> date:
+    """The record's decision date; a record without a usable one raises RowError."""
+    for key in ("record_id", "decided_on"):
+        if str(record.get(key) or "").strip() == "":
             raise RowError(f"field {key!r}: required")
     try:
-        return date.fromisoformat(str(record["decided_on"])[:10])
+        day = date.fromisoformat(str(record["decided_on"])[:10])
     except ValueError:
         raise RowError(f"field 'decided_on': {record['decided_on']!r} is not a date") from None
+    if not FIRST_YEAR <= day.year <= LAST_YEAR:
+        raise RowError(f"field 'decided_on': {day} is outside {FIRST_YEAR}..{LAST_YEAR}")
+    return day
+
+
+def transfer_allowed(record: Mapping[str, Any]) -> bool:
+    """The leader's decision on a crime transfer: empty means "as the thresholds say"."""
+    raw = record.get("transfer_decision")
+    value = "" if raw is None else str(raw).strip().lower()
+    if value in _NO:
+        return False
+    if value in _YES:
+        return True
+    raise RowError(
+        f"field 'transfer_decision': {record.get('transfer_decision')!r} is neither yes "
+        "(是, 1) nor no (否, 0); the record is not transferred until it is one of them"
+    )
 
 
 def evidence_files(record: Mapping[str, Any], folder: Path) -> tuple[Path, ...]:
@@ -148,23 +170,46 @@ def evidence_files(record: Mapping[str, Any], folder: Path) -> tuple[Path, ...]:
     root = folder.resolve()
     files: list[Path] = []
     for name in filter(None, names):
-        path = (folder / name).resolve()
+        try:
+            path = (folder / str(name)).resolve()
+            found = path.is_file()
+        except (OSError, ValueError) as error:  # a NUL byte, a name too long
+            raise RowError(f"field 'evidence': {str(name)[:80]!r}: {error}") from None
         if not path.is_relative_to(root):
             raise RowError(f"field 'evidence': {name!r} points outside the evidence folder")
-        if not path.is_file():
+        if not found:
             raise RowError(f"field 'evidence': file not found: {path}")
         files.append(path)
     return tuple(files)
 
 
+def _timestamp(value: Any, field: str) -> str | None:
+    """A date or time from the bureau's system as RFC 3339 (a bare date: 00:00 Beijing time)."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise RowError(f"field {field!r}: {text!r} is not a date or time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=BEIJING)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def drafts_for(record: Mapping[str, Any], settings: EcologySettings) -> list[Draft]:
     """The transfers a record calls for: a crime transfer, a clue, both or none."""
+    for key in ("party",):
+        if str(record.get(key) or "").strip() == "":
+            raise RowError(f"field {key!r}: required")
     try:
         met = classify(record, settings.thresholds)
     except ThresholdError as error:
         raise RowError(str(error)) from None
     grouped = actions_of(met)
-    if not grouped or str(record.get("transfer_decision", "")).strip().lower() in _NO:
+    if grouped.get("crime_transfer") and not transfer_allowed(record):
+        del grouped["crime_transfer"]  # the leader decided against it; a clue still goes
+    if not grouped:
         return []
     record_id = str(record["record_id"])
     party = str(record["party"])
@@ -200,7 +245,7 @@ def drafts_for(record: Mapping[str, Any], settings: EcologySettings) -> list[Dra
                     "suspected_offence": "污染环境罪",
                     "transfer_letter_no": str(record.get("transfer_letter_no") or ""),
                     "approved_by": str(record.get("approved_by") or ""),
-                    "approved_at": record.get("approved_at") or None,
+                    "approved_at": _timestamp(record.get("approved_at"), "approved_at"),
                     "evidence": evidence,
                 },
             )
@@ -238,34 +283,40 @@ class Ledger:
             sort_keys=True,
             default=str,
         )
-        with (self.folder / f"{quarter}.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        path = self.folder / f"{quarter}.jsonl"
+        with path.open("a+b") as fh:
+            # A line a crash cut short is ended first, so this one stays whole.
+            torn = fh.tell() > 0 and (fh.seek(-1, os.SEEK_END) or fh.read(1) != b"\n")
+            fh.write((b"\n" if torn else b"") + line.encode("utf-8") + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def quarters(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.jsonl"))
+        return sorted(p.stem for p in self.folder.glob("*.jsonl") if QUARTER.fullmatch(p.stem))
 
     def records(self, quarter: str) -> list[dict[str, Any]]:
         """The quarter's records, one per record id (a record picked up again after a crash,
-        or corrected in the bureau's system, counts once, as last read)."""
+        or corrected in the bureau's system and read again, counts once, as last read).
+        A line a crash cut short is skipped."""
         by_id: dict[str, dict[str, Any]] = {}
         path = self.folder / f"{quarter}.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
                 record = json.loads(line)
                 by_id[str(record["record_id"])] = record
+            except (ValueError, KeyError, TypeError):
+                continue
         return list(by_id.values())
 
-    def shared(self, quarter: str) -> int:
-        """How many records of ``quarter`` the last sharing carried (0: never shared)."""
+    def shared(self, quarter: str) -> str:
+        """The digest of what the last sharing of ``quarter`` carried ("": never shared)."""
         try:
-            return int((self.folder / f"{quarter}.shared").read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError):
-            return 0
+            return (self.folder / f"{quarter}.shared").read_text().split()[0]
+        except (FileNotFoundError, IndexError):
+            return ""
 
-    def mark_shared(self, quarter: str, count: int, message_id: str) -> None:
-        (self.folder / f"{quarter}.shared").write_text(f"{count} {message_id}\n")
+    def mark_shared(self, quarter: str, digest: str, message_id: str) -> None:
+        (self.folder / f"{quarter}.shared").write_text(f"{digest} {message_id}\n")
 
 
 def ledger_of(api: NodeAPI) -> Ledger:
@@ -273,8 +324,13 @@ def ledger_of(api: NodeAPI) -> Ledger:
 
 
 def take_record(api: NodeAPI, settings: EcologySettings, record: Mapping[str, Any]) -> None:
-    """Classify, transfer and keep one penalty record (idempotent: drafts carry a source)."""
-    decided_on = check_record(record)
+    """Keep, classify and transfer one penalty record (idempotent: drafts carry a source).
+
+    The record is kept for the quarterly sharing before anything else: one that cannot be
+    transferred (no party, a missing evidence file) still reaches the procuratorate's
+    应移未移 check, which is there for exactly such records.
+    """
+    ledger_of(api).add(quarter_of(decided_on(record)), record)
     for draft in drafts_for(record, settings):
         try:
             message_id = api.submit(draft)
@@ -286,43 +342,61 @@ def take_record(api: NodeAPI, settings: EcologySettings, record: Mapping[str, An
             family=draft.family,
             message_id=message_id,
         )
-    ledger_of(api).add(quarter_of(decided_on), record)
 
 
 def share_quarters(api: NodeAPI, settings: EcologySettings, now: datetime) -> list[str]:
-    """Share every finished quarter not yet shared (or grown since); return the message ids."""
+    """Share every finished quarter not yet shared, or changed since (late or corrected
+    records: an addendum with the whole quarter); return the message ids."""
     ledger = ledger_of(api)
     sent: list[str] = []
     for quarter in ledger.quarters():
         if quarter_end(quarter) > now:
             continue
-        records = ledger.records(quarter)
-        before = ledger.shared(quarter)
-        if len(records) <= before:
-            continue
-        document = penalty_document(api.agency, quarter, records)
-        folder = _adapters.state_dir(api) / "shared"
-        folder.mkdir(parents=True, exist_ok=True)
-        attachment = folder / f"penalty-records-{quarter}-{len(records)}.json"
-        attachment.write_text(json.dumps(document, ensure_ascii=False, indent=1) + "\n")
-        addendum = "（补充）" if before else ""
-        message_id = api.submit(
-            Draft(
-                family="notice",
-                recipients=settings.share_with,
-                body={
-                    "kind": "KIND_DATA_SHARING",
-                    "title": f"{quarter} 行政处罚信息和监测数据{addendum}",
-                    "text": f"{quarter}：行政处罚记录 {len(records)} 条，见附件。",
-                },
-                attachments=(attachment,),
-                source=f"ecology:share:{quarter}:{len(records)}",
-            )
-        )
-        ledger.mark_shared(quarter, len(records), message_id)
-        api.log.info("quarter shared", quarter=quarter, records=len(records), message_id=message_id)
-        sent.append(message_id)
+        try:
+            sent.extend(_share(api, settings, ledger, quarter))
+        except Exception:  # one quarter must not hold up the others; retried next poll
+            api.log.exception("quarter not shared; will retry", quarter=quarter)
     return sent
+
+
+def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str) -> list[str]:
+    records = ledger.records(quarter)
+    document = penalty_document(api.agency, quarter, records)
+    data = (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    before = ledger.shared(quarter)
+    if not records or digest == before:
+        return []
+    folder = _adapters.state_dir(api) / "shared"
+    folder.mkdir(parents=True, exist_ok=True)
+    attachment = folder / f"penalty-records-{quarter}-{digest}.json"
+    attachment.write_bytes(data)
+    # The notice is marked as its most restricted record: a confidential record must not
+    # travel in a notice the receiving adapters take as internal.
+    marking = max(
+        (str(r.get("confidentiality") or "internal") for r in records),
+        key=lambda m: MARKINGS.index(m) if m in MARKINGS else len(MARKINGS) - 1,
+    )
+    addendum = "（补充）" if before else ""
+    message_id = api.submit(
+        Draft(
+            family="notice",
+            recipients=settings.share_with,
+            body={
+                "kind": "KIND_DATA_SHARING",
+                "title": f"{quarter} 行政处罚信息和监测数据{addendum}",
+                "text": f"{quarter}：行政处罚记录 {len(records)} 条，见附件。",
+            },
+            confidentiality=cast(
+                Confidentiality, marking if marking in MARKINGS else "confidential"
+            ),
+            attachments=(attachment,),
+            source=f"ecology:share:{quarter}:{digest}",
+        )
+    )
+    ledger.mark_shared(quarter, digest, message_id)
+    api.log.info("quarter shared", quarter=quarter, records=len(records), message_id=message_id)
+    return [message_id]
 
 
 def record_sources(api: NodeAPI) -> list[SqlSource]:
@@ -346,9 +420,13 @@ def liandong_node_started(api: NodeAPI) -> None:
 def liandong_poll_local_system(api: NodeAPI) -> None:
     _adapters.liandong_poll_local_system(api)
     settings = settings_of(api)
+    caught_up = True
     for source in record_sources(api):
-        _adapters.report(api, source, source.pick_up(partial(take_record, api, settings)))
-    share_quarters(api, settings, datetime.now(UTC))
+        picked = source.pick_up(partial(take_record, api, settings))
+        _adapters.report(api, source, picked)
+        caught_up &= picked.error is None and picked.read < source.batch
+    if caught_up:  # a backlog is read whole before a quarter goes out, not in pieces
+        share_quarters(api, settings, datetime.now(UTC))
 
 
 @hookimpl

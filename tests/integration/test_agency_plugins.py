@@ -239,11 +239,15 @@ def test_penalty_records_become_transfers_clues_shared_data_and_supervision(
     [notice] = shared()
     data = json.loads(Path(notice["attachments"][0]["path"]).read_text(encoding="utf-8"))
     assert data["format"] == "liandong.penalty-records/1" and data["quarter"] == "2026-Q3"
-    assert len(data["records"]) == 5
-    [finding] = [f for f in findings(procuratorate) if f["finding"] == "should_be_transferred"]
-    assert finding["case_id"] == "长环罚〔2026〕103号"
-    assert finding["transferred_by"] == ECOLOGY and finding["title"] == "丙电镀厂"
-    assert "暗管" in finding["reason"] and finding["overdue_days"] > 60
+    # Every record is shared, the one that could not be transferred (no party) included; the
+    # notice carries the marking of its most restricted record.
+    assert len(data["records"]) == 6
+    assert notice["confidentiality"] == "confidential"
+    found = [f for f in findings(procuratorate) if f["finding"] == "should_be_transferred"]
+    assert [f["case_id"] for f in found] == ["长环罚〔2026〕103号", "长环罚〔2026〕105号"]
+    assert found[0]["transferred_by"] == ECOLOGY and found[0]["title"] == "丙电镀厂"
+    assert "暗管" in found[0]["reason"] and found[0]["overdue_days"] > 60
+    assert "三吨以上" in found[1]["reason"]
     table = cli("report", "supervision", config=procuratorate.setup.config).stdout
     assert "应移未移" in table and "长环罚〔2026〕103号" in table
 
