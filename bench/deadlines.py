@@ -37,6 +37,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, insert, text, update
 
+from bench.transfer import create_pg_databases, drop_pg_databases
 from node.exchange.cases import CaseBook
 from node.exchange.deadlines import Deadlines
 from node.store.db import make_engine, session_factory, upgrade
@@ -45,9 +46,6 @@ from node.store.writer import BatchWriter
 
 AGENCY = "140400/police"
 PEER = "140400/ecology"
-POSTGRES_ADMIN_URL = os.environ.get(
-    "LIANDONG_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
 CHUNK = 20_000
 
 
@@ -164,17 +162,12 @@ async def passes(
 
 
 def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    name = ""
+    created: dict[str, str] = {}
     if backend == "sqlite":
         url = f"sqlite:///{workdir / 'deadlines.db'}"
     else:
-        import psycopg
-
-        name = f"liandong_bench_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        url = POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1)
-        url = url.rsplit("/", 1)[0] + f"/{name}"
+        created = create_pg_databases(("clocks",))
+        url = created["clocks"]
     engine = make_engine(url)
     try:
         upgrade(engine)
@@ -193,11 +186,8 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[s
         return {"backend": backend, "clocks": args.clocks, "plan": query_plan, **result}
     finally:
         engine.dispose()
-        if name:
-            import psycopg
-
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
-                connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if created:
+            drop_pg_databases(created)
 
 
 def main(argv: list[str] | None = None) -> int:

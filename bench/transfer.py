@@ -41,7 +41,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,12 +143,13 @@ def set_log_level(setup: NodeSetup, level: str) -> None:
     )
 
 
-def create_pg_databases() -> dict[str, str]:
+def create_pg_databases(names: Sequence[str] = (SENDER, RECEIVER)) -> dict[str, str]:
+    """A new database on the local server for each of `names` (drop_pg_databases drops them)."""
     import psycopg
 
     urls = {}
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
-        for agency in (SENDER, RECEIVER):
+        for agency in names:
             name = f"liandong_bench_{uuid.uuid4().hex[:12]}"
             connection.execute(f'CREATE DATABASE "{name}"')
             base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from node._pb.liandong.v1 import admin_pb2
 from node.admin_client import AdminClient, AdminError
@@ -482,15 +483,16 @@ def cmd_list(options: argparse.Namespace) -> int:
     return 0
 
 
-def _case_dict(case: admin_pb2.Case) -> dict[str, Any]:
-    return json_format.MessageToDict(case, preserving_proto_field_name=True)
+def _as_dict(message: Message) -> dict[str, Any]:
+    """A reply of the admin API in protobuf's JSON mapping, with the proto field names."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def cmd_cases(options: argparse.Namespace) -> int:
     with _client(options) as client:
         cases = client.cases(case_id=options.case_id, state=options.state, limit=options.limit)
     if options.json:
-        print(json.dumps([_case_dict(c) for c in cases], ensure_ascii=False, indent=2))
+        print(json.dumps([_as_dict(c) for c in cases], ensure_ascii=False, indent=2))
         return 0
     if not cases:
         print("no cases")
@@ -535,7 +537,7 @@ def cmd_decide(options: argparse.Namespace) -> int:
             date=options.date,
         )
     if options.json:
-        print(json.dumps(_case_dict(case), ensure_ascii=False))
+        print(json.dumps(_as_dict(case), ensure_ascii=False))
     else:
         print(f"case {case.case_id} with {case.peer}: now {case.state}")
     return 0
@@ -555,13 +557,7 @@ def cmd_deadlines(options: argparse.Namespace) -> int:
     with _client(options) as client:
         clocks = client.deadlines(overdue=options.overdue, agency=options.agency)
     if options.json:
-        print(
-            json.dumps(
-                [json_format.MessageToDict(c, preserving_proto_field_name=True) for c in clocks],
-                ensure_ascii=False,
-                indent=2,
-            )
-        )
+        print(json.dumps([_as_dict(c) for c in clocks], ensure_ascii=False, indent=2))
         return 0
     if not clocks:
         print("no open deadlines" + (" overdue" if options.overdue else ""))
@@ -680,7 +676,7 @@ def cmd_show(options: argparse.Namespace) -> int:
 
 
 def _item_dict(item: admin_pb2.Item) -> dict[str, object]:
-    data: dict[str, object] = json_format.MessageToDict(item, preserving_proto_field_name=True)
+    data: dict[str, object] = _as_dict(item)
     data["body"] = json.loads(item.body_json)
     data.pop("body_json", None)
     data["attachments"] = [
@@ -746,7 +742,7 @@ def cmd_audit_export(options: argparse.Namespace) -> int:
     if summary is None:
         raise CommandError("the node ended the export without a summary; see its log")
     if options.json:
-        print(json.dumps(json_format.MessageToDict(summary, preserving_proto_field_name=True)))
+        print(json.dumps(_as_dict(summary)))
     else:
         print(
             f"wrote {summary.path}: entries {summary.first_index}..{summary.end_index - 1}, "

@@ -134,13 +134,12 @@ class AgencyAdapters:
     def liandong_node_started(self, api: NodeAPI) -> None:
         folder = self.folder(api)
         folder.ensure_folders()
-        self.clearance(api)  # a wrong marking name fails here, at start, not at the first item
-        sources = self.sql_sources(api)
         api.log.info(
             "local system adapters ready",
             plugin=self.name,
             folder=str(folder.root),
-            sql=[s.query.name for s in sources],
+            sql=[s.query.name for s in self.sql_sources(api)],
+            # A wrong marking name fails here, at start, not at the first item.
             cleared_for=self.clearance(api),
         )
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import mimetypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import cast
@@ -31,7 +32,21 @@ from node.store.writer import Batch, BatchWriter
 log = structlog.get_logger(__name__)
 
 NOT_TAKEN = ""  # handed_off value when no plugin took the message
-WITHHELD = "withheld: "  # handed_off prefix when a plugin refused it (HandOffWithheld)
+HANDED_OFF_MAX = 1024  # the handed_off column's length
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """A plugin refused the item for good (HandOffWithheld): recorded, audited, not retried."""
+
+    reason: str
+
+    @property
+    def recorded(self) -> str:
+        """What the messages table (and ``liandong inbox``) shows, cut to fit the column."""
+        return f"withheld: {self.reason}"[:HANDED_OFF_MAX]
+
+
 HAND_OFF_GROUP = 100  # messages handed to the plugins in one thread hop and one commit
 
 
@@ -153,8 +168,8 @@ class HandOffWorker:
 
     def _hand_off_all(
         self, items: list[InboundItem]
-    ) -> list[tuple[InboundItem, str | None, str | None]]:
-        outcomes: list[tuple[InboundItem, str | None, str | None]] = []
+    ) -> list[tuple[InboundItem, str | Withheld | None, str | None]]:
+        outcomes: list[tuple[InboundItem, str | Withheld | None, str | None]] = []
         for item in items:
             if self._stopping:
                 break
@@ -162,7 +177,7 @@ class HandOffWorker:
                 outcomes.append((item, self.hand_off(item), None))
             except HandOffWithheld as refusal:
                 # Final, not a failure: recorded and audited, never offered again.
-                outcomes.append((item, WITHHELD + (str(refusal) or "no reason given"), None))
+                outcomes.append((item, Withheld(str(refusal) or "no reason given"), None))
             except Exception as error:  # a plugin's failure must not stop the node
                 outcomes.append((item, None, str(error)))
         return outcomes
@@ -183,18 +198,24 @@ class HandOffWorker:
             ).all()
             return [inbound_item(record, self.blobs) for record in records]
 
-    def _record_all(self, done: list[tuple[InboundItem, str | None]], batch: Batch) -> None:
+    def _record_all(
+        self, done: list[tuple[InboundItem, str | Withheld | None]], batch: Batch
+    ) -> None:
         for item, reference in done:
             self._record(item, reference, batch)
 
-    def _record(self, item: InboundItem, reference: str | None, batch: Batch) -> None:
+    def _record(self, item: InboundItem, reference: str | Withheld | None, batch: Batch) -> None:
+        if isinstance(reference, Withheld):
+            shown = reference.recorded
+        else:
+            # A plugin's reference longer than the column would fail the unit on PostgreSQL
+            # and the hand-off would be retried for ever; the audit entry keeps it whole.
+            shown = reference[:HANDED_OFF_MAX] if reference is not None else NOT_TAKEN
         batch.update(
-            MESSAGES,
-            {"message_id": item.message_id, "direction": "in"},
-            {"handed_off": reference if reference is not None else NOT_TAKEN},
+            MESSAGES, {"message_id": item.message_id, "direction": "in"}, {"handed_off": shown}
         )
-        if reference is not None and reference.startswith(WITHHELD):
-            log.warning("hand-off withheld", message_id=item.message_id, reason=reference)
+        if isinstance(reference, Withheld):
+            log.warning("hand-off withheld", message_id=item.message_id, reason=reference.reason)
             audit.append(
                 batch,
                 AuditEvent.HAND_OFF_WITHHELD,
@@ -202,7 +223,7 @@ class HandOffWorker:
                 at=datetime.now(UTC),
                 message_id=item.message_id,
                 envelope_sha256=item.envelope_sha256,
-                detail=reference.removeprefix(WITHHELD),
+                detail=reference.reason,
             )
         elif reference is not None:
             audit.append(

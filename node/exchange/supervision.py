@@ -36,6 +36,7 @@ SHOULD_BE_FILED = "should_be_filed"  # 应立未立: no filing decision past the
 NOT_FILED = "not_filed"  # 不予立案, with the police's reasons
 SHOULD_BE_TRANSFERRED = "should_be_transferred"  # 应移未移: a shared record over a threshold
 SHARED_DATA_ERROR = "shared_data_error"  # a shared data file or record that cannot be read
+MAX_SHARED_FILE = 64 << 20  # a quarter's penalty records are a few MB at most
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ def _shared_files(
         if message.notice.kind != envelope_pb2.Notice.KIND_DATA_SHARING:
             continue
         for ref in message.attachments:
+            if not ref.file_name.lower().endswith(".json"):
+                continue  # a cover letter, a spreadsheet: not the shared records
+            if ref.size > MAX_SHARED_FILE:
+                # Read whole on every report: an agency's 1 GiB attachment must not be.
+                files.append((record.sender, record.stored_at, ref.file_name, None))
+                continue
             try:
                 content: bytes | None = read_attachment(ref.sha256.hex())
             except OSError:
@@ -194,7 +201,9 @@ def untransferred(
     for sender, received_at, name, content in _shared_files(session, read_attachment):
         try:
             if content is None:
-                raise SharedDataError("the attachment is not on this node")
+                raise SharedDataError(
+                    f"the file is not on this node, or over {MAX_SHARED_FILE >> 20} MiB"
+                )
             document = read_penalty_document(content)
         except Exception as error:  # another agency's file must never break the report
             problems.append(_problem(sender, received_at, name, str(error)[:300]))

@@ -96,7 +96,18 @@ class EcologySettings:
     thresholds: tuple[Threshold, ...]
 
 
+_settings: dict[Path, EcologySettings] = {}
+
+
 def settings_of(api: NodeAPI) -> EcologySettings:
+    """The plugin's settings, read once per node (config does not change while it runs)."""
+    settings = _settings.get(api.data_dir)
+    if settings is None:
+        settings = _settings.setdefault(api.data_dir, read_settings(api))
+    return settings
+
+
+def read_settings(api: NodeAPI) -> EcologySettings:
     """The plugin's settings, with the defaults filled in; errors name the key."""
     table = api.plugin_config("ecology")
     region = agency_region(api.agency)

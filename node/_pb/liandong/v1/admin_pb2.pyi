@@ -53,19 +53,24 @@ class SupervisionFinding(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     finding: _builtins.str
-    """"should_be_filed" (应立未立) or "not_filed" (不予立案)"""
+    """"should_be_filed" (应立未立), "not_filed" (不予立案), "should_be_transferred" (应移未移)
+    or "shared_data_error" (a shared file or record this node cannot read).
+    """
     case_id: _builtins.str
+    """the case; for the last two, the record number or file name"""
     transferred_by: _builtins.str
+    """for the last two, the agency that shared the data"""
     title: _builtins.str
+    """for "should_be_transferred", the party"""
     state: _builtins.str
     received_at: _builtins.str
-    """RFC 3339"""
+    """RFC 3339; for the last two, when the data arrived"""
     due_at: _builtins.str
-    """RFC 3339; empty for "not_filed" """
+    """RFC 3339; for "should_be_transferred", the penalty decision date"""
     overdue_days: _builtins.float
-    """in the node's (possibly simulated) days"""
+    """in the node's (possibly simulated) days; since the decision"""
     reason: _builtins.str
-    """the police's reasons, for "not_filed" """
+    """the police's reasons; the thresholds met; what is unreadable"""
     decided_by: _builtins.str
     def __init__(
         self,

@@ -176,7 +176,8 @@ class LocalAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SupervisionReport(self, request, context):
-        """Filing supervision (立案监督): transfers not decided in time, and those not filed.
+        """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
+        penalty records over a crime threshold that were never transferred.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,9 @@ class LocalAdminStub:
     ListDeadlines: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadlinesRequest, _admin_pb2.ListDeadlinesResponse]
     """Open deadline clocks, most urgent first."""
     SupervisionReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SupervisionReportRequest, _admin_pb2.SupervisionReportResponse]
-    """Filing supervision (立案监督): transfers not decided in time, and those not filed."""
+    """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
+    penalty records over a crime threshold that were never transferred.
+    """
 
 @_typing.type_check_only
 class LocalAdminAsyncStub(LocalAdminStub):
@@ -84,7 +86,9 @@ class LocalAdminAsyncStub(LocalAdminStub):
     ListDeadlines: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadlinesRequest, _admin_pb2.ListDeadlinesResponse]  # type: ignore[assignment]
     """Open deadline clocks, most urgent first."""
     SupervisionReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.SupervisionReportRequest, _admin_pb2.SupervisionReportResponse]  # type: ignore[assignment]
-    """Filing supervision (立案监督): transfers not decided in time, and those not filed."""
+    """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
+    penalty records over a crime threshold that were never transferred.
+    """
 
 class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,6 +184,8 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SupervisionReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SupervisionReportResponse, _abc.Awaitable[_admin_pb2.SupervisionReportResponse]]:
-        """Filing supervision (立案监督): transfers not decided in time, and those not filed."""
+        """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
+        penalty records over a crime threshold that were never transferred.
+        """
 
 def add_LocalAdminServicer_to_server(servicer: LocalAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
