@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -54,6 +54,7 @@ class AdminClient:
         attachment_paths: Sequence[str] = (),
         client_key: str = "",
         deadline: str = "",
+        field_markings: Mapping[str, int] | None = None,
     ) -> str:
         request = admin_pb2.SubmitRequest(
             family=family,
@@ -66,6 +67,7 @@ class AdminClient:
             attachment_paths=list(attachment_paths),
             client_key=client_key,
             deadline=deadline,
+            field_markings=dict(field_markings or {}),  # type: ignore[arg-type]
         )
         response = self._call("Submit", request)
         assert isinstance(response, admin_pb2.SubmitResponse)

@@ -24,7 +24,7 @@ from node._pb.liandong.v1 import admin_pb2
 from node.admin_client import AdminClient, AdminError
 from node.config import CONFIG_FILE_NAME, ConfigError, load_config, render_config
 from node.exchange.families import CLI_FAMILIES, FAMILY_BODIES
-from node.exchange.messages import CONFIDENTIALITY_NAMES
+from node.exchange.messages import CONFIDENTIALITY_NAMES, MARKINGS, marking_label
 from node.federation import RegistryError
 from node.identity import IdentityError
 from node.progress import ProgressBar
@@ -67,6 +67,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def field_marking(text: str) -> tuple[str, str]:
+    """``suspect=confidential`` -> ("suspect", "confidential")."""
+    name, _, marking = text.partition("=")
+    if not name or marking not in CONFIDENTIALITY_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not FIELD=MARKING with MARKING one of {', '.join(MARKINGS)}"
+        )
+    return name, marking
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="RFC 3339 time the message sets as its deadline, e.g. 2026-12-20T17:00:00+08:00",
     )
     send.add_argument(
-        "--confidentiality", default="internal", choices=sorted(CONFIDENTIALITY_NAMES)
+        "--confidentiality",
+        default="internal",
+        choices=sorted(CONFIDENTIALITY_NAMES),
+        help="the marking of the message as a whole (default: internal)",
+    )
+    send.add_argument(
+        "--mark",
+        action="append",
+        default=[],
+        type=field_marking,
+        metavar="FIELD=MARKING",
+        help="mark one body field above the message, e.g. --mark suspect=confidential "
+        "(repeatable; 002 §五(三): confidential content is marked explicitly)",
     )
     _client_options(send)
     send.set_defaults(handler=cmd_send)
@@ -431,6 +453,7 @@ def cmd_send(options: argparse.Namespace) -> int:
             confidentiality=CONFIDENTIALITY_NAMES[options.confidentiality],
             attachment_paths=[str(p.resolve()) for p in options.attach],
             deadline=options.deadline,
+            field_markings={name: CONFIDENTIALITY_NAMES[marking] for name, marking in options.mark},
         )
     if options.json:
         print(json.dumps({"message_id": message_id}))
@@ -461,7 +484,7 @@ def cmd_list(options: argparse.Namespace) -> int:
                 i.message_id,
                 i.body_type,
                 ",".join(i.recipients),
-                i.confidentiality,
+                marking_label(i.confidentiality, i.field_markings),
                 _delivery_summary(i),
             ]
             for i in items
@@ -474,7 +497,7 @@ def cmd_list(options: argparse.Namespace) -> int:
                 i.message_id,
                 i.body_type,
                 i.sender,
-                i.confidentiality,
+                marking_label(i.confidentiality, i.field_markings),
                 i.handed_off or "-",
             ]
             for i in items
@@ -645,6 +668,10 @@ def cmd_show(options: argparse.Namespace) -> int:
         print(json.dumps(data, ensure_ascii=False, indent=2))
         return 0
     print(f"message      {item.message_id}  [{item.confidentiality.upper()}]")
+    for name, marking in sorted(item.field_markings.items()):
+        print(f"marked       {name}: {marking.upper()}")
+    if item.version_of:
+        print(f"version of   {item.version_of} (redacted for {', '.join(item.recipients)})")
     print(f"direction    {item.direction}")
     print(f"family       {item.family} ({item.body_type})")
     print(f"from         {item.sender}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from node._pb.liandong.v1 import envelope_pb2
 from node.admin_client import AdminClient, AdminError
 from node.audit.verify import verify_bundles
+from node.exchange.messages import marking_label
 from node.federation_setup import NodeProcess, NodeProcessError, NodeSetup, create_federation
 
 ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
@@ -58,6 +59,9 @@ def deadline_config(speed: float) -> str:
         # The police's and the procuratorate's case systems may hold confidential items.
         '[plugins.police]\ncleared_for = "confidential"\n'
         '[plugins.procuratorate]\ncleared_for = "confidential"\n'
+        # The bureau sends the discipline commission nothing above internal: it gets a
+        # version of a message without the fields marked confidential.
+        f'[plugins.ecology.recipients]\n"{DISCIPLINE}" = "internal"\n'
     )
 
 
@@ -396,16 +400,19 @@ def run_scenario(
     _wait_state(clients[PROCURATORATE], recommendation, ECOLOGY, "replied", "the late reply")
     # The notice comes from ecology's own case system, through its drop folder.
     drafts = nodes[ECOLOGY].local_folder / "drafts"
+    # Its text names the company under investigation: marked confidential (002 §五(三)), so
+    # the discipline commission, cleared for internal, gets the notice without it.
     draft = {
         "family": "notice",
-        "to": [POLICE, PROCURATORATE],
+        "to": [POLICE, PROCURATORATE, DISCIPLINE],
         "body": {
             "kind": "KIND_MAJOR_INCIDENT",
             "title": "重大舆情通报：漳河支流水体异常",
-            "text": "网络出现漳河支流水体变色报道，已派员核查，请各单位知悉。",
+            "text": "网络出现漳河支流水体变色报道，经核查系长治市某电镀有限公司暗管排放所致。",
         },
         "case_ref": case,
-        "confidentiality": "public",
+        "confidentiality": "internal",
+        "field_markings": {"text": "confidential"},
     }
     temp = drafts / ".notice.json.tmp"
     temp.write_text(json.dumps(draft, ensure_ascii=False), encoding="utf-8")
@@ -421,7 +428,17 @@ def run_scenario(
         DELIVERY_SECONDS,
         "notice not delivered",
     )
+    notices = [i for i in clients[ECOLOGY].list_items("outbox", 20) if i.family == "notice"]
+    [redacted] = [i for i in notices if i.version_of]
+    if DISCIPLINE not in redacted.recipients or "text" in json.loads(redacted.body_json):
+        raise DemoFailed("the discipline commission's notice was not redacted")
+    wait_until(
+        lambda: _delivered(clients[ECOLOGY], redacted.message_id),
+        DELIVERY_SECONDS,
+        "redacted notice not delivered",
+    )
     say("  ✓ ecology → police, procuratorate: major-incident notice (from the drop folder)")
+    say("  ✓ ecology → discipline: the same notice without its confidential text (redacted)")
     penalty_records(nodes, clients)
     # Every inbound message must reach the receiving agency's local system.
     for agency in (ECOLOGY, POLICE, PROCURATORATE):  # the discipline commission has no plugin
@@ -515,9 +532,12 @@ def print_timeline(clients: dict[str, AdminClient]) -> None:
     for created, item, d, title in rows:
         route = f"{SHORT.get(item.sender, item.sender)} → {SHORT.get(d.recipient, d.recipient)}"
         receipt = f"#{d.receiver_log_index} in their log, sha256:{d.receipt_sha256[:12]}"
-        marking = " [confidential]" if item.confidentiality == "confidential" else ""
-        say(f"  {created[11:23]:<12} {route:<32} {item.body_type + marking:<22} {receipt}")
-        say(f"  {'':<12} {'':<32} {title}")
+        label = marking_label(item.confidentiality, dict(item.field_markings))
+        marking = f" [{label}]" if label not in ("public", "internal") else ""
+        if item.version_of:
+            marking += " [redacted]"
+        say(f"  {created[11:23]:<12} {route:<32} {item.body_type:<22} {receipt}")
+        say(f"  {'':<12} {'':<32} {title}{marking}")
 
 
 def print_deadlines(client: AdminClient, agency: str, speed: float) -> None:

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from node.exchange.deadlines import DeadlineRule
-    from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
+    from node.plugin_api import DeliveryConfirmation, Draft, InboundItem, NodeAPI
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -112,6 +112,34 @@ def liandong_poll_local_system(api: NodeAPI) -> None:
     poll happens as usual.
 
     :param api: the node API.
+    """
+
+
+@hookspec(firstresult=True)
+def liandong_redact(draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
+    """Called for each recipient of every outbound message before it is signed — drafts
+    from plugins and messages sent with ``liandong send`` alike — to give that recipient a
+    version with less in it: e.g. without the fields marked above what the recipient is
+    cleared for.
+
+    Runs in a worker thread. **First result wins**: plugins are asked in turn until one
+    returns a non-``None`` draft, and the rest are not called for that recipient.
+
+    The node groups the recipients by the version they get and sends each distinct version
+    as a message of its own, signed, stored and audited like any other. The first version
+    keeps the message id the submitter gets back; every later one names it in
+    ``version_of`` (docs/protocol.md 5.3), so its recipient can follow the case.
+
+    A version may differ from ``draft`` only in ``body``, ``confidentiality``,
+    ``field_markings`` and by leaving ``attachments`` out; any other change refuses the whole
+    submission. Raise :class:`~node.plugin_api.DraftRejected` to refuse it on purpose (e.g.
+    a recipient cleared below the message's own marking). Any other exception also refuses
+    it, as worth retrying: nothing is ever sent unredacted because a redactor failed.
+
+    :param draft: the message as submitted (``source`` is the submitter's idempotency key).
+    :param recipient: the agency id this version is for.
+    :param api: the node API.
+    :return: the version for ``recipient``, or ``None`` for the draft as it is.
     """
 
 

@@ -9,7 +9,7 @@ tested once, and lets a plugin be unit-tested with a ten-line fake ``NodeAPI``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -64,8 +64,13 @@ class Draft:
     case_ref: str = ""
     in_reply_to: str = ""
     confidentiality: Confidentiality = "internal"
+    """The marking of the message as a whole."""
     attachments: tuple[Path, ...] = ()
     """Absolute paths of files to attach."""
+    field_markings: Mapping[str, Confidentiality] = field(default_factory=dict)
+    """Body fields that need more protection than the message, by field name, e.g.
+    ``{"suspect": "confidential"}`` on an ``internal`` draft; each must be set in the body
+    and marked above ``confidentiality``."""
     source: str = ""
     """Where the draft came from (file path, row id). Used in error messages and as the
     idempotency key: submitting a draft with the same non-empty source again returns the
@@ -99,10 +104,23 @@ class InboundItem:
     case_ref: str
     in_reply_to: str
     confidentiality: Confidentiality
+    """The marking of the message as a whole."""
     body: Mapping[str, Any]
     attachments: tuple[AttachmentFile, ...]
     envelope_sha256: str
     """Hex digest of the signed envelope, the value both audit logs hold."""
+    field_markings: Mapping[str, Confidentiality] = field(default_factory=dict)
+    """Body fields marked above ``confidentiality`` (see :attr:`marking`)."""
+    version_of: str = ""
+    """When the sender redacted this version for this node: the id of the first version."""
+
+    @property
+    def marking(self) -> Confidentiality:
+        """The most restricted marking anywhere in the item: its own or a field's. A local
+        system cleared for less may get the item only without the fields marked above its
+        clearance."""
+        order = ("public", "internal", "confidential")
+        return max((self.confidentiality, *self.field_markings.values()), key=order.index)
 
 
 @dataclass(frozen=True)

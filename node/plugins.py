@@ -16,7 +16,7 @@ import pluggy
 
 from node import hookspecs
 from node.exchange.deadlines import DeadlineRule
-from node.plugin_api import DeliveryConfirmation, InboundItem, NodeAPI
+from node.plugin_api import DeliveryConfirmation, Draft, InboundItem, NodeAPI
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "PluginHooks", "load_plugin_manager"]
 
@@ -108,6 +108,19 @@ class PluginHooks:
         """
         result: str | None = self._pm.hook.liandong_hand_off(item=item, api=api)
         return result
+
+    def redact(self, draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
+        """The first plugin's version of ``draft`` for ``recipient``, or ``None`` to send it
+        as it is. Exceptions propagate: the caller refuses the submission."""
+        result: Draft | None = self._pm.hook.liandong_redact(
+            draft=draft, recipient=recipient, api=api
+        )
+        return result
+
+    @property
+    def redacts(self) -> bool:
+        """Whether any plugin implements ``liandong_redact`` (else there is nothing to ask)."""
+        return bool(self._pm.hook.liandong_redact.get_hookimpls())
 
     def deadline_rules(self, api: NodeAPI) -> list[DeadlineRule]:
         """Every plugin's rules, in the order they override each other; a failing plugin's

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
+from google.protobuf import json_format
+from google.protobuf.message import Message as ProtoMessage
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
@@ -44,7 +47,13 @@ from node.federation import Registry, RegistryError, verify_registry
 from node.identity import IdentityError, load_public_key, load_signing_key
 from node.peers import GrpcPeerTransport
 from node.pki import SetupError, check_node_tls
-from node.plugin_api import DeliveryConfirmation, Draft, DraftRejected, InboundItem
+from node.plugin_api import (
+    Confidentiality,
+    DeliveryConfirmation,
+    Draft,
+    DraftRejected,
+    InboundItem,
+)
 from node.plugins import PluginError, PluginHooks, load_plugin_manager
 from node.server import build_admin_server, build_peer_server
 from node.services.admin import LocalAdminServicer
@@ -114,6 +123,7 @@ class PluginAPI:
             confidentiality=draft.confidentiality,
             attachment_paths=list(draft.attachments),
             client_key=f"plugin:{draft.source}" if draft.source else "",
+            field_markings=dict(draft.field_markings),
         )
         future = asyncio.run_coroutine_threadsafe(self._node.outbox.submit(submission), self._loop)
         try:
@@ -123,6 +133,71 @@ class PluginAPI:
                 raise DraftRejected(error.message) from None
             # Not the draft's fault (e.g. the registry expired): the plugin keeps it and retries.
             raise RuntimeError(error.message) from None
+
+
+class _BodyOf(Mapping[str, Any]):
+    """A typed body as the mapping plugins read, converted only when a plugin reads it:
+    most redactors look at the recipient and the markings first, and most return None."""
+
+    def __init__(self, message: ProtoMessage) -> None:
+        self.message = message
+        self._converted: dict[str, Any] | None = None
+
+    def _dict(self) -> dict[str, Any]:
+        if self._converted is None:
+            self._converted = json_format.MessageToDict(
+                self.message, preserving_proto_field_name=True
+            )
+        return self._converted
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+
+def draft_of(submission: Submission) -> Draft:
+    """A submission as the plugins see it (``liandong_redact``)."""
+    body = submission.body
+    if isinstance(body, ProtoMessage):
+        body = _BodyOf(body)
+    return Draft(
+        family=submission.family,
+        recipients=tuple(submission.recipients),
+        body=body,
+        body_type=submission.body_type,
+        case_ref=submission.case_ref,
+        in_reply_to=submission.in_reply_to,
+        confidentiality=cast(Confidentiality, submission.confidentiality),
+        attachments=tuple(Path(path) for path in submission.attachment_paths),
+        field_markings=cast(Mapping[str, Confidentiality], submission.field_markings),
+        source=submission.client_key,
+    )
+
+
+def version_from(submission: Submission, version: Draft) -> Submission:
+    """The submission with a redacted draft's content; what may not change is checked by
+    the outbox (REDACTABLE), so the rest is taken from the draft as it came back."""
+    body: Mapping[str, Any] | ProtoMessage = version.body
+    if isinstance(body, _BodyOf):  # given back unread: the typed body as submitted
+        body = body.message
+    return replace(
+        submission,
+        family=version.family,
+        recipients=tuple(version.recipients),
+        body=body,
+        body_type=version.body_type,
+        case_ref=version.case_ref,
+        in_reply_to=version.in_reply_to,
+        confidentiality=version.confidentiality,
+        attachment_paths=tuple(version.attachments),
+        field_markings=dict(version.field_markings),
+        client_key=version.source,
+    )
 
 
 class Node:
@@ -286,7 +361,13 @@ class Node:
             self.config.delivery,
             self._confirmed,
         )
-        self.outbox = Outbox(self.context, self.writer, self.blobs, self.delivery.enqueue)
+        self.outbox = Outbox(
+            self.context,
+            self.writer,
+            self.blobs,
+            self.delivery.enqueue,
+            self._redact_for if self.hooks.redacts else None,
+        )
         self.health = health.aio.HealthServicer()
         self.exchange_servicer = ExchangeServicer(self.receiver, self.blobs)
         self.audit_log = AuditLog(self.context, self.sessions, self.writer)
@@ -403,6 +484,29 @@ class Node:
             except Exception:
                 log.exception("worker failed; restarting", worker=name)
                 await asyncio.sleep(WORKER_RESTART_SECONDS)
+
+    def _redact_for(self, submission: Submission, recipient: str) -> Submission | None:
+        """Ask the plugins for ``recipient``'s version (in the outbox's worker thread)."""
+        try:
+            version = self.hooks.redact(draft_of(submission), recipient, self.api)
+        except DraftRejected as error:
+            raise ExchangeError(Reason.INVALID, f"refused by liandong_redact: {error}") from None
+        except Exception as error:
+            log.exception("plugin hook failed", hook="liandong_redact", recipient=recipient)
+            raise ExchangeError(
+                Reason.UNAVAILABLE,
+                f"liandong_redact failed for recipient '{recipient}' ({error.__class__.__name__}: "
+                f"{error}); nothing was sent, try again once the plugin is fixed",
+            ) from None
+        if version is None:
+            return None
+        if not isinstance(version, Draft):
+            raise ExchangeError(
+                Reason.UNAVAILABLE,
+                f"liandong_redact returned a {type(version).__name__} for recipient "
+                f"'{recipient}', not a Draft or None; nothing was sent",
+            )
+        return version_from(submission, version)
 
     def _hand_off(self, item: InboundItem) -> str | None:
         return self.hooks.hand_off(item, self.api)

@@ -19,13 +19,25 @@ Rows of a SQL source become drafts the way CSV rows do (:func:`plugins.dropfolde
 their output fields are ``family``, ``to``, ``body_type``, ``case_ref``, ``in_reply_to``,
 ``confidentiality``, ``attachments`` (relative to the drop folder) and ``body.<field>``.
 
-Confidentiality (002 §五(三)): an inbound item marked above ``cleared_for`` is not written to
-the local system; the node audits it as withheld and keeps it for ``liandong show``.
+Confidentiality (002 §五(三)): an inbound item whose own marking is above ``cleared_for`` is
+not written to the local system; the node audits it as withheld and keeps it for ``liandong
+show``. An item whose own marking is within the clearance but with fields marked above it is
+written without those fields, listed in the file's ``withheld_fields``.
+
+Outbound, ``[plugins.<name>.recipients]`` says what each recipient may get (002 §五(三))::
+
+    [plugins.ecology.recipients]
+    "140400/discipline" = "internal"   # fields marked above internal are left out for it
+
+A recipient not listed gets every message whole. For a listed one (``liandong_redact``), fields
+marked above its clearance are taken out of its version, and a message whose own marking is
+above it is refused, naming the recipient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, get_args
@@ -34,6 +46,7 @@ from node.hookspecs import hookimpl
 from node.plugin_api import (
     Confidentiality,
     DeliveryConfirmation,
+    Draft,
     DraftRejected,
     HandOffWithheld,
     InboundItem,
@@ -46,7 +59,16 @@ __all__ = ["MARKINGS", "AgencyAdapters", "cleared"]
 
 MARKINGS: tuple[str, ...] = get_args(Confidentiality)  # from least to most restricted
 _DRAFT_FIELDS = frozenset(
-    {"family", "to", "body_type", "case_ref", "in_reply_to", "confidentiality", "attachments"}
+    {
+        "family",
+        "to",
+        "body_type",
+        "case_ref",
+        "in_reply_to",
+        "confidentiality",
+        "attachments",
+        "field_markings",
+    }
 )
 
 
@@ -83,6 +105,19 @@ class AgencyAdapters:
                 f"[plugins.{self.name}] cleared_for: {value!r} is not one of {', '.join(MARKINGS)}"
             )
         return str(value)
+
+    def recipient_clearances(self, api: NodeAPI) -> Mapping[str, str]:
+        """``[plugins.<name>.recipients]``: agency id -> the highest marking it may get."""
+        table = self.settings(api).get("recipients", {})
+        where = f"[plugins.{self.name}.recipients]"
+        if not isinstance(table, Mapping):
+            raise ValueError(f'{where}: expected a table of "agency id" = "marking"')
+        for agency, marking in table.items():
+            if marking not in MARKINGS:
+                raise ValueError(
+                    f"{where} {agency!r}: {marking!r} is not one of {', '.join(MARKINGS)}"
+                )
+        return table
 
     def state_dir(self, api: NodeAPI) -> Path:
         """Where the plugin keeps what it remembers (SQL cursors, failed rows)."""
@@ -141,6 +176,7 @@ class AgencyAdapters:
             sql=[s.query.name for s in self.sql_sources(api)],
             # A wrong marking name fails here, at start, not at the first item.
             cleared_for=self.clearance(api),
+            recipients=dict(self.recipient_clearances(api)),
         )
 
     @hookimpl
@@ -183,10 +219,48 @@ class AgencyAdapters:
                 f"marked {item.confidentiality}; the {self.name} adapter is cleared for "
                 f"{clearance} ([plugins.{self.name}] cleared_for)"
             )
-        return str(self.folder(api).write_inbound(item))
+        withheld = sorted(
+            name for name, marking in item.field_markings.items() if not cleared(marking, clearance)
+        )
+        path = str(self.folder(api).write_inbound(item, withheld))
+        if withheld:
+            # The reference the node records shows what the local system did not get.
+            return f"{path} (without {', '.join(withheld)}: above {clearance})"
+        return path
+
+    @hookimpl
+    def liandong_redact(self, draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
+        clearance = self.recipient_clearances(api).get(recipient)
+        if clearance is None:
+            return None
+        if not cleared(draft.confidentiality, clearance):
+            raise DraftRejected(
+                f"recipient '{recipient}' may get at most {clearance} "
+                f"([plugins.{self.name}.recipients]), and the message is marked "
+                f"{draft.confidentiality}; send it to them separately, marked {clearance}, or "
+                "mark only the fields that need it"
+            )
+        above = {
+            name
+            for name, marking in draft.field_markings.items()
+            if not cleared(marking, clearance)
+        }
+        if not above:
+            return None
+        return replace(
+            draft,
+            body={k: v for k, v in draft.body.items() if not any(_same_field(k, n) for n in above)},
+            field_markings={k: v for k, v in draft.field_markings.items() if k not in above},
+        )
 
     @hookimpl
     def liandong_deliveries_confirmed(
         self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
     ) -> None:
         self.folder(api).append_confirmations(confirmations)
+
+
+def _same_field(key: str, name: str) -> bool:
+    """Whether a body key and a marked field name the same field, in proto or JSON spelling
+    (``legal_basis`` and ``legalBasis``)."""
+    return key.replace("_", "").lower() == name.replace("_", "").lower()

@@ -56,6 +56,7 @@ _DRAFT_KEYS = frozenset(
         "in_reply_to",
         "confidentiality",
         "attachments",
+        "field_markings",
     ]
 )
 _UNSAFE_CHARS = re.compile(r"[^\w.\-]")
@@ -181,8 +182,9 @@ def drafts_from_csv(text: str) -> Iterator[tuple[int, dict[str, Any] | DraftErro
     """(row number, draft fields as a JSON draft would have them, or why not) per data row.
 
     Columns: ``family``, ``to`` (agency ids separated by ``;``), ``body_type``, ``case_ref``,
-    ``in_reply_to``, ``confidentiality``, ``attachments`` (``;``-separated), and one column
-    per body field, ``body.<field>``; ``body.<field>[]`` holds a list, ``;``-separated.
+    ``in_reply_to``, ``confidentiality``, ``attachments`` (``;``-separated),
+    ``field_markings`` (``suspect=confidential;facts=confidential``), and one column per body
+    field, ``body.<field>``; ``body.<field>[]`` holds a list, ``;``-separated.
     """
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
@@ -209,7 +211,8 @@ def drafts_from_csv(text: str) -> Iterator[tuple[int, dict[str, Any] | DraftErro
 def flat_draft(row: Mapping[str, Any]) -> dict[str, Any]:
     """A draft as a JSON draft file would hold it, from flat fields: a CSV row or a SQL row.
 
-    ``to`` and ``attachments`` hold ``;``-separated lists, ``body.<field>`` one body field,
+    ``to`` and ``attachments`` hold ``;``-separated lists, ``field_markings``
+    ``FIELD=MARKING`` pairs separated by ``;``, ``body.<field>`` one body field,
     ``body.<field>[]`` a ``;``-separated list; an empty or missing value leaves the field out.
     """
     draft: dict[str, Any] = {"body": {}}
@@ -227,6 +230,10 @@ def flat_draft(row: Mapping[str, Any]) -> dict[str, Any]:
                 draft["body"][name] = value
         elif column in ("to", "attachments"):
             draft[column] = [v.strip() for v in value.split(";") if v.strip()]
+        elif column == "field_markings":
+            pairs = (v.partition("=") for v in value.split(";") if v.strip())
+            # "suspect" without "=..." keeps an empty marking, which draft_from_json names.
+            draft[column] = {name.strip(): marking.strip() for name, _, marking in pairs}
         elif value != "":
             draft[column] = value
     return draft
@@ -275,6 +282,17 @@ def draft_from_json(data: object, *, base_dir: Path, root: Path, source: str) ->
             f"field 'confidentiality': {confidentiality!r} is not one of "
             f"{', '.join(_CONFIDENTIALITY)}"
         )
+    field_markings = data.get("field_markings", {})
+    if not isinstance(field_markings, dict):
+        raise DraftError(
+            'field \'field_markings\': expected an object such as {"suspect": "confidential"}'
+        )
+    for name, marking in field_markings.items():
+        if marking not in _CONFIDENTIALITY:
+            raise DraftError(
+                f"field 'field_markings': {name!r} is marked {marking!r}, not one of "
+                f"{', '.join(_CONFIDENTIALITY)} (in CSV: FIELD=MARKING;FIELD=MARKING)"
+            )
     raw_attachments = data.get("attachments", [])
     if not isinstance(raw_attachments, list):
         raise DraftError("field 'attachments': expected a list of relative paths")
@@ -301,6 +319,7 @@ def draft_from_json(data: object, *, base_dir: Path, root: Path, source: str) ->
         in_reply_to=_optional_str(data, "in_reply_to"),
         confidentiality=cast(Confidentiality, confidentiality),
         attachments=tuple(attachments),
+        field_markings=field_markings,
         source=source,
     )
 
@@ -333,10 +352,19 @@ class DropFolder:
     def inbound_path(self, message_id: str) -> Path:
         return self.inbound / f"{_slug(message_id, 'message')}.json"
 
-    def write_inbound(self, item: InboundItem) -> Path:
-        """Write ``item`` (attachments first, then the JSON) and return the JSON's path."""
+    def write_inbound(self, item: InboundItem, withheld_fields: Sequence[str] = ()) -> Path:
+        """Write ``item`` (attachments first, then the JSON) and return the JSON's path.
+
+        ``withheld_fields`` are body fields left out because they are marked above what the
+        local system is cleared for; the JSON lists them, so the officer knows to ask.
+        """
         target = self.inbound_path(item.message_id)
         attachment_dir = self.inbound / target.stem
+        kept_markings = {
+            name: marking
+            for name, marking in item.field_markings.items()
+            if name not in withheld_fields
+        }
         attachments: list[dict[str, Any]] = []
         used: set[str] = set()
         for i, attachment in enumerate(item.attachments):
@@ -370,10 +398,18 @@ class DropFolder:
             "case_ref": item.case_ref,
             "in_reply_to": item.in_reply_to,
             "confidentiality": item.confidentiality,
+            "field_markings": kept_markings,
+            # The most restricted marking of what this file holds.
+            "marking": max(
+                (item.confidentiality, *kept_markings.values()), key=_CONFIDENTIALITY.index
+            ),
             "envelope_sha256": item.envelope_sha256,
-            "body": dict(item.body),
+            "body": {k: v for k, v in item.body.items() if k not in withheld_fields},
+            "withheld_fields": list(withheld_fields),
             "attachments": attachments,
         }
+        if item.version_of:
+            document["version_of"] = item.version_of
         # The JSON goes last: once the local system sees it, every attachment is complete.
         _write_atomic(target, _json_bytes(document))
         return target

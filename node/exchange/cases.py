@@ -298,20 +298,30 @@ class CaseBook:
         self, batch: Batch, message: envelope_pb2.Message
     ) -> tuple[dict[str, Any], str, str, datetime | None] | None:
         """This node's copy of a case a co-recipient answers: the procuratorate's copy (抄送)
-        of a crime transfer follows the police's filing decisions, sent to both."""
-        row = batch.session.execute(
-            select(CASES.c.peer, MESSAGES.c.recipients)
+        of a crime transfer follows the police's filing decisions, sent to both.
+
+        When the opener sent this node a version of its own (redacted, Message.version_of),
+        the reply names the first version, which this node never saw: it is followed when
+        the reply also goes to the opener, who would see a false one.
+        """
+        query = (
+            select(CASES.c.case_id, CASES.c.peer, MESSAGES.c.recipients)
             .join(MESSAGES, MESSAGES.c.message_id == CASES.c.case_id)
-            .where(
-                CASES.c.case_id == message.in_reply_to,
-                CASES.c.role == Role.ADDRESSEE.value,
-                MESSAGES.c.direction == "in",
-            )
+            .where(CASES.c.role == Role.ADDRESSEE.value, MESSAGES.c.direction == "in")
             .limit(1)
-        ).first()
-        if row is None or message.sender not in json.loads(row.recipients):
-            return None
-        case = self._load(batch, message.in_reply_to, row.peer)
+        )
+        # Two lookups, each on its own index, rather than one OR across the join.
+        row = batch.session.execute(query.where(CASES.c.case_id == message.in_reply_to)).first()
+        if row is not None:
+            if message.sender not in json.loads(row.recipients):
+                return None
+        else:
+            row = batch.session.execute(
+                query.where(MESSAGES.c.version_of == message.in_reply_to)
+            ).first()
+            if row is None or row.peer not in message.recipients or row.peer == message.sender:
+                return None
+        case = self._load(batch, row.case_id, row.peer)
         return None if case is None else self._with_event(case, message)
 
     def _with_event(

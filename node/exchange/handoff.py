@@ -24,7 +24,13 @@ from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
 from node.audit.log import AuditEvent
 from node.exchange.attachments import BlobStore
-from node.exchange.messages import body_dict, body_type_of, confidentiality_label, family_of
+from node.exchange.messages import (
+    body_dict,
+    body_type_of,
+    confidentiality_label,
+    family_of,
+    field_markings_of,
+)
 from node.plugin_api import AttachmentFile, Confidentiality, HandOffWithheld, InboundItem
 from node.store.models import MESSAGES, MessageRecord
 from node.store.writer import Batch, BatchWriter
@@ -89,6 +95,8 @@ def item_for(
         body=body_dict(message),
         attachments=attachments,
         envelope_sha256=envelope_sha256,
+        field_markings=cast(dict[str, Confidentiality], field_markings_of(message)),
+        version_of=message.version_of,
     )
 
 

@@ -36,6 +36,7 @@ from node.exchange.handoff import item_for
 from node.exchange.messages import (
     body_type_of,
     confidentiality_label,
+    effective_marking,
     family_of,
     parse_message,
     set_timestamp,
@@ -398,13 +399,14 @@ class Receiver:
                 envelope_sha256=digest_hex,
                 receipt=receipt.SerializeToString(deterministic=True),
                 log_index=index,
+                version_of=message.version_of or None,
             ),
         )
         if verified.family == "reply":
             self.context.cases.reply_received(batch, message, now)
         else:
             self.context.cases.open_received(
-                batch, message, verified.family, confidentiality_label(message), now
+                batch, message, verified.family, effective_marking(message), now
             )
         batch.proof_requests.append(index)
         return _Stored(receipt, index, now)

@@ -33,6 +33,23 @@ CONFIDENTIALITY_NAMES: dict[str, int] = {
     "confidential": envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL,
 }
 CONFIDENTIALITY_LABELS = {value: name for name, value in CONFIDENTIALITY_NAMES.items()}
+MARKINGS = ("public", "internal", "confidential")  # from least to most restricted
+
+
+def most_restricted(*markings: str) -> str:
+    """The most restricted of ``markings`` (the marking a whole made of these parts needs)."""
+    return max(markings, key=MARKINGS.index)
+
+
+def marking_label(confidentiality: str, field_markings: Mapping[str, str]) -> str:
+    """How a marking reads in a table: ``internal`` or ``internal; confidential: suspect``."""
+    if not field_markings:
+        return confidentiality
+    by_marking: dict[str, list[str]] = {}
+    for name, marking in sorted(field_markings.items()):
+        by_marking.setdefault(marking, []).append(name)
+    parts = [f"{marking}: {', '.join(names)}" for marking, names in sorted(by_marking.items())]
+    return "; ".join([confidentiality, *parts])
 
 
 def uuid7() -> str:
@@ -70,6 +87,8 @@ def compose_message(
     attachments: Sequence[AttachmentInput] = (),
     message_id: str | None = None,
     deadline: datetime | None = None,
+    field_markings: Mapping[str, str] | None = None,
+    version_of: str = "",
 ) -> envelope_pb2.Message:
     """Build a Message, or raise ExchangeError(INVALID) naming the bad field."""
     if family not in FAMILY_BODIES:
@@ -122,6 +141,22 @@ def compose_message(
             raise _invalid(f"body ({body_type}): {error}") from None
     if not getattr(message, body_type).ListFields():
         raise _invalid(f"body ({body_type}) is empty")
+    for name, marking in sorted((field_markings or {}).items()):
+        if marking not in CONFIDENTIALITY_NAMES:
+            raise _invalid(
+                f"field_markings: field '{name}' is marked '{marking}'; use public, internal or "
+                "confidential"
+            )
+        message.field_markings.add(
+            field=_proto_field_name(target.DESCRIPTOR, name),
+            confidentiality=CONFIDENTIALITY_NAMES[marking],
+        )
+    message.field_markings.sort(key=lambda marked: marked.field)
+    if version_of:
+        if not UUID_RE.match(version_of):
+            raise _invalid(f"version_of '{version_of}' is not a message id")
+        message.version_of = version_of
+    check_markings(message)
     for attachment in attachments:
         message.attachments.add(
             sha256=attachment.sha256,
@@ -173,6 +208,66 @@ def _set_plain_strings(target: ProtoMessage, body: Mapping[str, Any]) -> bool:
     return True
 
 
+def _proto_field_name(descriptor: Descriptor, name: str) -> str:
+    """A body field's proto name from its proto or JSON name (``legalBasis`` -> ``legal_basis``)."""
+    for field in descriptor.fields:
+        if name in (field.name, field.json_name):
+            return field.name
+    return name  # check_markings names it as unknown
+
+
+def field_markings_of(message: envelope_pb2.Message) -> dict[str, str]:
+    """The message's field markings, ``{field: "confidential"}``."""
+    return {
+        marked.field: CONFIDENTIALITY_LABELS.get(marked.confidentiality, "internal")
+        for marked in message.field_markings
+    }
+
+
+def check_markings(message: envelope_pb2.Message) -> None:
+    """Field markings name set fields of the body, each once, in order, each above the
+    message's own marking (a marking at or below it says nothing and hides a typo), and a
+    redacted version names another message. Raises ExchangeError(INVALID)."""
+    if message.confidentiality not in CONFIDENTIALITY_LABELS and message.confidentiality != 0:
+        # An unknown marking read as "internal" would let a stricter one through.
+        raise _invalid(
+            f"confidentiality {message.confidentiality} is not a known marking (1 public, "
+            "2 internal, 3 confidential; 0 = unmarked, read as internal)"
+        )
+    if not message.field_markings and not message.version_of:
+        return
+    own = confidentiality_label(message)
+    body_type = message.WhichOneof("body") or ""
+    body = getattr(message, body_type) if body_type else None
+    previous = ""
+    for marked in message.field_markings:
+        where = f"field_markings: field '{marked.field[:60]}'"
+        if body is None or marked.field not in body.DESCRIPTOR.fields_by_name:
+            known = ", ".join(body.DESCRIPTOR.fields_by_name) if body is not None else ""
+            raise _invalid(f"{where} is not a field of {body_type or 'the body'} ({known})")
+        field = body.DESCRIPTOR.fields_by_name[marked.field]
+        is_set = (
+            body.HasField(field.name) if field.has_presence else bool(getattr(body, field.name))
+        )
+        if not is_set:
+            raise _invalid(f"{where} is marked but not set in the body")
+        if marked.field <= previous:
+            raise _invalid(f"{where} is listed twice or out of order (sort them by field name)")
+        previous = marked.field
+        marking = CONFIDENTIALITY_LABELS.get(marked.confidentiality)
+        if marking is None:
+            raise _invalid(f"{where} has no known marking ({marked.confidentiality})")
+        if MARKINGS.index(marking) <= MARKINGS.index(own):
+            raise _invalid(
+                f"{where} is marked {marking}, not above the message's own marking {own}; "
+                "mark only fields that need more protection than the message"
+            )
+    if message.version_of and (
+        not UUID_RE.match(message.version_of) or message.version_of == message.message_id
+    ):
+        raise _invalid(f"version_of '{message.version_of[:40]}' is not another message's id")
+
+
 def parse_message(payload: bytes) -> envelope_pb2.Message:
     """Parse a verified payload and check its structure (not its permissions)."""
     message = envelope_pb2.Message()
@@ -208,6 +303,7 @@ def parse_message(payload: bytes) -> envelope_pb2.Message:
     for ref in message.attachments:
         if len(ref.sha256) != 32:
             raise _invalid(f"attachment '{ref.file_name}' has no valid SHA-256 digest")
+    check_markings(message)
     return message
 
 
@@ -239,6 +335,11 @@ def body_json(message: envelope_pb2.Message) -> str:
 
 def confidentiality_label(message: envelope_pb2.Message) -> str:
     return CONFIDENTIALITY_LABELS.get(message.confidentiality, "internal")
+
+
+def effective_marking(message: envelope_pb2.Message) -> str:
+    """The most restricted marking anywhere in the message: its own or a field's."""
+    return most_restricted(confidentiality_label(message), *field_markings_of(message).values())
 
 
 def _invalid(text: str) -> ExchangeError:

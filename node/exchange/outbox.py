@@ -12,12 +12,13 @@ import asyncio
 import json
 import mimetypes
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy import select
 
@@ -29,7 +30,7 @@ from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Due
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.messages import AttachmentInput, compose_message
+from node.exchange.messages import AttachmentInput, compose_message, effective_marking
 from node.federation import Registry
 from node.store.models import ATTACHMENTS, DELIVERIES, MESSAGES, message_row
 from node.store.writer import Batch, BatchWriter
@@ -47,6 +48,16 @@ class Submission:
     attachment_paths: Sequence[Path] = field(default_factory=tuple)
     client_key: str = ""
     deadline: datetime | None = None
+    field_markings: Mapping[str, str] = field(default_factory=dict)
+
+
+RedactFor = Callable[[Submission, str], "Submission | None"]
+"""The version of a submission one recipient may get (``None``: the submission as it is);
+raises ExchangeError to refuse the whole submission. The runtime asks the plugins
+(``liandong_redact``)."""
+
+# What a redacted version may differ in; the rest is the message's identity and thread.
+REDACTABLE = ("body", "confidentiality", "field_markings", "attachment_paths")
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,13 @@ class Outbox:
         writer: BatchWriter,
         blobs: BlobStore,
         on_queued: Callable[[list[Due]], None] = lambda _items: None,
+        redact_for: RedactFor | None = None,
     ) -> None:
         self.context = context
         self.writer = writer
         self.blobs = blobs
         self.on_queued = on_queued
+        self.redact_for = redact_for
 
     async def submit(self, submission: Submission) -> str:
         """Store, sign and audit a new outbound message; return its id."""
@@ -78,7 +91,12 @@ class Outbox:
         return outcome
 
     async def submit_many(self, submissions: Sequence[Submission]) -> list[str | Exception]:
-        """submit() for each, sharing one commit: the message id or the refusal, in order."""
+        """submit() for each, sharing one commit: the message id or the refusal, in order.
+
+        A submission redacted differently for some recipients becomes one message per version
+        (each stored, signed and audited like any other); its outcome is the first version's
+        id, which the later versions name in ``version_of``.
+        """
         files: list[list[AttachmentInput] | ExchangeError] = []
         for submission in submissions:
             try:
@@ -93,7 +111,8 @@ class Outbox:
                 )
             except ExchangeError as error:
                 files.append(error)
-        # Composing and signing off the loop too: Ed25519 releases the GIL.
+        # Redacting (plugin code), composing and signing off the loop too: Ed25519 releases
+        # the GIL.
         composed = await asyncio.to_thread(self._prepare_all, submissions, files)
         outcomes: list[str | Exception] = []
         prepared: list[tuple[int, _Prepared]] = []
@@ -101,12 +120,13 @@ class Outbox:
             if isinstance(ready, ExchangeError):
                 outcomes.append(ready)
             else:
-                prepared.append((position, ready))
+                prepared.extend((position, version) for version in ready)
                 outcomes.append("")
         stored = await self.writer.run_many([partial(self._store, p) for _, p in prepared])
         queued: list[Due] = []
         for (position, p), result in zip(prepared, stored, strict=True):
-            outcomes[position] = result
+            if not outcomes[position]:
+                outcomes[position] = result  # the first version's
             if result == p.row["message_id"]:  # not a repeat of an earlier submission
                 queued.extend(
                     Due(
@@ -127,19 +147,63 @@ class Outbox:
         self,
         submissions: Sequence[Submission],
         files: Sequence[list[AttachmentInput] | ExchangeError],
-    ) -> list[_Prepared | ExchangeError]:
-        results: list[_Prepared | ExchangeError] = []
+    ) -> list[list[_Prepared] | ExchangeError]:
+        results: list[list[_Prepared] | ExchangeError] = []
         for submission, attachments in zip(submissions, files, strict=True):
             if isinstance(attachments, ExchangeError):
                 results.append(attachments)
                 continue
             try:
-                results.append(self._prepare(submission, attachments))
+                versions: list[_Prepared] = []
+                for version in self._versions(submission):
+                    held = dict(zip(submission.attachment_paths, attachments, strict=True))
+                    version_files = [held[path] for path in version.attachment_paths]
+                    first = versions[0].message.message_id if versions else ""
+                    versions.append(self._prepare(version, version_files, version_of=first))
+                results.append(versions)
             except ExchangeError as error:
                 results.append(error)
         return results
 
-    def _prepare(self, submission: Submission, attachments: list[AttachmentInput]) -> _Prepared:
+    def _versions(self, submission: Submission) -> list[Submission]:
+        """The submission as each recipient may get it, one per distinct version, in the
+        order of their first recipients."""
+        if self.redact_for is None:
+            return [submission]
+        asked = [(r, self.redact_for(submission, r)) for r in submission.recipients]
+        if all(version is None for _, version in asked):
+            return [submission]  # the common case: nothing to compare
+        groups: dict[str, tuple[Submission, list[str]]] = {}
+        for recipient, redacted in asked:
+            version = redacted or submission
+            for name in Submission.__dataclass_fields__:
+                if name not in (*REDACTABLE, "recipients") and getattr(version, name) != getattr(
+                    submission, name
+                ):
+                    raise ExchangeError(
+                        Reason.INVALID,
+                        f"liandong_redact changed '{name}' for recipient '{recipient}'; a "
+                        f"redaction may change only {', '.join(REDACTABLE)}",
+                    )
+            extra = set(version.attachment_paths) - set(submission.attachment_paths)
+            if extra:
+                raise ExchangeError(
+                    Reason.INVALID,
+                    f"liandong_redact added attachment {sorted(map(str, extra))[0]} for "
+                    f"recipient '{recipient}'; a redaction may only leave attachments out",
+                )
+            groups.setdefault(_version_key(version), (version, []))[1].append(recipient)
+        versions: list[Submission] = []
+        for version, recipients in groups.values():
+            key = submission.client_key
+            if key and versions:  # the first version keeps the submitter's idempotency key
+                key = f"{key}#{','.join(recipients)}"
+            versions.append(replace(version, recipients=tuple(recipients), client_key=key))
+        return versions
+
+    def _prepare(
+        self, submission: Submission, attachments: list[AttachmentInput], version_of: str = ""
+    ) -> _Prepared:
         """Check, compose and sign one submission: the row to store (nothing stored yet)."""
         now = datetime.now(UTC)
         registry = self._check_recipients(submission, now)
@@ -155,6 +219,8 @@ class Outbox:
             confidentiality=submission.confidentiality,
             attachments=attachments,
             deadline=submission.deadline,
+            field_markings=submission.field_markings,
+            version_of=version_of,
         )
         for recipient in submission.recipients:
             if not registry.is_permitted(submission.family, self.context.agency, recipient):
@@ -190,6 +256,7 @@ class Outbox:
             envelope=signed,
             envelope_sha256=digest.hex(),
             client_key=submission.client_key or None,
+            version_of=version_of or None,
         )
         return _Prepared(row, list(message.recipients), attachments, message)
 
@@ -232,7 +299,11 @@ class Outbox:
             self.context.cases.reply_sent(batch, prepared.message, row["stored_at"])
         else:
             self.context.cases.open_sent(
-                batch, prepared.message, row["family"], row["confidentiality"], row["stored_at"]
+                batch,
+                prepared.message,
+                row["family"],
+                effective_marking(prepared.message),
+                row["stored_at"],
             )
         for recipient in recipients:
             batch.insert(
@@ -267,3 +338,22 @@ class Outbox:
             family=row["family"],
         )
         return str(row["message_id"])
+
+
+def _version_key(version: Submission) -> str:
+    """Equal for versions with the same content, whatever the body's form."""
+    body: Any = version.body
+    if isinstance(body, ProtoMessage):
+        body = json_format.MessageToDict(body, preserving_proto_field_name=True)
+    else:
+        body = dict(body)
+    return json.dumps(
+        [
+            body,
+            version.confidentiality,
+            sorted(version.field_markings.items()),
+            [str(path) for path in version.attachment_paths],
+        ],
+        sort_keys=True,
+        default=str,
+    )

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.messages import UUID_RE, body_json
+from node.exchange.messages import UUID_RE, body_json, field_markings_of
 from node.store.models import DeliveryRecord, MessageRecord
 
 
@@ -44,6 +44,8 @@ class ItemView:
     attachments: list[envelope_pb2.AttachmentRef]
     deliveries: list[DeliveryView]
     handed_off: str | None
+    field_markings: dict[str, str]
+    version_of: str
 
 
 def _view(record: MessageRecord) -> ItemView:
@@ -77,6 +79,8 @@ def _view(record: MessageRecord) -> ItemView:
             for d in record.deliveries
         ],
         handed_off=record.handed_off,
+        field_markings=field_markings_of(message),
+        version_of=message.version_of,
     )
 
 

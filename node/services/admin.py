@@ -85,6 +85,8 @@ def item_message(view: queries.ItemView) -> admin_pb2.Item:
         ],
         received_at=_time(view.stored_at) if view.direction == "inbox" else "",
         handed_off=view.handed_off or "",
+        field_markings=view.field_markings,
+        version_of=view.version_of,
     )
 
 
@@ -129,6 +131,15 @@ def submission_from(request: admin_pb2.SubmitRequest) -> Submission:
         if not isinstance(body, dict):
             raise ExchangeError(Reason.INVALID, "body must be a JSON object")
         body_type = request.body_type
+    field_markings: dict[str, str] = {}
+    for name, marking in sorted(request.field_markings.items()):
+        if marking not in CONFIDENTIALITY_LABELS:
+            raise ExchangeError(
+                Reason.INVALID,
+                f"field_markings: field '{name}' has no marking; use public, internal or "
+                "confidential",
+            )
+        field_markings[name] = CONFIDENTIALITY_LABELS[marking]
     return Submission(
         family=request.family,
         recipients=list(request.recipients),
@@ -140,6 +151,7 @@ def submission_from(request: admin_pb2.SubmitRequest) -> Submission:
         attachment_paths=[Path(p) for p in request.attachment_paths],
         client_key=request.client_key,
         deadline=parse_time(request.deadline, "deadline"),
+        field_markings=field_markings,
     )
 
 

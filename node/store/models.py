@@ -20,6 +20,7 @@ class MessageRecord(Base):
         Index("ix_messages_direction_stored_at", "direction", "stored_at"),
         Index("ix_messages_client_key", "client_key", unique=True),
         Index("ix_messages_pending_handoff", "direction", "handed_off"),
+        Index("ix_messages_version_of", "version_of"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -43,6 +44,8 @@ class MessageRecord(Base):
     log_index: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # Inbound: the local system's reference once a plugin has taken the message.
     handed_off: Mapped[str | None] = mapped_column(String(1024), default=None)
+    # A version redacted for some recipients: the first version's id (Message.version_of).
+    version_of: Mapped[str | None] = mapped_column(String(36), default=None)
 
     deliveries: Mapped[list[DeliveryRecord]] = relationship(
         primaryjoin="and_(MessageRecord.message_id == foreign(DeliveryRecord.message_id), "
@@ -260,6 +263,7 @@ def message_row(**fields: Any) -> dict[str, Any]:
         "receipt": None,
         "log_index": None,
         "handed_off": None,
+        "version_of": None,
     }
     row.update(fields)
     return row

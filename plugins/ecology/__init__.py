@@ -446,6 +446,11 @@ def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
 
 
 @hookimpl
+def liandong_redact(draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
+    return _adapters.liandong_redact(draft, recipient, api)
+
+
+@hookimpl
 def liandong_deliveries_confirmed(
     confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
 ) -> None:

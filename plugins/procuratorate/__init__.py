@@ -11,7 +11,8 @@ Filing supervision (立案监督) is the node's, not the plugin's: ``liandong re
 lists 应立未立 from the transfer copies and 应移未移 from the shared penalty data, with the
 thresholds of ``[supervision.thresholds]``.
 
-Config: ``[plugins.procuratorate] folder = "local"``, ``cleared_for = "internal"``.
+Config: ``[plugins.procuratorate] folder = "local"``, ``cleared_for = "internal"``, and
+``[plugins.procuratorate.recipients]`` (what each recipient may get, see :mod:`plugins.adapters`).
 """
 
 from plugins.adapters import AgencyAdapters
@@ -21,4 +22,5 @@ _plugin = AgencyAdapters("procuratorate")
 liandong_node_started = _plugin.liandong_node_started
 liandong_poll_local_system = _plugin.liandong_poll_local_system
 liandong_hand_off = _plugin.liandong_hand_off
+liandong_redact = _plugin.liandong_redact
 liandong_deliveries_confirmed = _plugin.liandong_deliveries_confirmed

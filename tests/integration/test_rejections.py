@@ -255,6 +255,19 @@ def too_large(fed: Federation) -> envelope_pb2.Envelope:
     return _police_clue(fed, body={"title": "大", "facts": "x" * (5 * 1024 * 1024)})
 
 
+def weak_field_marking(fed: Federation) -> envelope_pb2.Envelope:
+    message = clue_message(POLICE, [PROCURATORATE])
+    message.field_markings.add(field="facts", confidentiality=envelope_pb2.CONFIDENTIALITY_PUBLIC)
+    return sign(message, signing_key(fed.setups[POLICE]))
+
+
+def unknown_marking(fed: Federation) -> envelope_pb2.Envelope:
+    # Read as "internal", a stricter marking of a newer protocol would leak.
+    message = clue_message(POLICE, [PROCURATORATE])
+    message.confidentiality = 7  # type: ignore[assignment]
+    return sign(message, signing_key(fed.setups[POLICE]))
+
+
 def attachment_not_uploaded(fed: Federation) -> envelope_pb2.Envelope:
     message, _digest = attachment_message(
         POLICE, [PROCURATORATE], b"never uploaded", title="附件线索", file_name="a.txt"
@@ -310,6 +323,10 @@ CASES: dict[str, Case] = {
         too_large, grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds this node's limit"
     ),
     "attachment-not-uploaded": Case(attachment_not_uploaded, PRECONDITION, "has not been uploaded"),
+    "field-marked-below-its-message": Case(
+        weak_field_marking, INVALID, "field 'facts' is marked public, not above"
+    ),
+    "unknown-marking": Case(unknown_marking, INVALID, "confidentiality 7 is not a known marking"),
 }
 
 

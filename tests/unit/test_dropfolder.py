@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,40 @@ def test_write_inbound_content(tmp_path: Path) -> None:
         "case_ref",
         "in_reply_to",
         "confidentiality",
+        "field_markings",
+        "marking",
         "envelope_sha256",
         "body",
+        "withheld_fields",
         "attachments",
     }
+    assert (doc["field_markings"], doc["marking"], doc["withheld_fields"]) == (
+        {},
+        "confidential",
+        [],
+    )
+
+
+def test_write_inbound_leaves_out_withheld_fields_and_says_so(tmp_path: Path) -> None:
+    item = replace(
+        make_item(),
+        confidentiality="internal",
+        field_markings={"facts": "confidential"},
+        version_of="0190f5b4-1c2d-7e3f-8a4b-5c6d7e8f9a0b",
+    )
+    assert item.marking == "confidential"
+    doc = json.loads(DropFolder(tmp_path / "local").write_inbound(item, ["facts"]).read_bytes())
+    assert doc["body"] == {"title": "非法倾倒危险废物"}
+    assert doc["withheld_fields"] == ["facts"]
+    # What the file holds is internal: the confidential field is not in it.
+    assert (doc["field_markings"], doc["marking"]) == ({}, "internal")
+    assert doc["version_of"] == "0190f5b4-1c2d-7e3f-8a4b-5c6d7e8f9a0b"
+    whole = json.loads(DropFolder(tmp_path / "other").write_inbound(item).read_bytes())
+    assert whole["body"]["facts"] == "5 t"
+    assert (whole["field_markings"], whole["marking"]) == (
+        {"facts": "confidential"},
+        "confidential",
+    )
 
 
 def test_write_inbound_is_idempotent_and_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.messages import UUID_RE, compose_message, family_of, parse_message, uuid7
+from node.exchange.messages import (
+    UUID_RE,
+    compose_message,
+    effective_marking,
+    family_of,
+    field_markings_of,
+    marking_label,
+    parse_message,
+    uuid7,
+)
 
 
 def compose(**overrides: object):  # type: ignore[no-untyped-def]
@@ -91,4 +100,63 @@ def test_parse_refuses_a_time_the_node_could_not_read(set_time: Any, name: str) 
     message = compose()
     set_time(message)
     with pytest.raises(ExchangeError, match=re.escape(f"{name} is outside")):
+        parse_message(message.SerializeToString())
+
+
+def test_field_markings_are_sorted_named_the_proto_way_and_round_trip() -> None:
+    message = compose(
+        body={"title": "线索", "subject": "某电镀厂", "legalBasis": "水污染防治法"},
+        field_markings={"subject": "confidential", "legalBasis": "confidential"},
+    )
+    assert [(m.field, m.confidentiality) for m in message.field_markings] == [
+        ("legal_basis", 3),
+        ("subject", 3),
+    ]
+    parsed = parse_message(message.SerializeToString())
+    assert field_markings_of(parsed) == {"legal_basis": "confidential", "subject": "confidential"}
+    assert effective_marking(parsed) == "confidential"
+    assert effective_marking(compose()) == "internal"
+    assert marking_label("internal", field_markings_of(parsed)) == (
+        "internal; confidential: legal_basis, subject"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        ({"field_markings": {"suspekt": "confidential"}}, "'suspekt' is not a field of clue"),
+        ({"field_markings": {"facts": "confidential"}}, "'facts' is marked but not set"),
+        ({"field_markings": {"title": "internal"}}, "not above the message's own marking"),
+        ({"field_markings": {"title": "public"}}, "not above the message's own marking"),
+        ({"field_markings": {"title": "secret"}}, "marked 'secret'; use public"),
+        ({"version_of": "nope"}, "version_of 'nope' is not a message id"),
+    ],
+)
+def test_bad_markings_are_refused_with_the_reason(
+    overrides: dict[str, object], phrase: str
+) -> None:
+    with pytest.raises(ExchangeError) as caught:
+        compose(**overrides)
+    assert caught.value.reason is Reason.INVALID
+    assert phrase in caught.value.message, caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("tamper", "phrase"),
+    [
+        (lambda m: m.field_markings.add(field="title", confidentiality=3), "listed twice"),
+        (lambda m: m.field_markings.add(field="facts", confidentiality=3), "not set in the body"),
+        (lambda m: m.field_markings.add(field="zzz", confidentiality=3), "not a field of clue"),
+        (lambda m: setattr(m.field_markings[0], "confidentiality", 0), "no known marking (0)"),
+        (lambda m: setattr(m.field_markings[0], "confidentiality", 2), "not above"),
+        (lambda m: setattr(m.field_markings[0], "confidentiality", 9), "no known marking"),
+        (lambda m: setattr(m, "confidentiality", 9), "confidentiality 9 is not a known"),
+        (lambda m: setattr(m, "version_of", m.message_id), "is not another message's id"),
+    ],
+)
+def test_parse_refuses_markings_a_peer_got_wrong(tamper: Any, phrase: str) -> None:
+    # A marking the receiver cannot read must not be taken for a weaker one.
+    message = compose(field_markings={"title": "confidential"})
+    tamper(message)
+    with pytest.raises(ExchangeError, match=re.escape(phrase)):
         parse_message(message.SerializeToString())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import types
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import structlog
 
 from node import hookspecs
 from node.hookspecs import hookimpl
-from node.plugin_api import Draft, InboundItem, NodeAPI
+from node.plugin_api import Draft, DraftRejected, HandOffWithheld, InboundItem, NodeAPI
 from node.plugins import ENTRY_POINT_GROUP, PluginError, PluginHooks, load_plugin_manager
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,6 +204,100 @@ def test_builtin_plugins_run_through_the_facade(tmp_path: Path) -> None:
     assert ref == str(tmp_path / "local" / "inbound" / "msg-1.json")
 
 
+class ConfiguredAPI(FakeAPI):
+    def __init__(self, data_dir: Path, settings: Mapping[str, Any]) -> None:
+        super().__init__(data_dir, agency="140400/ecology")
+        self.settings = settings
+
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        return self.settings
+
+
+def test_liandong_redact_first_result_wins(tmp_path: Path) -> None:
+    draft = Draft(family="notice", recipients=("a/x", "b/y"), body={"title": "t", "text": "x"})
+    shorter = replace(draft, body={"title": "t"})
+    calls: list[str] = []
+
+    def passes(recipient: str) -> None:
+        calls.append(f"passes {recipient}")
+
+    def redacts(draft: Draft, recipient: str) -> Draft | None:
+        calls.append(f"redacts {recipient}")
+        return shorter if recipient == "b/y" else None
+
+    def never(draft: Draft) -> Draft:
+        raise AssertionError("asked after a first result")
+
+    # pluggy asks the last registered first.
+    extra = [plugin(liandong_redact=never), plugin(liandong_redact=redacts)]
+    extra.append(plugin(liandong_redact=passes))
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=extra))
+    assert hooks.redacts
+    with pytest.raises(AssertionError, match="first result"):
+        hooks.redact(draft, "a/x", FakeAPI(tmp_path))  # no one answered: the third is asked
+    calls.clear()
+    assert hooks.redact(draft, "b/y", FakeAPI(tmp_path)) == shorter
+    assert calls == ["passes b/y", "redacts b/y"]
+    assert not PluginHooks(load_plugin_manager(enabled=[])).redacts
+
+
+def test_adapters_redact_by_recipient_clearance(tmp_path: Path) -> None:
+    from plugins.adapters import AgencyAdapters
+
+    adapters = AgencyAdapters("ecology")
+    api = ConfiguredAPI(tmp_path, {"recipients": {"140400/discipline": "internal"}})
+    draft = Draft(
+        family="notice",
+        recipients=("140400/police", "140400/discipline"),
+        body={"title": "重大舆情", "text": "涉事企业：某电镀厂", "kind": "KIND_MAJOR_INCIDENT"},
+        confidentiality="internal",
+        field_markings={"text": "confidential"},
+    )
+    assert adapters.liandong_redact(draft, "140400/police", api) is None  # not listed: whole
+    version = adapters.liandong_redact(draft, "140400/discipline", api)
+    assert version is not None
+    assert version.body == {"title": "重大舆情", "kind": "KIND_MAJOR_INCIDENT"}
+    assert version.field_markings == {}
+    assert replace(version, body=draft.body, field_markings=draft.field_markings) == draft
+    # A field spelt the JSON way is taken out as well.
+    camel = replace(
+        draft,
+        body={"title": "t", "legalBasis": "x"},
+        field_markings={"legal_basis": "confidential"},
+    )
+    assert adapters.liandong_redact(camel, "140400/discipline", api).body == {"title": "t"}  # type: ignore[union-attr]
+    # Nothing above the recipient's clearance: nothing to do.
+    plain = replace(draft, field_markings={})
+    assert adapters.liandong_redact(plain, "140400/discipline", api) is None
+    with pytest.raises(DraftRejected, match="'140400/discipline' may get at most internal"):
+        adapters.liandong_redact(
+            replace(draft, confidentiality="confidential"), "140400/discipline", api
+        )
+    broken = ConfiguredAPI(tmp_path, {"recipients": {"140400/discipline": "secret"}})
+    with pytest.raises(ValueError, match=r"\[plugins.ecology.recipients\] '140400/discipline'"):
+        adapters.liandong_redact(draft, "140400/discipline", broken)
+
+
+def test_adapters_hand_off_without_the_fields_above_clearance(tmp_path: Path) -> None:
+    from plugins.adapters import AgencyAdapters
+
+    adapters = AgencyAdapters("police")
+    api = FakeAPI(tmp_path)  # cleared for internal, the default
+    item = replace(
+        make_item(),
+        body={"title": "t", "suspect": "某电镀厂"},
+        field_markings={"suspect": "confidential"},
+    )
+    reference = adapters.liandong_hand_off(item, api)
+    assert reference is not None and reference.endswith("(without suspect: above internal)")
+    written = json.loads(Path(reference.split(" (")[0]).read_bytes())
+    assert written["body"] == {"title": "t"} and written["withheld_fields"] == ["suspect"]
+    with pytest.raises(HandOffWithheld, match="marked confidential"):
+        adapters.liandong_hand_off(
+            replace(item, confidentiality="confidential", field_markings={}), api
+        )
+
+
 # -- meta-tests: every hook is tested and documented (after datasette's test_plugins.py) -----
 
 
@@ -260,6 +356,7 @@ def test_hookspecs_are_discovered() -> None:
         "liandong_hand_off",
         "liandong_node_started",
         "liandong_poll_local_system",
+        "liandong_redact",
     ]
 
 

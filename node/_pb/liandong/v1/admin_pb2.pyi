@@ -457,6 +457,26 @@ Global___ExportProgress: _TypeAlias = ExportProgress  # noqa: Y015
 class SubmitRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FieldMarkingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _envelope_pb2.Confidentiality.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _envelope_pb2.Confidentiality.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FAMILY_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
     BODY_JSON_FIELD_NUMBER: _builtins.int
@@ -468,6 +488,7 @@ class SubmitRequest(_message.Message):
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    FIELD_MARKINGS_FIELD_NUMBER: _builtins.int
     CLUE_FIELD_NUMBER: _builtins.int
     CRIME_TRANSFER_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
@@ -502,6 +523,12 @@ class SubmitRequest(_message.Message):
         """Files on this host to attach; the node copies them into its store."""
 
     @_builtins.property
+    def field_markings(self) -> _containers.ScalarMap[_builtins.str, _envelope_pb2.Confidentiality.ValueType]:
+        """Body fields marked above `confidentiality`, by field name (e.g. {"suspect":
+        CONFIDENTIALITY_CONFIDENTIAL}).
+        """
+
+    @_builtins.property
     def clue(self) -> _envelope_pb2.ClueTransfer: ...
     @_builtins.property
     def crime_transfer(self) -> _envelope_pb2.CrimeTransfer: ...
@@ -531,6 +558,7 @@ class SubmitRequest(_message.Message):
         client_key: _builtins.str = ...,
         seq: _builtins.int = ...,
         deadline: _builtins.str = ...,
+        field_markings: _abc.Mapping[_builtins.str, _envelope_pb2.Confidentiality.ValueType] | None = ...,
         clue: _envelope_pb2.ClueTransfer | None = ...,
         crime_transfer: _envelope_pb2.CrimeTransfer | None = ...,
         notice: _envelope_pb2.Notice | None = ...,
@@ -542,7 +570,7 @@ class SubmitRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clue", b"clue", "crime_transfer", b"crime_transfer", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "notice", b"notice", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "typed_body", b"typed_body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_paths", b"attachment_paths", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "client_key", b"client_key", "clue", b"clue", "confidentiality", b"confidentiality", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "family", b"family", "feedback", b"feedback", "in_reply_to", b"in_reply_to", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "seq", b"seq", "typed_body", b"typed_body"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_paths", b"attachment_paths", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "client_key", b"client_key", "clue", b"clue", "confidentiality", b"confidentiality", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "family", b"family", "feedback", b"feedback", "field_markings", b"field_markings", "in_reply_to", b"in_reply_to", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "seq", b"seq", "typed_body", b"typed_body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_typed_body: _TypeAlias = _typing.Literal["clue", "crime_transfer", "notice", "evidence_request", "evidence_response", "recommendation", "recommendation_reply", "feedback"]  # noqa: Y015
     _WhichOneofArgType_typed_body: _TypeAlias = _typing.Literal["typed_body", b"typed_body"]  # noqa: Y015
@@ -723,6 +751,26 @@ Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
 class Item(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FieldMarkingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
@@ -739,6 +787,8 @@ class Item(_message.Message):
     DELIVERIES_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     HANDED_OFF_FIELD_NUMBER: _builtins.int
+    FIELD_MARKINGS_FIELD_NUMBER: _builtins.int
+    VERSION_OF_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     direction: _builtins.str
     """"inbox" or "outbox" """
@@ -758,6 +808,8 @@ class Item(_message.Message):
     """inbox only"""
     handed_off: _builtins.str
     """inbox only: local system reference"""
+    version_of: _builtins.str
+    """the message this one is a redacted version of"""
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -765,6 +817,10 @@ class Item(_message.Message):
     @_builtins.property
     def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
         """outbox only"""
+
+    @_builtins.property
+    def field_markings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """body field -> its marking, above confidentiality"""
 
     def __init__(
         self,
@@ -785,10 +841,12 @@ class Item(_message.Message):
         deliveries: _abc.Iterable[Global___Delivery] | None = ...,
         received_at: _builtins.str = ...,
         handed_off: _builtins.str = ...,
+        field_markings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        version_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "confidentiality", b"confidentiality", "created_at", b"created_at", "deliveries", b"deliveries", "direction", b"direction", "envelope_sha256", b"envelope_sha256", "family", b"family", "handed_off", b"handed_off", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "confidentiality", b"confidentiality", "created_at", b"created_at", "deliveries", b"deliveries", "direction", b"direction", "envelope_sha256", b"envelope_sha256", "family", b"family", "field_markings", b"field_markings", "handed_off", b"handed_off", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender", "version_of", b"version_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

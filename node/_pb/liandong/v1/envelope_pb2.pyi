@@ -130,6 +130,32 @@ class AttachmentRef(_message.Message):
 Global___AttachmentRef: _TypeAlias = AttachmentRef  # noqa: Y015
 
 @_typing.final
+class FieldMarking(_message.Message):
+    """One body field's marking: `field` is the field's proto name in the body message (e.g.
+    "suspect" of a CrimeTransfer), `confidentiality` is above the message's own marking.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    CONFIDENTIALITY_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    confidentiality: Global___Confidentiality.ValueType
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        confidentiality: Global___Confidentiality.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidentiality", b"confidentiality", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldMarking: _TypeAlias = FieldMarking  # noqa: Y015
+
+@_typing.final
 class Message(_message.Message):
     """The payload of an exchange envelope (payload_type
     "application/vnd.liandong.message+protobuf").
@@ -146,6 +172,8 @@ class Message(_message.Message):
     CONFIDENTIALITY_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    FIELD_MARKINGS_FIELD_NUMBER: _builtins.int
+    VERSION_OF_FIELD_NUMBER: _builtins.int
     CLUE_FIELD_NUMBER: _builtins.int
     CRIME_TRANSFER_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
@@ -163,6 +191,10 @@ class Message(_message.Message):
     in_reply_to: _builtins.str
     """message id answered, if any"""
     confidentiality: Global___Confidentiality.ValueType
+    version_of: _builtins.str
+    """Set on a version of a message redacted for some of its recipients: the id of the version
+    the first recipients got (same sender, same thread). Empty on the first version.
+    """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """agency ids"""
@@ -175,6 +207,13 @@ class Message(_message.Message):
 
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachmentRef]: ...
+    @_builtins.property
+    def field_markings(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldMarking]:
+        """Body fields marked above the message's own marking (长环发〔2024〕75号 §五(三): content
+        that must be kept confidential is specially marked), sorted by field name, each listed
+        once. The message's marking covers every field not listed here.
+        """
+
     @_builtins.property
     def clue(self) -> Global___ClueTransfer: ...
     @_builtins.property
@@ -203,6 +242,8 @@ class Message(_message.Message):
         confidentiality: Global___Confidentiality.ValueType = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         attachments: _abc.Iterable[Global___AttachmentRef] | None = ...,
+        field_markings: _abc.Iterable[Global___FieldMarking] | None = ...,
+        version_of: _builtins.str = ...,
         clue: Global___ClueTransfer | None = ...,
         crime_transfer: Global___CrimeTransfer | None = ...,
         notice: Global___Notice | None = ...,
@@ -214,7 +255,7 @@ class Message(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clue", b"clue", "created_at", b"created_at", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "notice", b"notice", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body", b"body", "case_ref", b"case_ref", "clue", b"clue", "confidentiality", b"confidentiality", "created_at", b"created_at", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body", b"body", "case_ref", b"case_ref", "clue", b"clue", "confidentiality", b"confidentiality", "created_at", b"created_at", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "field_markings", b"field_markings", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "sender", b"sender", "version_of", b"version_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["clue", "crime_transfer", "notice", "evidence_request", "evidence_response", "recommendation", "recommendation_reply", "feedback"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
