@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid-days", type=positive_int, default=365, help="certificate validity"
     )
     fed_add.set_defaults(handler=cmd_federation_add_member)
+    fed_supervise = fed_commands.add_parser(
+        "supervise",
+        help="name the agency that escalation notices (督办) about a member go to",
+        description="Record in the operator's state which member supervises AGENCY: when "
+        "AGENCY misses a deadline and the grace period ends, the waiting agency's node sends "
+        "the signed escalation notice there. Takes effect with the next published registry.",
+    )
+    fed_supervise.add_argument("agency", help="the member supervised, e.g. 140400/ecology")
+    who = fed_supervise.add_mutually_exclusive_group(required=True)
+    who.add_argument("--by", default="", help="the supervising member, e.g. 140400/discipline")
+    who.add_argument("--none", action="store_true", help="remove the member's supervisor")
+    fed_supervise.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
+    fed_supervise.set_defaults(handler=cmd_federation_supervise)
     fed_publish = fed_commands.add_parser("publish", help="sign and write the member registry")
     fed_publish.add_argument("--out", type=Path, required=True, help="registry file to write")
     fed_publish.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
@@ -328,6 +341,19 @@ def cmd_federation_init(options: argparse.Namespace) -> int:
     print(f"federation '{options.name}' created in {options.dir}")
     print(f"  CA certificate:      {options.dir / 'ca.crt'}   (give to every member)")
     print(f"  registry public key: {options.dir / 'operator.pub'}   (give to every member)")
+    return 0
+
+
+def cmd_federation_supervise(options: argparse.Namespace) -> int:
+    from node import pki
+
+    member = _setup(lambda: pki.set_supervisor(options.dir, options.agency, options.by))
+    if member.supervisor:
+        print(f"escalations about {member.agency_id} go to {member.supervisor}")
+    else:
+        print(f"{member.agency_id} has no supervisor in the registry now")
+    print("publish the registry for it to take effect:")
+    print(f"  liandong federation publish --dir {options.dir} --out FILE")
     return 0
 
 

@@ -54,7 +54,6 @@ def deadline_config(speed: float) -> str:
         "\n[deadlines]\n"
         f"speed = {speed}\n"
         "scan_seconds = 0.2\n"
-        f'supervisor = "{DISCIPLINE}"\n'
         "escalation_grace_days = 3\n"
         # The police's and the procuratorate's case systems may hold confidential items.
         '[plugins.police]\ncleared_for = "confidential"\n'
@@ -129,6 +128,8 @@ def run_demo(workdir: Path | None, speed: float = DEFAULT_SPEED) -> int:
             names=NAMES,
             witness_interval=1.0,
             extra_config=deadline_config(speed),
+            # The operator names, in the registry, where escalations about each agency go.
+            supervisors={ECOLOGY: DISCIPLINE, POLICE: DISCIPLINE},
         )
         say(f"Legal deadlines run {speed:,.0f} times faster than real time (--speed)")
         nodes = {n.agency: n for n in setups}

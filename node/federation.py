@@ -96,6 +96,9 @@ class Member:
     endpoint: str
     signing_keys: tuple[MemberKey, ...]
     tls_fingerprints: tuple[str, ...]
+    # The agency that escalation notices (督办) about this member go to, e.g. the discipline
+    # commission (001 §五); "" when the registry names none.
+    supervisor: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,11 @@ class Registry:
             if m.agency_id == agency_id:
                 return m
         return None
+
+    def supervisor_of(self, agency_id: str) -> str:
+        """The agency escalations about ``agency_id`` go to, or "" when the registry names none."""
+        member = self.member(agency_id)
+        return member.supervisor if member is not None else ""
 
     def public_keys(self, agency_id: str) -> dict[str, Ed25519PublicKey]:
         """Every key ever listed for the member; validity is checked by key_valid_at."""
@@ -271,6 +279,8 @@ def _member_json(m: Member) -> dict[str, Any]:
             for k in m.signing_keys
         ],
         "tls_fingerprints": list(m.tls_fingerprints),
+        # Only when set: a registry without supervisors keeps its bytes and older parsers.
+        **({"supervisor": m.supervisor} if m.supervisor else {}),
     }
 
 
@@ -372,7 +382,16 @@ def _member(value: Any, field: str) -> Member:
                 f"{fp!r} is not a SHA-256 fingerprint (64 lower-case hex digits)",
             )
         fingerprints.append(fp)
-    return Member(agency_id, name, endpoint, tuple(keys), tuple(fingerprints))
+    supervisor = ""
+    if "supervisor" in obj:
+        supervisor = _str(obj["supervisor"], f"{field}.supervisor")
+        try:
+            validate_agency_id(supervisor)
+        except IdentityError as exc:
+            raise _Malformed(f"{field}.supervisor", str(exc)) from None
+        if supervisor == agency_id:
+            raise _Malformed(f"{field}.supervisor", "a member cannot supervise itself")
+    return Member(agency_id, name, endpoint, tuple(keys), tuple(fingerprints), supervisor)
 
 
 def _check_log_vkeys(raw: dict[str, Any], member: Member, federation: str, field: str) -> None:
@@ -414,6 +433,12 @@ def _parse_registry(data: bytes, source: str) -> Registry:
                 raise _Malformed(f"members[{i}].agency_id", f"{m.agency_id!r} is listed twice")
             seen.add(m.agency_id)
             members.append(m)
+        for i, m in enumerate(members):
+            if m.supervisor and m.supervisor not in seen:
+                raise _Malformed(
+                    f"members[{i}].supervisor",
+                    f"{m.supervisor!r} is not a member: escalations could not be delivered",
+                )
         permissions: list[Permission] = []
         for i, raw in enumerate(_list(_get(obj, "permissions", ""), "permissions")):
             pf = f"permissions[{i}]"

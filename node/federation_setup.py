@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,12 @@ def create_federation(
     extra_config: str = "",
     registry_days: int = 30,
     witness_interval: float = 0.0,
+    supervisors: Mapping[str, str] | None = None,
 ) -> list[NodeSetup]:
     """Operator + one node directory per agency, each ready for `liandong serve`.
+
+    `supervisors` maps an agency to the member its escalations go to, in the registry (as
+    `liandong federation supervise` records it).
 
     Witnessing is off unless `witness_interval` is given: its rounds write the peers' audit
     logs (each query is logged), which tests and benchmarks that count entries do not want.
@@ -100,6 +104,8 @@ def create_federation(
         )
         (directory / CONFIG_FILE_NAME).write_text(config + extra_config, encoding="utf-8")
         nodes.append(NodeSetup(agency, directory, endpoint))
+    for agency, supervisor in (supervisors or {}).items():
+        pki.set_supervisor(operator, agency, supervisor)
     publish_registry(workdir, nodes, valid_days=registry_days)
     return nodes
 

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import json
 import os
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -405,13 +406,44 @@ def add_member(
     # Only the newest TLS certificate is listed: the old TLS key is being replaced, and
     # unlike a signing key it has no past messages that need to stay verifiable.
     member = Member(
-        agency_id, req["name"], req["endpoint"], signing_keys, (certificate_fingerprint(der),)
+        agency_id,
+        req["name"],
+        req["endpoint"],
+        signing_keys,
+        (certificate_fingerprint(der),),
+        previous.supervisor if previous is not None else "",
     )
     members = [m for m in members if m.agency_id != agency_id] + [member]
     members.sort(key=lambda m: m.agency_id)
     state["members"] = [member_to_json(m) for m in members]
     _save_state(federation_dir, state)
     return out
+
+
+def set_supervisor(federation_dir: Path, agency_id: str, supervisor: str) -> Member:
+    """Record which agency escalation notices about ``agency_id`` go to ("" for none); the
+    next published registry carries it."""
+    federation_dir = Path(federation_dir)
+    state = _load_state(federation_dir)
+    members = _state_members(federation_dir, state)
+    known = {m.agency_id for m in members}
+    if agency_id not in known:
+        raise SetupError(
+            f"{agency_id!r} is not a member of the federation (members: {', '.join(sorted(known))})"
+        )
+    if supervisor and supervisor not in known:
+        raise SetupError(
+            f"supervisor {supervisor!r} is not a member of the federation: add it first "
+            "(escalations to it could not be delivered)"
+        )
+    if supervisor == agency_id:
+        raise SetupError(f"{agency_id!r} cannot supervise itself")
+    updated = [
+        replace(m, supervisor=supervisor) if m.agency_id == agency_id else m for m in members
+    ]
+    state["members"] = [member_to_json(m) for m in updated]
+    _save_state(federation_dir, state)
+    return next(m for m in updated if m.agency_id == agency_id)
 
 
 def publish(

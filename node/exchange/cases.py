@@ -20,7 +20,7 @@ message itself is valid and kept).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -108,9 +108,23 @@ def _parse_time(text: str) -> datetime:
 
 
 class CaseBook:
-    def __init__(self, agency: str, deadlines: Deadlines) -> None:
+    def __init__(
+        self,
+        agency: str,
+        deadlines: Deadlines,
+        supervisor_of: Callable[[str], str] = lambda _agency: "",
+    ) -> None:
         self.agency = agency
         self.deadlines = deadlines
+        # The federation registry's supervisor of an agency (node.federation), if it names one.
+        self.supervisor_of = supervisor_of
+
+    def supervisor_for(self, responsible: str) -> str:
+        """Where escalations about ``responsible`` go: the registry's supervisor of that
+        agency, else this node's ``[deadlines] supervisor``; "" for nowhere (and never this
+        node itself, which cannot escalate to itself)."""
+        supervisor = self.supervisor_of(responsible) or self.deadlines.supervisor
+        return "" if supervisor == self.agency else supervisor
 
     # -- opening -------------------------------------------------------------------------
 
@@ -440,7 +454,11 @@ class CaseBook:
                 detail=detail,
             )
         self._start_clocks(batch, moved, self._clocks(batch, moved), at, closing=True)
-        if transition.escalate and Role(moved["role"]) is Role.OPENER and self.deadlines.supervisor:
+        if (
+            transition.escalate
+            and Role(moved["role"]) is Role.OPENER
+            and self.supervisor_for(moved["peer"])
+        ):
             # Worth the supervisor's attention at once (e.g. a refused evidence request):
             # a clock already due, which the scheduler escalates on its next pass.
             rule = DeadlineRule(
@@ -518,7 +536,9 @@ class CaseBook:
             "started_at": start,
             "due_at": due,
             "warn_at": warn,
-            "escalate_at": self.deadlines.escalate_at(due),
+            "escalate_at": (
+                self.deadlines.escalate_at(due) if self.supervisor_for(responsible) else None
+            ),
             "state": "open",
             "next_action_at": min(warn, due),
             "closed_at": None,
@@ -625,9 +645,11 @@ class CaseBook:
                     f"The deadline '{rule_name}' passed at {format_time(clock['due_at'])}. {basis}",
                 )
             return values, reminder
-        supervisor = self.deadlines.supervisor
+        # Looked up now, not when the clock started: a registry published since then names
+        # the supervisor in force.
+        supervisor = self.supervisor_for(clock["responsible"])
         values = {"state": "escalated", "next_action_at": None}
-        if not supervisor or supervisor == self.agency:
+        if not supervisor:
             return values, None
         return values, Reminder(
             "escalation",

@@ -26,7 +26,11 @@ class NodeContext:
 
     def __post_init__(self) -> None:
         # The lifecycles and clocks of this node's cases, moved in the writer's units.
-        self.cases = CaseBook(self.agency, self.deadlines)
+        self.cases = CaseBook(self.agency, self.deadlines, self._supervisor_of)
+
+    def _supervisor_of(self, agency: str) -> str:
+        # The registry in force when asked: a newly published one applies at once.
+        return self.registry.supervisor_of(agency)
 
     def usable_registry(self, now: datetime) -> Registry:
         """The registry, unless it has expired past the grace period (fail closed)."""

@@ -197,7 +197,8 @@ class Deadlines:
     rules: tuple[DeadlineRule, ...] = LEGAL_DEFAULTS
     calendar: WorkCalendar = field(default_factory=WorkCalendar)
     escalation_grace: timedelta = 3 * DAY
-    supervisor: str = ""  # the agency escalations go to; "" = none
+    # The agency escalations go to when the registry names no supervisor; "" = none.
+    supervisor: str = ""
     # Simulated time (`liandong demo --speed N`): every duration is N times shorter.
     speed: float = 1.0
     # Rules the node's config sets: plugins do not override them.
@@ -226,9 +227,8 @@ class Deadlines:
     def warn_at(self, rule: DeadlineRule, due: datetime) -> datetime:
         return due - rule.warn_before / self.speed
 
-    def escalate_at(self, due: datetime) -> datetime | None:
-        if not self.supervisor:
-            return None
+    def escalate_at(self, due: datetime) -> datetime:
+        """When a missed deadline is escalated, if there is anyone to escalate it to."""
         return due + self.escalation_grace / self.speed
 
     def with_plugin_rules(self, rules: Iterable[DeadlineRule]) -> Deadlines:

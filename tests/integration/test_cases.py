@@ -192,7 +192,7 @@ DEADLINES_FAST = """
 speed = 1000.0                  # a clock of 1 hour runs out in 3.6 s
 scan_seconds = 0.2
 escalation_grace_days = 0.01    # 14.4 min, i.e. 0.86 s at this speed
-supervisor = "140400/police"
+supervisor = "140400/procuratorate"  # the fallback, and the node itself: never used here
 
 [deadlines.rules."recommendation.reply"]
 amount = 1
@@ -203,7 +203,8 @@ unit = "hours"
 def test_an_unanswered_recommendation_is_reminded_then_escalated(
     make_federation: MakeFederation, tmp_path: Path
 ) -> None:
-    nodes = make_federation(extra_config=DEADLINES_FAST)
+    # The operator named, in the registry, who supervises the bureau.
+    nodes = make_federation(extra_config=DEADLINES_FAST, supervisors={ECOLOGY: POLICE})
     for node in nodes.values():
         node.start()
     ecology, police, procuratorate = nodes[ECOLOGY], nodes[POLICE], nodes[PROCURATORATE]

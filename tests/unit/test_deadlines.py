@@ -128,3 +128,20 @@ def test_each_lifecycle_is_connected(family: str) -> None:
         assert not any(final in t.sources for t in lifecycle.transitions), final
     for body, event in lifecycle.body_events.items():
         assert body in FAMILY_BODIES["reply"] and lifecycle.find(event)
+
+
+def test_escalations_go_to_the_registrys_supervisor_else_the_configured_one() -> None:
+    from node.exchange.cases import CaseBook
+
+    named = {"140400/ecology": "140400/discipline"}
+    book = CaseBook(
+        "140400/procuratorate",
+        Deadlines(supervisor="140400/government"),
+        lambda agency: named.get(agency, ""),
+    )
+    assert book.supervisor_for("140400/ecology") == "140400/discipline"
+    assert book.supervisor_for("140400/police") == "140400/government"
+    # A node never escalates to itself, whoever names it.
+    named["140400/police"] = "140400/procuratorate"
+    assert book.supervisor_for("140400/police") == ""
+    assert CaseBook("140400/procuratorate", Deadlines()).supervisor_for("140400/ecology") == ""

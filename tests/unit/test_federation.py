@@ -176,6 +176,19 @@ def test_malformed_field_is_named(operator: SigningKey) -> None:
             "members[3].agency_id: '140400/ecology' is listed twice",
         ),
         (
+            lambda d: d["members"][0].update(supervisor="140400/discipline"),
+            "members[0].supervisor: '140400/discipline' is not a member",
+        ),
+        (
+            lambda d: d["members"][0].update(supervisor="140400/ecology"),
+            "members[0].supervisor: a member cannot supervise itself",
+        ),
+        (lambda d: d["members"][0].update(supervisor="纪委"), "members[0].supervisor: agency id"),
+        (
+            lambda d: d["members"][0].update(supervisor=7),
+            "members[0].supervisor: expected a string",
+        ),
+        (
             lambda d: d["permissions"][0].update(family="gossip"),
             "permissions[0].family: unknown family 'gossip'",
         ),
@@ -192,6 +205,19 @@ def test_malformed_variants(mutate: Any, fragment: str) -> None:
         Registry.from_json_bytes(json.dumps(doc).encode())
     assert fragment in str(info.value)
     assert str(info.value).startswith("registry: malformed: ")
+
+
+def test_a_members_supervisor_round_trips_and_is_absent_when_unset() -> None:
+    plain = registry()
+    assert b"supervisor" not in plain.to_json_bytes()  # older registries keep their bytes
+    assert plain.supervisor_of("140400/ecology") == ""
+    members = (replace(plain.members[0], supervisor="140400/procuratorate"), *plain.members[1:])
+    supervised = registry(members=members)
+    parsed = Registry.from_json_bytes(supervised.to_json_bytes())
+    assert parsed == supervised
+    assert parsed.supervisor_of("140400/ecology") == "140400/procuratorate"
+    assert parsed.supervisor_of("140400/police") == ""
+    assert parsed.supervisor_of("140400/unknown") == ""
 
 
 def test_naive_time_is_rejected() -> None:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.federation import DEFAULT_PERMISSIONS, verify_registry
-from node.identity import load_public_key, load_signing_key
+from node.identity import agency_slug, load_public_key, load_signing_key
 from node.pki import (
     URI_SAN_PREFIX,
     SetupError,
@@ -24,6 +24,7 @@ from node.pki import (
     init_agency,
     init_federation,
     publish,
+    set_supervisor,
 )
 
 
@@ -183,6 +184,34 @@ def test_reenrolment_rotates_signing_key(fed: Path, tmp_path: Path) -> None:
     again = publish(fed, tmp_path / "r.json", now=t2 + timedelta(days=1)).member("140400/ecology")
     assert again is not None
     assert [k.key_id for k in again.signing_keys] == [old_id, new_id]
+
+
+def test_the_operator_names_each_members_supervisor(fed: Path, tmp_path: Path) -> None:
+    for agency in ("140400/ecology", "140400/discipline"):
+        add_member(fed, init_agency(agency, "10.1.2.3:7443", tmp_path / agency_slug(agency)))
+    assert set_supervisor(fed, "140400/ecology", "140400/discipline").supervisor == (
+        "140400/discipline"
+    )
+    reg = publish(fed, tmp_path / "r.json")
+    assert reg.supervisor_of("140400/ecology") == "140400/discipline"
+    verified = verify_registry(
+        (tmp_path / "r.json").read_bytes(), load_public_key(fed / "operator.pub"), now=None
+    )
+    assert verified.supervisor_of("140400/ecology") == "140400/discipline"
+    # Re-enrolling (a new key, a new endpoint) keeps what the operator decided.
+    again = init_agency("140400/ecology", "10.1.2.4:7443", tmp_path / "again")
+    add_member(fed, again)
+    assert publish(fed, tmp_path / "r.json").supervisor_of("140400/ecology") == (
+        "140400/discipline"
+    )
+    with pytest.raises(SetupError, match="'140400/police' is not a member"):
+        set_supervisor(fed, "140400/police", "140400/discipline")
+    with pytest.raises(SetupError, match="supervisor '140400/court' is not a member"):
+        set_supervisor(fed, "140400/ecology", "140400/court")
+    with pytest.raises(SetupError, match="cannot supervise itself"):
+        set_supervisor(fed, "140400/ecology", "140400/ecology")
+    set_supervisor(fed, "140400/ecology", "")
+    assert publish(fed, tmp_path / "r.json").supervisor_of("140400/ecology") == ""
 
 
 def test_add_member_rejects_tampered_request(fed: Path, tmp_path: Path) -> None:
