@@ -8,7 +8,7 @@ tested once, and lets a plugin be unit-tested with a ten-line fake ``NodeAPI``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -159,6 +159,14 @@ class NodeAPI(Protocol):
         Raises :class:`DraftRejected` when the draft is invalid. With a non-empty
         ``draft.source`` a repeated call returns the first message id (idempotent).
         """
+        ...
+
+    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
+        """:meth:`submit` for each draft, stored in one commit: per draft, in order, its
+        message id, a :class:`DraftRejected`, or another exception when the node cannot take
+        it now (retry later). Nothing is raised for one draft's problem, so one bad draft
+        never holds back the others. Much faster than one ``submit`` per draft for a folder
+        or a table of them."""
         ...
 
     @property

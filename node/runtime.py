@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -113,26 +113,47 @@ class PluginAPI:
 
     def submit(self, draft: Draft) -> str:
         """Called from a plugin's worker thread; blocks until the message is stored."""
-        submission = Submission(
-            family=draft.family,
-            recipients=list(draft.recipients),
-            body=draft.body,
-            body_type=draft.body_type,
-            case_ref=draft.case_ref,
-            in_reply_to=draft.in_reply_to,
-            confidentiality=draft.confidentiality,
-            attachment_paths=list(draft.attachments),
-            client_key=f"plugin:{draft.source}" if draft.source else "",
-            field_markings=dict(draft.field_markings),
+        [outcome] = self.submit_many([draft])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
+        """Called from a plugin's worker thread; blocks until the messages are stored."""
+        submissions = [
+            Submission(
+                family=draft.family,
+                recipients=list(draft.recipients),
+                body=draft.body,
+                body_type=draft.body_type,
+                case_ref=draft.case_ref,
+                in_reply_to=draft.in_reply_to,
+                confidentiality=draft.confidentiality,
+                attachment_paths=list(draft.attachments),
+                client_key=f"plugin:{draft.source}" if draft.source else "",
+                field_markings=dict(draft.field_markings),
+            )
+            for draft in drafts
+        ]
+        future = asyncio.run_coroutine_threadsafe(
+            self._node.outbox.submit_many(submissions), self._loop
         )
-        future = asyncio.run_coroutine_threadsafe(self._node.outbox.submit(submission), self._loop)
         try:
-            return future.result()
-        except ExchangeError as error:
-            if error.reason in DRAFT_FAULTS:
-                raise DraftRejected(error.message) from None
-            # Not the draft's fault (e.g. the registry expired): the plugin keeps it and retries.
-            raise RuntimeError(error.message) from None
+            outcomes = future.result()
+        except Exception as error:  # e.g. the database is down: every draft waits for later
+            log.warning("drafts not stored", drafts=len(drafts), error=str(error))
+            return [RuntimeError(f"the node could not store the drafts: {error}")] * len(drafts)
+        return [_for_plugin(outcome) for outcome in outcomes]
+
+
+def _for_plugin(outcome: str | Exception) -> str | Exception:
+    """An outbox outcome as plugins see it: the id, DraftRejected, or a reason to retry."""
+    if not isinstance(outcome, ExchangeError):
+        return outcome
+    if outcome.reason in DRAFT_FAULTS:
+        return DraftRejected(outcome.message)
+    # Not the draft's fault (e.g. the registry expired): the plugin keeps it and retries.
+    return RuntimeError(outcome.message)
 
 
 class _BodyOf(Mapping[str, Any]):

@@ -181,7 +181,7 @@ class AgencyAdapters:
 
     @hookimpl
     def liandong_poll_local_system(self, api: NodeAPI) -> None:
-        for outcome in self.folder(api).collect_drafts(api.submit):
+        for outcome in self.folder(api).collect_drafts(api.submit, api.submit_many):
             if outcome.message_id is not None:
                 api.log.info(
                     "draft submitted",

@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -61,6 +62,22 @@ _DRAFT_KEYS = frozenset(
 )
 _UNSAFE_CHARS = re.compile(r"[^\w.\-]")
 _COPY_CHUNK = 1 << 20
+
+
+DRAFT_BATCH = 64  # drafts per call of submit_many (a commit each)
+SubmitMany = Callable[[Sequence[Draft]], Sequence[str | Exception]]
+"""Submit drafts together: per draft, its message id, DraftRejected (the draft's fault) or
+another exception (try again later); NodeAPI.submit_many."""
+
+
+def _one_by_one(submit: Callable[[Draft], str], drafts: Sequence[Draft]) -> list[str | Exception]:
+    results: list[str | Exception] = []
+    for draft in drafts:
+        try:
+            results.append(submit(draft))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 class DraftError(ValueError):
@@ -134,8 +151,11 @@ def _create_temp(target: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def _atomic_file(target: Path) -> Iterator[Any]:
-    """Yield a binary file object; on success it replaces ``target`` atomically."""
+def _atomic_file(target: Path, *, sync_dir: bool = True) -> Iterator[Any]:
+    """Yield a binary file object; on success it replaces ``target`` atomically.
+
+    ``sync_dir=False`` leaves making the rename durable to the caller, which syncs the folder
+    once for many files."""
     fd, tmp = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -146,16 +166,17 @@ def _atomic_file(target: Path) -> Iterator[Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    if sync_dir:
+        _fsync_dir(target.parent)
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
+def _write_atomic(target: Path, data: bytes, *, sync_dir: bool = True) -> None:
     # Rewriting identical content is skipped so a repeated hand-off does not touch the file
     # (local systems often watch modification times).
     with contextlib.suppress(OSError):
         if target.read_bytes() == data:
             return
-    with _atomic_file(target) as fh:
+    with _atomic_file(target, sync_dir=sync_dir) as fh:
         fh.write(data)
 
 
@@ -434,17 +455,37 @@ class DropFolder:
 
     # -- drafts ------------------------------------------------------------------------------
 
-    def collect_drafts(self, submit: Callable[[Draft], str]) -> list[DraftOutcome]:
+    def collect_drafts(
+        self, submit: Callable[[Draft], str], submit_many: SubmitMany | None = None
+    ) -> list[DraftOutcome]:
         """Submit every waiting draft, in name order; return what happened to each.
 
         Drafts left in ``processing/`` by an earlier crash go first. A bad draft goes to
         ``failed/`` and never blocks the others. An unexpected exception from ``submit``
         (the node cannot take it now) leaves the draft in ``processing/`` for the next poll.
+        With ``submit_many`` (``NodeAPI.submit_many``), drafts go to the node up to
+        ``DRAFT_BATCH`` at a time: one commit for all of them instead of one each.
         """
         self.ensure_folders()
+        many: SubmitMany = submit_many or partial(_one_by_one, submit)
         outcomes: list[DraftOutcome] = []
-        for leftover in sorted(p for p in self.processing.iterdir() if _is_draft_name(p.name)):
-            outcomes.append(self._process(leftover, submit))
+        batch: list[Path] = []
+        for claimed in self._claim_drafts():
+            if claimed.name.endswith(".csv"):
+                outcomes += self._process_json(batch, many)  # name order is kept
+                batch = []
+                outcomes.append(self._process_csv(claimed, many))
+                continue
+            batch.append(claimed)
+            if len(batch) == DRAFT_BATCH:
+                outcomes += self._process_json(batch, many)
+                batch = []
+        outcomes += self._process_json(batch, many)
+        return outcomes
+
+    def _claim_drafts(self) -> Iterator[Path]:
+        """Each draft to process, claimed (in ``processing/``), as it is needed."""
+        yield from sorted(p for p in self.processing.iterdir() if _is_draft_name(p.name))
         for dropped in sorted(p for p in self.drafts.iterdir() if _is_draft_name(p.name)):
             if not dropped.is_file():
                 continue
@@ -456,8 +497,7 @@ class DropFolder:
             # Claim the file before submitting: if the node crashes after submit returns, the
             # draft is found in processing/ on restart instead of being submitted as new.
             os.replace(dropped, claimed)
-            outcomes.append(self._process(claimed, submit))
-        return outcomes
+            yield claimed
 
     def _source(self, path: Path, raw: bytes) -> str:
         # The node maps a non-empty `source` to an idempotency key and returns the same
@@ -466,38 +506,52 @@ class DropFolder:
         # draft later dropped under a reused file name is a new message, not a duplicate.
         return f"{self.drafts / path.name}#sha256={hashlib.sha256(raw).hexdigest()}"
 
-    def _process(self, path: Path, submit: Callable[[Draft], str]) -> DraftOutcome:
-        if path.name.endswith(".csv"):
-            return self._process_csv(path, submit)
+    def _read_json_draft(self, path: Path) -> Draft:
+        raw = path.read_bytes()
         try:
-            raw = path.read_bytes()
-            try:
-                # utf-8-sig: Windows tools on agency desktops often write a byte-order mark.
-                data = json.loads(raw.decode("utf-8-sig"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DraftError(f"not valid UTF-8 JSON: {exc}") from exc
-            draft = draft_from_json(
-                data, base_dir=self.drafts, root=self.root, source=self._source(path, raw)
-            )
-        except (DraftError, OSError) as exc:
-            return self._fail(path, str(exc))
-        try:
-            message_id = submit(draft)
-        except DraftRejected as exc:
-            return self._fail(path, f"rejected by the node: {exc}")
-        except Exception as exc:
-            # Not the draft's fault (database down, node shutting down): keep it claimed and
-            # retry on the next poll with the same source.
-            return DraftOutcome(path=path, error=f"will retry: {type(exc).__name__}: {exc}")
-        target = _free_name(self.processed, path.name)
-        # Sidecar first: a crash between the two steps leaves the draft in processing/, and
-        # the retry rewrites the same sidecar with the same message id.
-        _write_atomic(target.with_name(target.name + ".message_id"), f"{message_id}\n".encode())
-        os.replace(path, target)
-        _fsync_dir(self.processed)
-        return DraftOutcome(path=target, message_id=message_id)
+            # utf-8-sig: Windows tools on agency desktops often write a byte-order mark.
+            data = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DraftError(f"not valid UTF-8 JSON: {exc}") from exc
+        return draft_from_json(
+            data, base_dir=self.drafts, root=self.root, source=self._source(path, raw)
+        )
 
-    def _process_csv(self, path: Path, submit: Callable[[Draft], str]) -> DraftOutcome:
+    def _process_json(self, paths: Sequence[Path], submit_many: SubmitMany) -> list[DraftOutcome]:
+        """Submit the JSON drafts in ``paths`` together and file each where it belongs."""
+        outcomes: dict[Path, DraftOutcome] = {}
+        readable: list[tuple[Path, Draft]] = []
+        for path in paths:
+            try:
+                readable.append((path, self._read_json_draft(path)))
+            except (DraftError, OSError) as exc:
+                outcomes[path] = self._fail(path, str(exc))
+        results = submit_many([draft for _, draft in readable]) if readable else []
+        went: list[tuple[Path, Path, str]] = []
+        for (path, _), result in zip(readable, results, strict=True):
+            if isinstance(result, DraftRejected):
+                outcomes[path] = self._fail(path, f"rejected by the node: {result}")
+            elif isinstance(result, Exception):
+                # Not the draft's fault (database down, node shutting down): keep it claimed
+                # and retry on the next poll with the same source.
+                error = f"will retry: {type(result).__name__}: {result}"
+                outcomes[path] = DraftOutcome(path=path, error=error)
+            else:
+                target = _free_name(self.processed, path.name)
+                sidecar = target.with_name(target.name + ".message_id")
+                _write_atomic(sidecar, f"{result}\n".encode(), sync_dir=False)
+                went.append((path, target, result))
+        if went:
+            # Sidecars durable before any draft moves: a crash in between leaves drafts in
+            # processing/, and their retry rewrites the same sidecars with the same ids.
+            _fsync_dir(self.processed)
+            for path, target, message_id in went:
+                os.replace(path, target)
+                outcomes[path] = DraftOutcome(path=target, message_id=message_id)
+            _fsync_dir(self.processed)
+        return [outcomes[path] for path in paths]
+
+    def _process_csv(self, path: Path, submit_many: SubmitMany) -> DraftOutcome:
         """Each row is a draft: the good rows are submitted whatever the bad ones hold. The
         file goes to processed/ when every row went, else to failed/ with an error file
         naming each bad row and field; dropped again once fixed, the rows that went before
@@ -509,6 +563,7 @@ class DropFolder:
             return self._fail(path, f"not a readable UTF-8 CSV file: {exc}")
         sent: list[str] = []
         problems: list[str] = []
+        rows: list[tuple[str, Draft]] = []
         for number, fields in drafts_from_csv(text):
             where = f"row {number}"
             try:
@@ -521,15 +576,25 @@ class DropFolder:
                     root=self.root,
                     source=self._source(path, row_bytes),
                 )
-                sent.append(f"{where}: {submit(draft)}")
+                rows.append((where, draft))
             except DraftError as exc:
                 problems.append(f"{where}: {exc}")
-            except DraftRejected as exc:
-                problems.append(f"{where}: rejected by the node: {exc}")
-            except Exception as exc:
-                # The node cannot take it now: keep the whole file claimed for the next poll
-                # (rows already sent come back with the same ids).
-                return DraftOutcome(path=path, error=f"will retry: {type(exc).__name__}: {exc}")
+        for start in range(0, len(rows), DRAFT_BATCH):
+            chunk = rows[start : start + DRAFT_BATCH]
+            for (where, _), result in zip(
+                chunk, submit_many([draft for _, draft in chunk]), strict=True
+            ):
+                if isinstance(result, DraftRejected):
+                    problems.append(f"{where}: rejected by the node: {result}")
+                elif isinstance(result, Exception):
+                    # The node cannot take it now: keep the whole file claimed for the next
+                    # poll (rows already sent come back with the same ids).
+                    error = f"will retry: {type(result).__name__}: {result}"
+                    return DraftOutcome(path=path, error=error)
+                else:
+                    sent.append(f"{where}: {result}")
+        # Bad rows are reported in row order, whichever step found them.
+        problems.sort(key=lambda problem: int(problem.split(":")[0].split()[1]))
         folder = self.failed if problems else self.processed
         target = _free_name(folder, path.name)
         if sent:

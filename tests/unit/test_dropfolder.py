@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -66,6 +66,15 @@ class FakeAPI:
 
     def submit(self, draft: Draft) -> str:
         return self.submitter(draft)
+
+    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
+        results: list[str | Exception] = []
+        for draft in drafts:
+            try:
+                results.append(self.submit(draft))
+            except Exception as error:  # as the node does: per draft, never raised
+                results.append(error)
+        return results
 
     @property
     def log(self) -> Any:
@@ -420,6 +429,51 @@ def test_transient_submit_error_keeps_the_draft_for_retry(tmp_path: Path) -> Non
     assert list(folder.failed.iterdir()) == []
     (retried,) = folder.collect_drafts(Submitter())
     assert retried.message_id == "msg-1"
+
+
+def test_drafts_go_to_the_node_in_batches_in_name_order(tmp_path: Path) -> None:
+    from plugins.dropfolder import DRAFT_BATCH
+
+    folder = DropFolder(tmp_path / "local")
+    submit = Submitter(reject={"refused": "recipient unknown"})
+    batches: list[int] = []
+
+    def submit_many(drafts: Sequence[Draft]) -> list[str | Exception]:
+        batches.append(len(drafts))
+        results: list[str | Exception] = []
+        for draft in drafts:
+            if draft.body.get("title") == "later":
+                results.append(ConnectionError("node busy"))
+                continue
+            try:
+                results.append(submit(draft))
+            except DraftRejected as error:
+                results.append(error)
+        return results
+
+    many = DRAFT_BATCH + 6
+    for n in range(many):
+        drop(folder, f"a{n:03}.json", {**GOOD, "body": {"title": f"good {n}"}})
+    drop(folder, "b-bad.json", "{not json")
+    drop(folder, "c-refused.json", {**GOOD, "body": {"title": "refused"}})
+    drop(folder, "d-later.json", {**GOOD, "body": {"title": "later"}})
+    drop(folder, "e.csv", "family,to,body.title\nclue,procuratorate.sz,row one\nclue,,no one\n")
+    drop(folder, "f-last.json", GOOD)
+    outcomes = folder.collect_drafts(lambda draft: "never one by one", submit_many)
+
+    names = [o.path.name for o in outcomes]
+    assert names[:many] == [f"a{n:03}.json" for n in range(many)]
+    assert names[many:] == ["b-bad.json", "c-refused.json", "d-later.json", "e.csv", "f-last.json"]
+    # One call per batch: the JSON before the CSV, the CSV's rows, the JSON after it.
+    assert batches == [DRAFT_BATCH, 6 + 2, 1, 1]
+    assert [o.message_id for o in outcomes[:3]] == ["msg-1", "msg-2", "msg-3"]
+    assert (folder.processed / "a000.json.message_id").read_text() == "msg-1\n"
+    bad, refused, later, csv_file, last = outcomes[many:]
+    assert bad.path.parent == folder.failed and "not valid UTF-8 JSON" in (bad.error or "")
+    assert refused.path.parent == folder.failed and "recipient unknown" in (refused.error or "")
+    assert later.path == folder.processing / "d-later.json" and "will retry" in (later.error or "")
+    assert csv_file.path.parent == folder.failed and "row 3: field 'to'" in (csv_file.error or "")
+    assert last.path.parent == folder.processed and last.message_id
 
 
 def test_draft_with_byte_order_mark_is_accepted(tmp_path: Path) -> None:

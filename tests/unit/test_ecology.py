@@ -3,7 +3,7 @@ the leader's decision, the sharing of a quarter and its addenda."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,15 @@ class FakeAPI:
     def submit(self, draft: Draft) -> str:
         self.drafts.append(draft)
         return f"msg-{len(self.drafts)}"
+
+    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
+        results: list[str | Exception] = []
+        for draft in drafts:
+            try:
+                results.append(self.submit(draft))
+            except Exception as error:  # as the node does: per draft, never raised
+                results.append(error)
+        return results
 
     @property
     def log(self) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +44,15 @@ class FakeAPI:
     def submit(self, draft: Draft) -> str:
         self.submitted.append(draft)
         return f"m{len(self.submitted)}"
+
+    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
+        results: list[str | Exception] = []
+        for draft in drafts:
+            try:
+                results.append(self.submit(draft))
+            except Exception as error:  # as the node does: per draft, never raised
+                results.append(error)
+        return results
 
     @property
     def log(self) -> Any:
