@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from node.hookspecs import hookimpl
+from node.identity import IdentityError, validate_agency_id
 from node.plugin_api import (
     Confidentiality,
     DeliveryConfirmation,
@@ -113,6 +114,11 @@ class AgencyAdapters:
         if not isinstance(table, Mapping):
             raise ValueError(f'{where}: expected a table of "agency id" = "marking"')
         for agency, marking in table.items():
+            try:
+                # A misspelt id would leave that recipient unlisted: sent everything whole.
+                validate_agency_id(agency)
+            except IdentityError as error:
+                raise ValueError(f"{where} {agency!r}: {error}") from None
             if marking not in MARKINGS:
                 raise ValueError(
                     f"{where} {agency!r}: {marking!r} is not one of {', '.join(MARKINGS)}"

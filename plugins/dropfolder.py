@@ -184,14 +184,18 @@ def _json_bytes(value: Mapping[str, Any]) -> bytes:
     return (json.dumps(value, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
-def _free_name(directory: Path, name: str) -> Path:
-    """``directory/name``, or ``name`` with ``-1``, ``-2``... before the suffix if taken."""
+def _free_name(directory: Path, name: str, taken: set[str] | None = None) -> Path:
+    """``directory/name``, or ``name`` with ``-1``, ``-2``... before the suffix if taken: by a
+    file there, or by a name in ``taken`` (chosen for another file not moved yet), which
+    gets the chosen name added."""
+    taken = set() if taken is None else taken
     target = directory / name
     stem, suffix = os.path.splitext(name)
     n = 0
-    while target.exists():
+    while target.exists() or target.name in taken:
         n += 1
         target = directory / f"{stem}-{n}{suffix}"
+    taken.add(target.name)
     return target
 
 
@@ -528,6 +532,7 @@ class DropFolder:
                 outcomes[path] = self._fail(path, str(exc))
         results = submit_many([draft for _, draft in readable]) if readable else []
         went: list[tuple[Path, Path, str]] = []
+        chosen: set[str] = set()  # names in processed/ given to drafts of this batch
         for (path, _), result in zip(readable, results, strict=True):
             if isinstance(result, DraftRejected):
                 outcomes[path] = self._fail(path, f"rejected by the node: {result}")
@@ -537,7 +542,7 @@ class DropFolder:
                 error = f"will retry: {type(result).__name__}: {result}"
                 outcomes[path] = DraftOutcome(path=path, error=error)
             else:
-                target = _free_name(self.processed, path.name)
+                target = _free_name(self.processed, path.name, chosen)
                 sidecar = target.with_name(target.name + ".message_id")
                 _write_atomic(sidecar, f"{result}\n".encode(), sync_dir=False)
                 went.append((path, target, result))

@@ -98,6 +98,11 @@ def case_attrs(message: envelope_pb2.Message) -> dict[str, Any]:
 
 
 def _title(message: envelope_pb2.Message) -> str:
+    """The case's title; none when the title is marked above the message: reminders and
+    escalations (催办, 督办) quote the case title, and they carry no field markings for a
+    redactor to act on."""
+    if any(marked.field == "title" for marked in message.field_markings):
+        return ""
     body = message.WhichOneof("body")
     title = getattr(getattr(message, body), "title", "") if body else ""
     return str(title)[:256]
@@ -330,10 +335,16 @@ class CaseBook:
             if message.sender not in json.loads(row.recipients):
                 return None
         else:
+            # In the query, not after it: a version some other peer claims for the same id
+            # must not hide the real one.
             row = batch.session.execute(
-                query.where(MESSAGES.c.version_of == message.in_reply_to)
+                query.where(
+                    MESSAGES.c.version_of == message.in_reply_to,
+                    CASES.c.peer.in_(list(message.recipients)),
+                    CASES.c.peer != message.sender,
+                )
             ).first()
-            if row is None or row.peer not in message.recipients or row.peer == message.sender:
+            if row is None:
                 return None
         case = self._load(batch, row.case_id, row.peer)
         return None if case is None else self._with_event(case, message)
@@ -536,9 +547,9 @@ class CaseBook:
             "started_at": start,
             "due_at": due,
             "warn_at": warn,
-            "escalate_at": (
-                self.deadlines.escalate_at(due) if self.supervisor_for(responsible) else None
-            ),
+            # Whether anyone is told is decided when it comes (step): a registry published
+            # meanwhile may name a supervisor.
+            "escalate_at": self.deadlines.escalate_at(due),
             "state": "open",
             "next_action_at": min(warn, due),
             "closed_at": None,
@@ -648,9 +659,9 @@ class CaseBook:
         # Looked up now, not when the clock started: a registry published since then names
         # the supervisor in force.
         supervisor = self.supervisor_for(clock["responsible"])
+        if not supervisor:  # nobody to escalate to: it stays overdue
+            return {"state": "overdue", "next_action_at": None}, None
         values = {"state": "escalated", "next_action_at": None}
-        if not supervisor:
-            return values, None
         return values, Reminder(
             "escalation",
             supervisor,
@@ -678,7 +689,7 @@ class CaseBook:
         if current != clock["state"]:
             return
         batch.update(CLOCKS, key, values)
-        if values["state"] in ("overdue", "escalated"):
+        if values["state"] != clock["state"] and values["state"] in ("overdue", "escalated"):
             event = (
                 AuditEvent.DEADLINE_OVERDUE
                 if values["state"] == "overdue"

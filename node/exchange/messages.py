@@ -25,7 +25,9 @@ from node.exchange.families import BODY_FAMILIES, FAMILY_BODIES, default_body_ty
 from node.identity import IdentityError, validate_agency_id
 
 MAX_TIMESTAMP_SECONDS = 253402300800  # 10000-01-01T00:00:00Z, protobuf Timestamp's bound
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# \Z, not $: "$" also matches before a final newline, and a 37-character id would then fail
+# the database column instead of getting INVALID_ARGUMENT.
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 CONFIDENTIALITY_NAMES: dict[str, int] = {
     "public": envelope_pb2.CONFIDENTIALITY_PUBLIC,

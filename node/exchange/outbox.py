@@ -115,30 +115,38 @@ class Outbox:
         # the GIL.
         composed = await asyncio.to_thread(self._prepare_all, submissions, files)
         outcomes: list[str | Exception] = []
-        prepared: list[tuple[int, _Prepared]] = []
+        prepared: list[tuple[int, list[_Prepared]]] = []
         for position, ready in enumerate(composed):
             if isinstance(ready, ExchangeError):
                 outcomes.append(ready)
             else:
-                prepared.extend((position, version) for version in ready)
+                prepared.append((position, ready))
                 outcomes.append("")
-        stored = await self.writer.run_many([partial(self._store, p) for _, p in prepared])
+        # One unit per submission: its versions are stored together or not at all.
+        stored = await self.writer.run_many(
+            [partial(self._store_versions, versions) for _, versions in prepared]
+        )
         queued: list[Due] = []
-        for (position, p), result in zip(prepared, stored, strict=True):
-            if not outcomes[position]:
-                outcomes[position] = result  # the first version's
-            if result == p.row["message_id"]:  # not a repeat of an earlier submission
-                queued.extend(
-                    Due(
-                        recipient,
-                        p.row["message_id"],
-                        p.row["family"],
-                        p.row["envelope"],
-                        p.row["envelope_sha256"],
-                        0,
-                    )
-                    for recipient in p.recipients
+        for (position, versions), result in zip(prepared, stored, strict=True):
+            if isinstance(result, Exception):
+                outcomes[position] = result
+                continue
+            first_id, new = result
+            outcomes[position] = first_id
+            if not new:  # a repeat of an earlier submission, whose versions are all stored
+                continue
+            queued.extend(
+                Due(
+                    recipient,
+                    p.row["message_id"],
+                    p.row["family"],
+                    p.row["envelope"],
+                    p.row["envelope_sha256"],
+                    0,
                 )
+                for p in versions
+                for recipient in p.recipients
+            )
         if queued:
             self.on_queued(queued)
         return outcomes
@@ -177,8 +185,8 @@ class Outbox:
         for recipient, redacted in asked:
             version = redacted or submission
             for name in Submission.__dataclass_fields__:
-                if name not in (*REDACTABLE, "recipients") and getattr(version, name) != getattr(
-                    submission, name
+                if name not in REDACTABLE and _comparable(getattr(version, name)) != _comparable(
+                    getattr(submission, name)
                 ):
                     raise ExchangeError(
                         Reason.INVALID,
@@ -285,14 +293,24 @@ class Outbox:
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return AttachmentInput(digest, size, media_type, path.name)
 
-    def _store(self, prepared: _Prepared, batch: Batch) -> str:
-        row, recipients, attachments = prepared.row, prepared.recipients, prepared.attachments
-        if row["client_key"]:
+    def _store_versions(self, versions: list[_Prepared], batch: Batch) -> tuple[str, bool]:
+        """Store every version of one submission: (the first version's id, whether they are
+        new). A repeat of the submitter's key returns the id stored the first time and stores
+        nothing: its versions were stored with it, in the same unit, whatever the redaction
+        would give now."""
+        key = versions[0].row["client_key"]
+        if key:
             earlier = batch.session.scalar(
-                select(MESSAGES.c.message_id).where(MESSAGES.c.client_key == row["client_key"])
+                select(MESSAGES.c.message_id).where(MESSAGES.c.client_key == key)
             )
             if earlier is not None:
-                return str(earlier)
+                return str(earlier), False
+        for prepared in versions:
+            self._store(prepared, batch)
+        return str(versions[0].row["message_id"]), True
+
+    def _store(self, prepared: _Prepared, batch: Batch) -> None:
+        row, recipients, attachments = prepared.row, prepared.recipients, prepared.attachments
         batch.insert(MESSAGES, row)
         # The case moves with the message, or neither is stored (an illegal transition).
         if row["family"] == "reply":
@@ -337,7 +355,11 @@ class Outbox:
             peer=",".join(recipients),
             family=row["family"],
         )
-        return str(row["message_id"])
+
+
+def _comparable(value: Any) -> Any:
+    """Lists and tuples of the same items compare equal (recipients come as either)."""
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _version_key(version: Submission) -> str:

@@ -145,3 +145,29 @@ def test_escalations_go_to_the_registrys_supervisor_else_the_configured_one() ->
     named["140400/police"] = "140400/procuratorate"
     assert book.supervisor_for("140400/police") == ""
     assert CaseBook("140400/procuratorate", Deadlines()).supervisor_for("140400/ecology") == ""
+
+
+def test_a_missed_deadline_with_nobody_to_escalate_to_stays_overdue() -> None:
+    from node.exchange.cases import CaseBook
+
+    named: dict[str, str] = {}
+    book = CaseBook("140400/procuratorate", Deadlines(), lambda agency: named.get(agency, ""))
+    due = datetime(2026, 11, 1, tzinfo=UTC)
+    clock = {
+        "case_id": "01a20b04-7672-7cf0-a3db-0a822232a913",
+        "peer": "140400/ecology",
+        "rule": "recommendation.reply",
+        "responsible": "140400/ecology",
+        "family": "recommendation",
+        "title": "检察建议",
+        "state": "overdue",
+        "due_at": due,
+        "escalate_at": due + timedelta(days=3),
+    }
+    now = due + timedelta(days=4)
+    assert book.step(clock, now) == ({"state": "overdue", "next_action_at": None}, None)
+    # A registry published since the clock started names a supervisor: it is used.
+    named["140400/ecology"] = "140400/discipline"
+    values, notice = book.step(clock, now)
+    assert values["state"] == "escalated"
+    assert notice is not None and notice.to == "140400/discipline"

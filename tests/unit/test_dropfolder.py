@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +475,26 @@ def test_drafts_go_to_the_node_in_batches_in_name_order(tmp_path: Path) -> None:
     assert later.path == folder.processing / "d-later.json" and "will retry" in (later.error or "")
     assert csv_file.path.parent == folder.failed and "row 3: field 'to'" in (csv_file.error or "")
     assert last.path.parent == folder.processed and last.message_id
+
+
+def test_names_chosen_in_one_batch_do_not_collide(tmp_path: Path) -> None:
+    folder = DropFolder(tmp_path / "local")
+    folder.ensure_folders()
+    (folder.processed / "a.json").write_text("{}", encoding="utf-8")  # from an earlier day
+    drop(folder, "a-1.json", {**GOOD, "body": {"title": "first"}})
+    drop(folder, "a.json", {**GOOD, "body": {"title": "second"}})
+    submit = Submitter()
+    first, second = folder.collect_drafts(submit, partial(_one_at_a_time, submit))
+    # "a.json" is taken on disk and "a-1.json" by the batch: the second goes to "a-2.json".
+    assert (first.path.name, second.path.name) == ("a-1.json", "a-2.json")
+    assert json.loads(first.path.read_bytes())["body"]["title"] == "first"
+    assert json.loads(second.path.read_bytes())["body"]["title"] == "second"
+    assert (folder.processed / "a-1.json.message_id").read_text() == "msg-1\n"
+    assert (folder.processed / "a-2.json.message_id").read_text() == "msg-2\n"
+
+
+def _one_at_a_time(submit: Submitter, drafts: Sequence[Draft]) -> list[str | Exception]:
+    return [submit(draft) for draft in drafts]
 
 
 def test_draft_with_byte_order_mark_is_accepted(tmp_path: Path) -> None:

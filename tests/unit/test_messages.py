@@ -152,6 +152,8 @@ def test_bad_markings_are_refused_with_the_reason(
         (lambda m: setattr(m.field_markings[0], "confidentiality", 9), "no known marking"),
         (lambda m: setattr(m, "confidentiality", 9), "confidentiality 9 is not a known"),
         (lambda m: setattr(m, "version_of", m.message_id), "is not another message's id"),
+        (lambda m: setattr(m, "version_of", uuid7() + "\n"), "is not another message's id"),
+        (lambda m: setattr(m, "message_id", m.message_id + "\n"), "is not a lower-case UUID"),
     ],
 )
 def test_parse_refuses_markings_a_peer_got_wrong(tamper: Any, phrase: str) -> None:
@@ -160,3 +162,13 @@ def test_parse_refuses_markings_a_peer_got_wrong(tamper: Any, phrase: str) -> No
     tamper(message)
     with pytest.raises(ExchangeError, match=re.escape(phrase)):
         parse_message(message.SerializeToString())
+
+
+def test_a_title_marked_above_its_message_is_not_the_case_title() -> None:
+    # Reminders and escalations quote the case title, unmarked: it must not leak there.
+    from node.exchange.cases import _title
+
+    assert _title(compose(body={"title": "某厂线索"})) == "某厂线索"
+    assert (
+        _title(compose(body={"title": "某厂线索"}, field_markings={"title": "confidential"})) == ""
+    )

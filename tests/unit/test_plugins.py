@@ -282,6 +282,9 @@ def test_adapters_redact_by_recipient_clearance(tmp_path: Path) -> None:
         adapters.liandong_redact(
             replace(draft, confidentiality="confidential"), "140400/discipline", api
         )
+    typo = ConfiguredAPI(tmp_path, {"recipients": {"140400/discipine": "internal"}})
+    with pytest.raises(ValueError, match="'140400/discipine'"):
+        adapters.liandong_redact(draft, "140400/discipline", typo)
     broken = ConfiguredAPI(tmp_path, {"recipients": {"140400/discipline": "secret"}})
     with pytest.raises(ValueError, match=r"\[plugins.ecology.recipients\] '140400/discipline'"):
         adapters.liandong_redact(draft, "140400/discipline", broken)
