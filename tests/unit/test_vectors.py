@@ -25,6 +25,7 @@ from node.envelope import (
     sign_envelope,
     verify_envelope,
 )
+from node.exchange.messages import parse_message
 from node.identity import SigningKey
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -51,7 +52,11 @@ def hand_pae(payload_type: str, payload: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     ("name", "payload_type"),
-    [("envelope.json", MESSAGE_PAYLOAD_TYPE), ("receipt.json", RECEIPT_PAYLOAD_TYPE)],
+    [
+        ("envelope.json", MESSAGE_PAYLOAD_TYPE),
+        ("receipt.json", RECEIPT_PAYLOAD_TYPE),
+        ("marked.json", MESSAGE_PAYLOAD_TYPE),
+    ],
 )
 def test_vector_recomputes_from_seed(name: str, payload_type: str) -> None:
     v = load(name)
@@ -97,6 +102,16 @@ def test_message_vector_payload_fields() -> None:
     assert list(msg.recipients) == ["140400/procuratorate"]
     assert msg.created_at.seconds == 1740816000
     assert msg.WhichOneof("body") == "clue"
+
+
+def test_marked_vector_payload_fields() -> None:
+    payload = bytes.fromhex(load("marked.json")["payload"])
+    # Field 10 (FieldMarking: field 1 "location", confidentiality 2 = 3), then field 11.
+    assert bytes.fromhex("520c0a086c6f636174696f6e1003") in payload
+    msg = parse_message(payload)  # passes every check of docs/protocol.md 5.3
+    assert [(m.field, m.confidentiality) for m in msg.field_markings] == [("location", 3)]
+    first = envelope_pb2.Message.FromString(bytes.fromhex(load("envelope.json")["payload"]))
+    assert msg.version_of == first.message_id != msg.message_id
 
 
 def test_receipt_vector_names_the_message_envelope() -> None:

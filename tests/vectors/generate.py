@@ -51,6 +51,20 @@ def fixed_message() -> envelope_pb2.Message:
     )
 
 
+def marked_version() -> envelope_pb2.Message:
+    """A redacted version (docs/protocol.md 5.3): internal, with one field marked
+    confidential, naming the first version in version_of."""
+    message = fixed_message()
+    message.message_id = "01956b2e-4c00-7000-8000-000000000002"
+    message.recipients[:] = ["140400/discipline"]
+    message.clue.ClearField("subject")
+    message.field_markings.add(
+        field="location", confidentiality=envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL
+    )
+    message.version_of = MESSAGE_ID
+    return message
+
+
 def fixed_receipt(message_envelope_sha256: bytes) -> envelope_pb2.Receipt:
     return envelope_pb2.Receipt(
         message_id=MESSAGE_ID,
@@ -94,7 +108,18 @@ def build() -> dict[str, dict[str, Any]]:
         RECEIPT_PAYLOAD_TYPE,
         key,
     )
-    return {"envelope.json": message_vector, "receipt.json": receipt_vector}
+    marked_vector = vector(
+        "Message with a field marking (location: CONFIDENTIAL) and version_of: a version of "
+        "envelope.json's message redacted for 140400/discipline",
+        marked_version().SerializeToString(deterministic=True),
+        MESSAGE_PAYLOAD_TYPE,
+        key,
+    )
+    return {
+        "envelope.json": message_vector,
+        "receipt.json": receipt_vector,
+        "marked.json": marked_vector,
+    }
 
 
 def main() -> None:
