@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -121,18 +120,7 @@ class PluginAPI:
     def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
         """Called from a plugin's worker thread; blocks until the messages are stored."""
         submissions = [
-            Submission(
-                family=draft.family,
-                recipients=list(draft.recipients),
-                body=draft.body,
-                body_type=draft.body_type,
-                case_ref=draft.case_ref,
-                in_reply_to=draft.in_reply_to,
-                confidentiality=draft.confidentiality,
-                attachment_paths=list(draft.attachments),
-                client_key=f"plugin:{draft.source}" if draft.source else "",
-                field_markings=dict(draft.field_markings),
-            )
+            submission_of(draft, f"plugin:{draft.source}" if draft.source else "")
             for draft in drafts
         ]
         future = asyncio.run_coroutine_threadsafe(
@@ -200,24 +188,23 @@ def draft_of(submission: Submission) -> Draft:
     )
 
 
-def version_from(submission: Submission, version: Draft) -> Submission:
-    """The submission with a redacted draft's content; what may not change is checked by
-    the outbox (REDACTABLE), so the rest is taken from the draft as it came back."""
-    body: Mapping[str, Any] | ProtoMessage = version.body
-    if isinstance(body, _BodyOf):  # given back unread: the typed body as submitted
+def submission_of(draft: Draft, client_key: str, deadline: datetime | None = None) -> Submission:
+    """A draft as the outbox takes it: a plugin's, or a redactor's version of a submission."""
+    body: Mapping[str, Any] | ProtoMessage = draft.body
+    if isinstance(body, _BodyOf):  # a redactor gave it back unread: the typed body submitted
         body = body.message
-    return replace(
-        submission,
-        family=version.family,
-        recipients=tuple(version.recipients),
+    return Submission(
+        family=draft.family,
+        recipients=tuple(draft.recipients),
         body=body,
-        body_type=version.body_type,
-        case_ref=version.case_ref,
-        in_reply_to=version.in_reply_to,
-        confidentiality=version.confidentiality,
-        attachment_paths=tuple(version.attachments),
-        field_markings=dict(version.field_markings),
-        client_key=version.source,
+        body_type=draft.body_type,
+        case_ref=draft.case_ref,
+        in_reply_to=draft.in_reply_to,
+        confidentiality=draft.confidentiality,
+        attachment_paths=tuple(draft.attachments),
+        client_key=client_key,
+        deadline=deadline,
+        field_markings=dict(draft.field_markings),
     )
 
 
@@ -527,7 +514,8 @@ class Node:
                 f"liandong_redact returned a {type(version).__name__} for recipient "
                 f"'{recipient}', not a Draft or None; nothing was sent",
             )
-        return version_from(submission, version)
+        # What a version may not change is checked by the outbox (REDACTABLE).
+        return submission_of(version, version.source, submission.deadline)
 
     def _hand_off(self, item: InboundItem) -> str | None:
         return self.hooks.hand_off(item, self.api)

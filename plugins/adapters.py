@@ -85,6 +85,7 @@ class AgencyAdapters:
         self.name = name
         self._folders: dict[Path, DropFolder] = {}
         self._sources: dict[Path, list[SqlSource]] = {}
+        self._clearances: dict[int, Mapping[str, str]] = {}  # id -> the table checked
 
     def settings(self, api: NodeAPI) -> Mapping[str, Any]:
         return api.plugin_config(self.name)
@@ -108,8 +109,13 @@ class AgencyAdapters:
         return str(value)
 
     def recipient_clearances(self, api: NodeAPI) -> Mapping[str, str]:
-        """``[plugins.<name>.recipients]``: agency id -> the highest marking it may get."""
+        """``[plugins.<name>.recipients]``: agency id -> the highest marking it may get.
+
+        Checked once per table: the redactor asks for every recipient of every message."""
         table = self.settings(api).get("recipients", {})
+        checked = self._clearances.get(id(table))
+        if checked is not None and checked is table:
+            return checked
         where = f"[plugins.{self.name}.recipients]"
         if not isinstance(table, Mapping):
             raise ValueError(f'{where}: expected a table of "agency id" = "marking"')
@@ -123,6 +129,7 @@ class AgencyAdapters:
                 raise ValueError(
                     f"{where} {agency!r}: {marking!r} is not one of {', '.join(MARKINGS)}"
                 )
+        self._clearances[id(table)] = table
         return table
 
     def state_dir(self, api: NodeAPI) -> Path:
