@@ -97,6 +97,7 @@ _KNOWN = {
         "holidays",
         "workdays",
         "rules",
+        "sharing_from",
     },
 }
 
@@ -233,8 +234,19 @@ def _deadlines(reader: _Reader) -> Deadlines:
         except ValueError as error:
             raise ConfigError(f"config {path}: key 'deadlines.{key}': {error}") from None
 
+    sharing_from = table.get("sharing_from", [])
+    if not isinstance(sharing_from, list) or not all(isinstance(a, str) for a in sharing_from):
+        raise ConfigError(
+            f"config {path}: key 'deadlines.sharing_from' must be a list of agency ids"
+        )
+    for agency in sharing_from:
+        try:
+            validate_agency_id(agency)
+        except IdentityError as error:
+            raise ConfigError(f"config {path}: key 'deadlines.sharing_from': {error}") from None
     base = Deadlines(
         calendar=WorkCalendar(days("holidays"), days("workdays")),
+        sharing_from=tuple(dict.fromkeys(sharing_from)),
         escalation_grace=timedelta(
             days=float(reader.number("deadlines", "escalation_grace_days", 3.0))
         ),

@@ -72,7 +72,14 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from node.exchange.deadlines import DeadlineRule
-    from node.plugin_api import DeliveryConfirmation, Draft, InboundItem, NodeAPI
+    from node.plugin_api import (
+        CaseChange,
+        DeliveryConfirmation,
+        Draft,
+        InboundItem,
+        NodeAPI,
+        Verdict,
+    )
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -144,6 +151,35 @@ def liandong_redact(draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
 
 
 @hookspec(firstresult=True)
+def liandong_review_inbound(item: InboundItem, api: NodeAPI) -> Verdict | None:
+    """Called for each inbound message that opens a case (a clue, a crime transfer, an
+    evidence request, a recommendation, a notice), once it is durably stored and receipted
+    and before it is handed to the local system, to accept or decline it at once, e.g. to
+    accept (受理) every clue on arrival, or to decline a clue that came without evidence.
+
+    Runs in the hand-off worker thread. **First result wins**: plugins are asked in turn
+    until one returns a non-``None`` verdict, and the rest are not called for that item.
+
+    For :class:`~node.plugin_api.Accept` or :class:`~node.plugin_api.Decline` the node sends
+    the item's sender a signed feedback with the verdict's event and reason (for a crime
+    transfer, to its other recipients too: the procuratorate's copy follows the filing
+    decision), which moves the case on both nodes like any feedback. An accepted item is then
+    handed off as usual; a declined one is not: the node records it as declined and audits
+    that (``inbound_declined``).
+
+    Must be idempotent: after a crash the node may ask again, and the answer it already sent
+    is not sent twice. A verdict the item's lifecycle does not allow on arrival (an unknown
+    event, a decline without a reason) or that the case no longer allows (an officer decided
+    first) is logged and the item handed off without an answer, for a person to decide.
+
+    :param item: the verified inbound message that opens a case.
+    :param api: the node API.
+    :return: the verdict, or ``None`` to leave the decision to the local system. Raising
+        means "not now": the node asks again later.
+    """
+
+
+@hookspec(firstresult=True)
 def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
     """Called for each inbound message after it is durably stored and its receipt was sent, to
     hand it to the local system.
@@ -181,6 +217,26 @@ def liandong_deliveries_confirmed(
     logged; the receipts themselves are already safe in the node.
 
     :param confirmations: per receipt, the message, recipient, delivery time and digest.
+    :param api: the node API.
+    """
+
+
+@hookspec
+def liandong_cases_changed(changes: Sequence[CaseChange], api: NodeAPI) -> None:
+    """Called after cases on this node changed state (node.exchange.lifecycles): a receipt
+    came back, a peer's feedback moved a case, this node answered or decided. Every change
+    after a case was opened is reported, in the order they were committed, grouped (up to
+    a few hundred a call).
+
+    Lets the local system show each case's state without asking the node. Called for every
+    plugin, in a worker thread; the return value is ignored. At least once: the node
+    remembers the last change reported (after the call returns), so after a crash a group may
+    come again — apply changes idempotently, by :attr:`~node.plugin_api.CaseChange.sequence`.
+    An exception is logged and the node moves on (the history stays in ``liandong cases
+    ID``): one plugin's failure must not hold back the others. Changes made before any
+    plugin implemented this hook are not reported.
+
+    :param changes: the changes, oldest first.
     :param api: the node API.
     """
 

@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "Accept",
     "AttachmentFile",
+    "CaseChange",
     "Confidentiality",
+    "Decline",
     "DeliveryConfirmation",
     "Draft",
     "DraftRejected",
     "HandOffWithheld",
     "InboundItem",
     "NodeAPI",
+    "Verdict",
 ]
 
 Confidentiality = Literal["public", "internal", "confidential"]
@@ -133,6 +137,66 @@ class DeliveryConfirmation:
     receipt_sha256: str
     receiver_log_index: int
     """Position of the envelope in the recipient's audit log, for later inclusion proofs."""
+
+
+@dataclass(frozen=True)
+class Accept:
+    """``liandong_review_inbound``'s answer to take an item: the node sends its sender a
+    signed feedback with ``event`` (e.g. ``accepted``, 受理) and hands the item to the local
+    system as usual."""
+
+    event: str = "accepted"
+    """An event of the item's lifecycle that its addressee may make on arrival
+    (docs/workflows.md), e.g. ``accepted`` for a clue, ``read`` for a notice."""
+    reason: str = ""
+    """Sent as the feedback's text; required by the events that need a reason."""
+
+
+@dataclass(frozen=True)
+class Decline:
+    """``liandong_review_inbound``'s answer to refuse an item: the node sends its sender a
+    signed feedback with ``event`` and ``reason``, and does **not** hand the item to the local
+    system (it stays on the node, readable with ``liandong show``)."""
+
+    reason: str
+    """Why, in words the sender's officer can act on; sent as the feedback's text."""
+    event: str = "declined"
+    """An event of the item's lifecycle that its addressee may make on arrival, e.g.
+    ``declined`` (不予受理) or ``forwarded`` (移送管辖) for a clue."""
+
+
+Verdict = Accept | Decline
+"""What ``liandong_review_inbound`` may return (besides ``None``)."""
+
+
+@dataclass(frozen=True)
+class CaseChange:
+    """A case on this node moved from one state to another (node.exchange.lifecycles)."""
+
+    sequence: int
+    """Increases with every change on this node: a plugin that must not apply a change twice
+    remembers the highest it has applied."""
+    case_id: str
+    """The opening message's id."""
+    peer: str
+    """The other agency of the case."""
+    family: str
+    role: Literal["opener", "addressee"]
+    """This agency's side of the case."""
+    event: str
+    from_state: str
+    to_state: str
+    actor: str
+    """The agency that made the move (this one, or ``peer``)."""
+    message_id: str
+    """The signed message that caused it; empty for a decision recorded on the node
+    (``liandong decide``)."""
+    reason: str
+    at: datetime
+    title: str
+    """The case's title (empty when the title is marked above the case's message)."""
+    confidentiality: Confidentiality
+    """The case's marking: the most restricted marking of its opening message."""
 
 
 @runtime_checkable

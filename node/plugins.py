@@ -16,7 +16,7 @@ import pluggy
 
 from node import hookspecs
 from node.exchange.deadlines import DeadlineRule
-from node.plugin_api import DeliveryConfirmation, Draft, InboundItem, NodeAPI
+from node.plugin_api import CaseChange, DeliveryConfirmation, Draft, InboundItem, NodeAPI, Verdict
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "PluginHooks", "load_plugin_manager"]
 
@@ -78,7 +78,8 @@ def load_plugin_manager(
 class PluginHooks:
     """Typed facade over the plugin manager's hooks.
 
-    Broadcast hooks (``node_started``, ``poll_local_system``, ``deliveries_confirmed``) call each
+    Broadcast hooks (``node_started``, ``poll_local_system``, ``deliveries_confirmed``,
+    ``cases_changed``) call each
     plugin on its own and log an exception with the plugin's name instead of raising: pluggy
     would otherwise stop at the first failing plugin, and one agency's broken adapter must not
     stop another's. ``hand_off`` lets exceptions through, because there they mean "retry later".
@@ -108,6 +109,19 @@ class PluginHooks:
         """
         result: str | None = self._pm.hook.liandong_hand_off(item=item, api=api)
         return result
+
+    def review_inbound(self, item: InboundItem, api: NodeAPI) -> Verdict | None:
+        """The first plugin's verdict on ``item``, or ``None`` when no plugin gives one.
+
+        An exception from a plugin propagates: the caller asks again later.
+        """
+        result: Verdict | None = self._pm.hook.liandong_review_inbound(item=item, api=api)
+        return result
+
+    @property
+    def reviews(self) -> bool:
+        """Whether any plugin implements ``liandong_review_inbound``."""
+        return bool(self._pm.hook.liandong_review_inbound.get_hookimpls())
 
     def redact(self, draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
         """The first plugin's version of ``draft`` for ``recipient``, or ``None`` to send it
@@ -143,6 +157,15 @@ class PluginHooks:
     ) -> None:
         """Call ``liandong_deliveries_confirmed`` on every plugin."""
         self._broadcast("liandong_deliveries_confirmed", confirmations=confirmations, api=api)
+
+    def cases_changed(self, changes: Sequence[CaseChange], api: NodeAPI) -> None:
+        """Call ``liandong_cases_changed`` on every plugin."""
+        self._broadcast("liandong_cases_changed", changes=changes, api=api)
+
+    @property
+    def watches_cases(self) -> bool:
+        """Whether any plugin implements ``liandong_cases_changed``."""
+        return bool(self._pm.hook.liandong_cases_changed.get_hookimpls())
 
     def _broadcast(self, hook_name: str, **kwargs: Any) -> None:
         api: NodeAPI = kwargs["api"]

@@ -35,19 +35,23 @@ from node.audit.witness import Witness, split_views
 from node.config import NodeConfig, default_plugins
 from node.envelope import sign_note
 from node.exchange.attachments import BlobStore
+from node.exchange.case_changes import CaseChangeFeed
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Confirmation, DeliveryWorker
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.handoff import HandOffWorker
+from node.exchange.handoff import HandOffDeclined, HandOffWorker
 from node.exchange.inbound import Receiver
 from node.exchange.outbox import Outbox, Submission
+from node.exchange.review import VerdictError, answer_for, opens_case
 from node.exchange.scheduler import DeadlineScheduler
 from node.federation import Registry, RegistryError, verify_registry
 from node.identity import IdentityError, load_public_key, load_signing_key
 from node.peers import GrpcPeerTransport
 from node.pki import SetupError, check_node_tls
 from node.plugin_api import (
+    CaseChange,
     Confidentiality,
+    Decline,
     DeliveryConfirmation,
     Draft,
     DraftRejected,
@@ -429,6 +433,14 @@ class Node:
         ]
         if self.config.witness_interval_seconds > 0:
             self._workers.append(loop.create_task(self._supervise("witness", self.witness.run)))
+        self.case_changes: CaseChangeFeed | None = None
+        if self.hooks.watches_cases:
+            self.case_changes = CaseChangeFeed(
+                self.writer, self.sessions, self._report_case_changes, self.config.poll_seconds
+            )
+            self._workers.append(
+                loop.create_task(self._supervise("case changes", self.case_changes.run))
+            )
         self._background = [
             loop.create_task(self._poll()),
             loop.create_task(self._watch()),
@@ -518,7 +530,37 @@ class Node:
         return submission_of(version, version.source, submission.deadline)
 
     def _hand_off(self, item: InboundItem) -> str | None:
+        """Review the item (``liandong_review_inbound``), then hand it to the local system
+        unless the review declined it (in the hand-off worker's thread)."""
+        if self.hooks.reviews and opens_case(item):
+            self._review(item)
         return self.hooks.hand_off(item, self.api)
+
+    def _review(self, item: InboundItem) -> None:
+        """Send the answer a plugin's verdict calls for; raise HandOffDeclined for a decline.
+
+        A plugin's exception and a node that cannot store the answer now propagate: the
+        hand-off is retried, and the answer's idempotency key keeps it from going out twice.
+        """
+        verdict = self.hooks.review_inbound(item, self.api)
+        if verdict is None:
+            return
+        try:
+            answer_id = self.api.submit(answer_for(item, verdict, self.config.agency))
+        except (VerdictError, DraftRejected) as error:  # e.g. an officer decided first
+            log.warning(
+                "verdict not sent; the item goes to the local system for a person to decide",
+                hook="liandong_review_inbound",
+                message_id=item.message_id,
+                error=str(error),
+            )
+            return
+        log.info("answered on arrival", message_id=item.message_id, answer=verdict.event)
+        if isinstance(verdict, Decline):
+            raise HandOffDeclined(f"{verdict.event} ({verdict.reason}), answer {answer_id}")
+
+    def _report_case_changes(self, changes: Sequence[CaseChange]) -> None:
+        self.hooks.cases_changed(changes, self.api)
 
     async def _confirmed(self, confirmations: list[Confirmation]) -> None:
         """Queue the plugins' notification; delivery does not wait for the local system."""
@@ -644,6 +686,8 @@ class Node:
         self.handoff.stop()
         self.witness.stop()
         self.scheduler.stop()
+        if self.case_changes is not None:
+            self.case_changes.stop()
         self.exchange_servicer.draining.set()
         self.admin_servicer.draining.set()
         await asyncio.gather(self.peer_server.stop(grace), self.admin_server.stop(grace))

@@ -32,26 +32,48 @@ Outbound, ``[plugins.<name>.recipients]`` says what each recipient may get (002 
 A recipient not listed gets every message whole. For a listed one (``liandong_redact``), fields
 marked above its clearance are taken out of its version, and a message whose own marking is
 above it is refused, naming the recipient.
+
+Inbound cases can be answered on arrival (``liandong_review_inbound``) by rules tried in
+order, the first that matches deciding::
+
+    [[plugins.procuratorate.review]]
+    family = "clue"
+    without_attachments = true         # only items that came with no attachment
+    decline = "declined"               # 不予受理: answered, not handed to the local system
+    reason = "线索未附证据材料，请补充后重新移送"
+
+    [[plugins.procuratorate.review]]
+    family = "clue"
+    from = "140400/ecology"            # only items from this agency
+    accept = "accepted"                # 受理 at once; handed to the local system as usual
+
+Every case change (``liandong_cases_changed``) is appended to the drop folder's
+``cases/<date>.jsonl``, without title and reason for a case marked above ``cleared_for``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
+from node.exchange.review import VerdictError, check_verdict
 from node.hookspecs import hookimpl
 from node.identity import IdentityError, validate_agency_id
 from node.plugin_api import (
+    Accept,
+    CaseChange,
     Confidentiality,
+    Decline,
     DeliveryConfirmation,
     Draft,
     DraftRejected,
     HandOffWithheld,
     InboundItem,
     NodeAPI,
+    Verdict,
 )
 from plugins.dropfolder import DraftError, DropFolder, draft_from_json, flat_draft
 from plugins.sqlsource import PickUp, RowError, SqlConfigError, SqlQuery, SqlSource
@@ -73,6 +95,62 @@ _DRAFT_FIELDS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class ReviewRule:
+    """One ``[[plugins.<name>.review]]`` rule: which items it matches and the verdict."""
+
+    family: str
+    verdict: Verdict
+    sender: str = ""
+    without_attachments: bool = False
+
+    def matches(self, item: InboundItem) -> bool:
+        return (
+            item.family == self.family
+            and (not self.sender or item.sender == self.sender)
+            and (not self.without_attachments or not item.attachments)
+        )
+
+    @classmethod
+    def from_config(cls, where: str, table: object) -> ReviewRule:
+        if not isinstance(table, Mapping):
+            raise ValueError(f"{where}: expected a table (family, accept or decline, ...)")
+        unknown = sorted(
+            set(table) - {"family", "from", "without_attachments", "accept", "decline", "reason"}
+        )
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key {', '.join(unknown)} (family, from, "
+                "without_attachments, accept, decline, reason)"
+            )
+        family = table.get("family")
+        if not isinstance(family, str) or not family:
+            raise ValueError(f'{where}: family is required, e.g. family = "clue"')
+        reason = table.get("reason", "")
+        if not isinstance(reason, str):
+            raise ValueError(f"{where} reason: expected a string")
+        if ("accept" in table) == ("decline" in table):
+            raise ValueError(f"{where}: give either accept = EVENT or decline = EVENT")
+        event = table.get("accept", table.get("decline"))
+        if not isinstance(event, str) or not event:
+            raise ValueError(f'{where}: the event must be a lifecycle event, e.g. "accepted"')
+        verdict: Verdict = Accept(event, reason) if "accept" in table else Decline(reason, event)
+        try:
+            check_verdict(family, verdict)
+        except VerdictError as error:
+            raise ValueError(f"{where}: {error}") from None
+        sender = table.get("from", "")
+        if sender:
+            try:
+                validate_agency_id(sender)
+            except IdentityError as error:
+                raise ValueError(f"{where} from: {error}") from None
+        without = table.get("without_attachments", False)
+        if not isinstance(without, bool):
+            raise ValueError(f"{where} without_attachments: expected true or false")
+        return cls(family, verdict, sender, without)
+
+
 def cleared(marking: str, clearance: str) -> bool:
     """Whether a local system cleared for ``clearance`` may receive an item marked ``marking``."""
     return MARKINGS.index(marking) <= MARKINGS.index(clearance)
@@ -86,6 +164,7 @@ class AgencyAdapters:
         self._folders: dict[Path, DropFolder] = {}
         self._sources: dict[Path, list[SqlSource]] = {}
         self._clearances: dict[int, Mapping[str, str]] = {}  # id -> the table checked
+        self._review_rules: tuple[object, list[ReviewRule]] | None = None  # (config, rules)
 
     def settings(self, api: NodeAPI) -> Mapping[str, Any]:
         return api.plugin_config(self.name)
@@ -131,6 +210,20 @@ class AgencyAdapters:
                 )
         self._clearances[id(table)] = table
         return table
+
+    def review_rules(self, api: NodeAPI) -> list[ReviewRule]:
+        """``[[plugins.<name>.review]]``, checked once per config."""
+        configured = self.settings(api).get("review", [])
+        if self._review_rules is not None and self._review_rules[0] is configured:
+            return self._review_rules[1]
+        where = f"[[plugins.{self.name}.review]]"
+        if not isinstance(configured, list):
+            raise ValueError(f"{where}: expected an array of tables")
+        rules = [
+            ReviewRule.from_config(f"{where} #{n}", table) for n, table in enumerate(configured, 1)
+        ]
+        self._review_rules = (configured, rules)
+        return rules
 
     def state_dir(self, api: NodeAPI) -> Path:
         """Where the plugin keeps what it remembers (SQL cursors, failed rows)."""
@@ -190,6 +283,7 @@ class AgencyAdapters:
             # A wrong marking name fails here, at start, not at the first item.
             cleared_for=self.clearance(api),
             recipients=dict(self.recipient_clearances(api)),
+            review=len(self.review_rules(api)),
         )
 
     @hookimpl
@@ -221,6 +315,15 @@ class AgencyAdapters:
             api.log.info(
                 "rows submitted", plugin=self.name, source=source.query.name, rows=picked.handled
             )
+
+    @hookimpl
+    def liandong_review_inbound(self, item: InboundItem, api: NodeAPI) -> Verdict | None:
+        if api.agency not in item.recipients:
+            return None
+        for rule in self.review_rules(api):
+            if rule.matches(item):
+                return rule.verdict
+        return None
 
     @hookimpl
     def liandong_hand_off(self, item: InboundItem, api: NodeAPI) -> str | None:
@@ -271,6 +374,12 @@ class AgencyAdapters:
         self, confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
     ) -> None:
         self.folder(api).append_confirmations(confirmations)
+
+    @hookimpl
+    def liandong_cases_changed(self, changes: Sequence[CaseChange], api: NodeAPI) -> None:
+        self.folder(api).append_case_changes(
+            changes, self.clearance(api), self.state_dir(api) / "cases-reported"
+        )
 
 
 def _same_field(key: str, name: str) -> bool:

@@ -11,10 +11,11 @@ the node's data directory)::
     root/drafts/processed/<name>             submitted drafts, <name>.message_id beside each
     root/drafts/failed/<name>                refused drafts, <name>.error.txt beside each
     root/receipts/<YYYY-MM-DD>.jsonl         delivery confirmations, one JSON line each
+    root/cases/<YYYY-MM-DD>.jsonl            case state changes, one JSON line each
 
 Every file the node writes appears atomically (temp file named ``.*.tmp`` in the same folder,
-fsync, rename), so the local system never reads half a file; receipts are appended to a log
-instead, whole lines at a time; it must write its drafts the same
+fsync, rename), so the local system never reads half a file; receipts and case changes are
+appended to logs instead, whole lines at a time; it must write its drafts the same
 way, because files whose names start with ``.`` or end in ``.tmp`` are ignored. The formats are
 documented in docs/plugins.md.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 from node.plugin_api import (
+    CaseChange,
     Confidentiality,
     DeliveryConfirmation,
     Draft,
@@ -360,6 +362,7 @@ class DropFolder:
         self.processed = self.drafts / "processed"
         self.failed = self.drafts / "failed"
         self.receipts = root / "receipts"
+        self.cases = root / "cases"
 
     def ensure_folders(self) -> None:
         for folder in (
@@ -369,6 +372,7 @@ class DropFolder:
             self.processed,
             self.failed,
             self.receipts,
+            self.cases,
         ):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -648,6 +652,62 @@ class DropFolder:
         for log_path, group in lines.items():
             _append_lines(log_path, group)
         return list(lines)
+
+    # -- case changes ------------------------------------------------------------------------
+
+    def append_case_changes(
+        self, changes: Sequence[CaseChange], clearance: str, reported: Path
+    ) -> list[Path]:
+        """Append one JSON line per case change to the log of the day it happened (UTC).
+
+        ``reported`` holds the highest sequence already written, so a group the node offers
+        again after a crash is not written twice. A case marked above ``clearance`` is
+        written without its title and the reason (they may quote confidential content).
+        """
+        done = _read_int(reported)
+        lines: dict[Path, list[bytes]] = {}
+        for change in changes:
+            if change.sequence <= done:
+                continue
+            within = _CONFIDENTIALITY.index(change.confidentiality) <= _CONFIDENTIALITY.index(
+                clearance
+            )
+            document = {
+                "sequence": change.sequence,
+                "case_id": change.case_id,
+                "peer": change.peer,
+                "family": change.family,
+                "role": change.role,
+                "event": change.event,
+                "from_state": change.from_state,
+                "to_state": change.to_state,
+                "actor": change.actor,
+                "message_id": change.message_id,
+                "at": _rfc3339(change.at),
+                "marking": change.confidentiality,
+                "title": change.title if within else "",
+                "reason": change.reason if within else "",
+            }
+            if not within:
+                document["withheld_fields"] = ["reason", "title"]
+            line = json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n"
+            day = change.at.astimezone(UTC)
+            lines.setdefault(self.cases / f"{day:%Y-%m-%d}.jsonl", []).append(line)
+        if not lines:
+            return []
+        self.cases.mkdir(parents=True, exist_ok=True)
+        for log_path, group in lines.items():
+            _append_lines(log_path, group)
+        reported.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(reported, str(changes[-1].sequence).encode())
+        return list(lines)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
 
 
 def _append_lines(path: Path, lines: list[bytes]) -> None:

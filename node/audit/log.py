@@ -34,6 +34,7 @@ class AuditEvent(StrEnum):
     ATTACHMENT_STORED = "attachment_stored"
     HANDED_OFF = "handed_off"
     HAND_OFF_WITHHELD = "hand_off_withheld"  # a plugin refused the item (e.g. not cleared)
+    INBOUND_DECLINED = "inbound_declined"  # declined on arrival, not handed off
     REGISTRY_ACCEPTED = "registry_accepted"
     AUDIT_QUERY = "audit_query"  # a member read this log (Audit service), or was refused
     SPLIT_VIEW = "split_view"  # a peer showed this node two inconsistent checkpoints

@@ -35,6 +35,8 @@ from node.audit.log import AuditEvent, format_time
 from node.exchange.deadlines import Anchor, DeadlineRule, Deadlines
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role, Transition
+from node.exchange.lifecycles.data_sharing import AWAITED
+from node.exchange.sharing import QUARTER, last_finished_quarter, quarter_end
 from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES
 from node.store.writer import Batch
 
@@ -106,6 +108,11 @@ def _title(message: envelope_pb2.Message) -> str:
     body = message.WhichOneof("body")
     title = getattr(getattr(message, body), "title", "") if body else ""
     return str(title)[:256]
+
+
+def sharing_case_id(quarter: str) -> str:
+    """The case that awaits an agency's data of ``quarter`` (one per sharing agency)."""
+    return f"sharing-{quarter}"
 
 
 def _parse_time(text: str) -> datetime:
@@ -189,6 +196,63 @@ class CaseBook:
         batch.remember(("case", case["case_id"], case["peer"]), case)
         batch.remember(("clocks", case["case_id"], case["peer"]), {})  # a new case has none
         self._start_clocks(batch, case, {}, at)
+        if (
+            family == "notice"
+            and message.notice.kind == envelope_pb2.Notice.KIND_DATA_SHARING
+            and message.sender in self.deadlines.sharing_from
+        ):
+            self._sharing_received(batch, message, at)
+
+    # -- quarterly data sharing (001 §七) -------------------------------------------------
+
+    def await_sharing(self, batch: Batch, sharer: str, quarter: str, now: datetime) -> bool:
+        """Open the case for ``sharer``'s data of ``quarter``, awaited since the quarter
+        ended, with its clock; False when it is open already (or the data came first)."""
+        case_id = sharing_case_id(quarter)
+        if self._load(batch, case_id, sharer) is not None:
+            return False
+        ended = quarter_end(quarter)
+        case = {
+            "case_id": case_id,
+            "peer": sharer,
+            "family": "data_sharing",
+            "role": Role.ADDRESSEE.value,
+            "state": AWAITED,
+            "title": f"{quarter} 行政处罚信息和监测数据",
+            "confidentiality": "internal",
+            "attrs": json.dumps({"quarter": quarter}),
+            "opened_at": ended,
+            "updated_at": now,
+        }
+        batch.insert(CASES, case)
+        batch.remember(("case", case_id, sharer), case)
+        batch.remember(("clocks", case_id, sharer), {})
+        audit.append(
+            batch,
+            AuditEvent.CASE_TRANSITION,
+            node=self.agency,
+            at=now,
+            peer=sharer,
+            family="data_sharing",
+            detail=f"case {case_id} (data_sharing): opened, {AWAITED}; {quarter} ended "
+            f"{format_time(ended)}",
+        )
+        self._start_clocks(batch, case, {}, ended)
+        return True
+
+    def _sharing_received(self, batch: Batch, message: envelope_pb2.Message, at: datetime) -> None:
+        """A data-sharing notice closes its quarter's case: the quarter in ``case_ref``, else
+        the latest one over when the notice was written. An addendum changes nothing."""
+        if QUARTER.match(message.case_ref):
+            quarter = message.case_ref
+        else:
+            quarter = last_finished_quarter(message.created_at.ToDatetime(UTC))
+        self.await_sharing(batch, message.sender, quarter, at)  # the data may come first
+        case = self._load(batch, sharing_case_id(quarter), message.sender)
+        if case is None or case["state"] != AWAITED:
+            return
+        shared = LIFECYCLES["data_sharing"].find("shared")[0]
+        self._move(batch, case, shared, message.sender, at, message.message_id, "", None)
 
     def preload(self, batch: Batch, keys: tuple[tuple[str, str], ...]) -> None:
         """Read the cases (case id, peer) and their clocks that the batch's units will move,

@@ -156,6 +156,16 @@ LEGAL_DEFAULTS: tuple[DeadlineRule, ...] = (
         warn_before=3 * DAY,
         basis="001 §五: the deadline in the request (30 days when it gives none)",
     ),
+    _rule(
+        "data_sharing.quarterly",
+        "data_sharing",
+        "awaited",
+        15,
+        Unit.CALENDAR_DAYS,
+        responsible=OPENER,
+        warn_before=5 * DAY,
+        basis="001 §七: penalty and monitoring data every quarter; 15 days after it ends",
+    ),
 )
 
 
@@ -203,6 +213,8 @@ class Deadlines:
     speed: float = 1.0
     # Rules the node's config sets: plugins do not override them.
     configured: frozenset[str] = frozenset()
+    # Agencies that owe this node their data every quarter (rule "data_sharing.quarterly").
+    sharing_from: tuple[str, ...] = ()
 
     def for_family(self, family: str) -> list[DeadlineRule]:
         return [r for r in self.rules if r.family == family]

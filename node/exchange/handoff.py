@@ -41,16 +41,28 @@ NOT_TAKEN = ""  # handed_off value when no plugin took the message
 HANDED_OFF_MAX = 1024  # the handed_off column's length
 
 
+class HandOffDeclined(Exception):
+    """Raised by the node's hand-off when it declined the item on arrival
+    (``liandong_review_inbound``): ``str(exc)`` says how and why, and names the answer sent."""
+
+
 @dataclass(frozen=True)
-class Withheld:
-    """A plugin refused the item for good (HandOffWithheld): recorded, audited, not retried."""
+class NotHandedOff:
+    """The item must never reach the local system: recorded, audited, not offered again —
+    withheld by a plugin (HandOffWithheld), or declined on arrival (HandOffDeclined)."""
 
     reason: str
+    declined: bool = False
 
     @property
     def recorded(self) -> str:
         """What the messages table (and ``liandong inbox``) shows, cut to fit the column."""
-        return f"withheld: {self.reason}"[:HANDED_OFF_MAX]
+        label = "declined" if self.declined else "withheld"
+        return f"{label}: {self.reason}"[:HANDED_OFF_MAX]
+
+    @property
+    def event(self) -> AuditEvent:
+        return AuditEvent.INBOUND_DECLINED if self.declined else AuditEvent.HAND_OFF_WITHHELD
 
 
 HAND_OFF_GROUP = 100  # messages handed to the plugins in one thread hop and one commit
@@ -176,8 +188,8 @@ class HandOffWorker:
 
     def _hand_off_all(
         self, items: list[InboundItem]
-    ) -> list[tuple[InboundItem, str | Withheld | None, str | None]]:
-        outcomes: list[tuple[InboundItem, str | Withheld | None, str | None]] = []
+    ) -> list[tuple[InboundItem, str | NotHandedOff | None, str | None]]:
+        outcomes: list[tuple[InboundItem, str | NotHandedOff | None, str | None]] = []
         for item in items:
             if self._stopping:
                 break
@@ -185,7 +197,9 @@ class HandOffWorker:
                 outcomes.append((item, self.hand_off(item), None))
             except HandOffWithheld as refusal:
                 # Final, not a failure: recorded and audited, never offered again.
-                outcomes.append((item, Withheld(str(refusal) or "no reason given"), None))
+                outcomes.append((item, NotHandedOff(str(refusal) or "no reason given"), None))
+            except HandOffDeclined as declined:
+                outcomes.append((item, NotHandedOff(str(declined), declined=True), None))
             except Exception as error:  # a plugin's failure must not stop the node
                 outcomes.append((item, None, str(error)))
         return outcomes
@@ -207,13 +221,15 @@ class HandOffWorker:
             return [inbound_item(record, self.blobs) for record in records]
 
     def _record_all(
-        self, done: list[tuple[InboundItem, str | Withheld | None]], batch: Batch
+        self, done: list[tuple[InboundItem, str | NotHandedOff | None]], batch: Batch
     ) -> None:
         for item, reference in done:
             self._record(item, reference, batch)
 
-    def _record(self, item: InboundItem, reference: str | Withheld | None, batch: Batch) -> None:
-        if isinstance(reference, Withheld):
+    def _record(
+        self, item: InboundItem, reference: str | NotHandedOff | None, batch: Batch
+    ) -> None:
+        if isinstance(reference, NotHandedOff):
             shown = reference.recorded
         else:
             # A plugin's reference longer than the column would fail the unit on PostgreSQL
@@ -222,11 +238,11 @@ class HandOffWorker:
         batch.update(
             MESSAGES, {"message_id": item.message_id, "direction": "in"}, {"handed_off": shown}
         )
-        if isinstance(reference, Withheld):
-            log.warning("hand-off withheld", message_id=item.message_id, reason=reference.reason)
+        if isinstance(reference, NotHandedOff):
+            log.warning("not handed off", message_id=item.message_id, outcome=reference.recorded)
             audit.append(
                 batch,
-                AuditEvent.HAND_OFF_WITHHELD,
+                reference.event,
                 node=self.agency,
                 at=datetime.now(UTC),
                 message_id=item.message_id,

@@ -24,6 +24,7 @@ from node.exchange.cases import Reminder
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError
 from node.exchange.outbox import Outbox, Submission
+from node.exchange.sharing import last_finished_quarter
 from node.store.writer import BatchWriter
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,7 @@ class DeadlineScheduler:
         self.outbox = outbox
         self.interval = interval
         self._stopping = asyncio.Event()
+        self._awaiting: set[tuple[str, str]] = set()  # (agency, quarter) opened or found
 
     def stop(self) -> None:
         """Finish the pass under way, then return from run()."""
@@ -61,6 +63,7 @@ class DeadlineScheduler:
         """One pass: every clock due by `now`, up to PASS_LIMIT; returns how many moved."""
         now = now or datetime.now(UTC)
         cases = self.context.cases
+        await self._await_sharing(now)
         due = await asyncio.to_thread(self._due, now)
         for clock in due:
             values, notice = cases.step(clock, now)
@@ -79,6 +82,18 @@ class DeadlineScheduler:
                     notice_to=notice.to if notice else None,
                 )
         return len(due)
+
+    async def _await_sharing(self, now: datetime) -> None:
+        """Open the quarterly sharing case of each agency that owes this node its data, once
+        the quarter is over (``[deadlines] sharing_from``); once per quarter and agency."""
+        quarter = last_finished_quarter(now)
+        for sharer in self.context.cases.deadlines.sharing_from:
+            if (sharer, quarter) in self._awaiting:
+                continue
+            await self.writer.run(
+                partial(self.context.cases.await_sharing, sharer=sharer, quarter=quarter, now=now)
+            )
+            self._awaiting.add((sharer, quarter))
 
     def _due(self, now: datetime) -> list[dict[str, Any]]:
         with self.sessions() as session:

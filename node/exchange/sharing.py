@@ -11,10 +11,30 @@ One module writes and reads the format, so the bureau's plugin and the procurato
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
 from typing import Any
 
 PENALTY_RECORDS_FORMAT = "liandong.penalty-records/1"
+QUARTER = re.compile(r"\d{4}-Q[1-4]\Z")  # e.g. 2026-Q3
+
+
+def quarter_of(day: date) -> str:
+    return f"{day.year}-Q{(day.month - 1) // 3 + 1}"
+
+
+def quarter_end(quarter: str) -> datetime:
+    """The first moment after ``quarter`` (``2026-Q3`` -> 2026-10-01T00:00Z)."""
+    year, q = int(quarter[:4]), int(quarter[-1])
+    return datetime(year + (q == 4), 1 if q == 4 else 3 * q + 1, 1, tzinfo=UTC)
+
+
+def last_finished_quarter(now: datetime) -> str:
+    """The latest quarter that is over at ``now`` (UTC)."""
+    day = now.astimezone(UTC).date()
+    year, q = day.year, (day.month - 1) // 3 + 1
+    return f"{year - 1}-Q4" if q == 1 else f"{year}-Q{q - 1}"
 
 
 class SharedDataError(ValueError):

@@ -56,7 +56,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-from node.exchange.sharing import penalty_document
+from node.exchange.sharing import (
+    last_finished_quarter,
+    penalty_document,
+    quarter_end,
+    quarter_of,
+)
 from node.exchange.thresholds import (
     Met,
     Threshold,
@@ -68,12 +73,14 @@ from node.exchange.thresholds import (
 from node.hookspecs import hookimpl
 from node.identity import agency_region
 from node.plugin_api import (
+    CaseChange,
     Confidentiality,
     DeliveryConfirmation,
     Draft,
     DraftRejected,
     InboundItem,
     NodeAPI,
+    Verdict,
 )
 from plugins.adapters import MARKINGS, AgencyAdapters
 from plugins.sqlsource import RowError, SqlSource
@@ -135,16 +142,6 @@ def read_settings(api: NodeAPI) -> EcologySettings:
         evidence_dir=api.data_dir / evidence,
         thresholds=thresholds,
     )
-
-
-def quarter_of(day: date) -> str:
-    return f"{day.year}-Q{(day.month - 1) // 3 + 1}"
-
-
-def quarter_end(quarter: str) -> datetime:
-    """The first moment after ``quarter`` (``2026-Q3`` -> 2026-10-01T00:00Z)."""
-    year, q = int(quarter[:4]), int(quarter[-1])
-    return datetime(year + (q == 4), 1 if q == 4 else 3 * q + 1, 1, tzinfo=UTC)
 
 
 def decided_on(record: Mapping[str, Any]) -> date:
@@ -355,12 +352,21 @@ def take_record(api: NodeAPI, settings: EcologySettings, record: Mapping[str, An
         )
 
 
-def share_quarters(api: NodeAPI, settings: EcologySettings, now: datetime) -> list[str]:
+def share_quarters(
+    api: NodeAPI, settings: EcologySettings, now: datetime, *, owe_last: bool = False
+) -> list[str]:
     """Share every finished quarter not yet shared, or changed since (late or corrected
-    records: an addendum with the whole quarter); return the message ids."""
+    records: an addendum with the whole quarter); return the message ids.
+
+    With ``owe_last`` (the bureau's records are read from its system), the last finished
+    quarter is shared even without a record: the procuratorate's node waits for every
+    quarter (rule data_sharing.quarterly), and "none this quarter" is an answer too."""
     ledger = ledger_of(api)
     sent: list[str] = []
-    for quarter in ledger.quarters():
+    quarters = set(ledger.quarters())
+    if owe_last:
+        quarters.add(last_finished_quarter(now))
+    for quarter in sorted(quarters):
         if quarter_end(quarter) > now:
             continue
         try:
@@ -371,12 +377,12 @@ def share_quarters(api: NodeAPI, settings: EcologySettings, now: datetime) -> li
 
 
 def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str) -> list[str]:
-    records = ledger.records(quarter)
+    records = ledger.records(quarter) if quarter in ledger.quarters() else []
     document = penalty_document(api.agency, quarter, records)
     data = (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()[:16]
     before = ledger.shared(quarter)
-    if not records or digest == before:
+    if digest == before or (not records and before):
         return []
     folder = _adapters.state_dir(api) / "shared"
     folder.mkdir(parents=True, exist_ok=True)
@@ -386,6 +392,7 @@ def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str
     # travel in a notice the receiving adapters take as internal.
     marking = max(
         (str(r.get("confidentiality") or "internal") for r in records),
+        default="internal",
         key=lambda m: MARKINGS.index(m) if m in MARKINGS else len(MARKINGS) - 1,
     )
     addendum = "（补充）" if before else ""
@@ -402,6 +409,8 @@ def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str
                 Confidentiality, marking if marking in MARKINGS else "confidential"
             ),
             attachments=(attachment,),
+            # The quarter, so the receiving node closes its clock for that quarter.
+            case_ref=quarter,
             source=f"ecology:share:{quarter}:{digest}",
         )
     )
@@ -437,7 +446,12 @@ def liandong_poll_local_system(api: NodeAPI) -> None:
         _adapters.report(api, source, picked)
         caught_up &= picked.error is None and picked.read < source.batch
     if caught_up:  # a backlog is read whole before a quarter goes out, not in pieces
-        share_quarters(api, settings, datetime.now(UTC))
+        share_quarters(api, settings, datetime.now(UTC), owe_last=bool(record_sources(api)))
+
+
+@hookimpl
+def liandong_review_inbound(item: InboundItem, api: NodeAPI) -> Verdict | None:
+    return _adapters.liandong_review_inbound(item, api)
 
 
 @hookimpl
@@ -455,3 +469,8 @@ def liandong_deliveries_confirmed(
     confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
 ) -> None:
     _adapters.liandong_deliveries_confirmed(confirmations, api)
+
+
+@hookimpl
+def liandong_cases_changed(changes: Sequence[CaseChange], api: NodeAPI) -> None:
+    _adapters.liandong_cases_changed(changes, api)

@@ -22,7 +22,9 @@ as feedback drafts, from ``drafts/`` or straight from its database through a SQL
 Each decision moves the transfer's case on both sides (and the procuratorate's copy).
 
 Config: ``[plugins.police] folder = "local"``, ``cleared_for = "internal"``, and
-``[plugins.police.recipients]`` (what each recipient may get, see :mod:`plugins.adapters`).
+``[plugins.police.recipients]`` (what each recipient may get), ``[[plugins.police.review]]``
+(cases answered on arrival); all in :mod:`plugins.adapters`. Case changes go to the drop
+folder's ``cases/`` log.
 """
 
 from plugins.adapters import AgencyAdapters
@@ -31,6 +33,8 @@ _plugin = AgencyAdapters("police")
 
 liandong_node_started = _plugin.liandong_node_started
 liandong_poll_local_system = _plugin.liandong_poll_local_system
+liandong_review_inbound = _plugin.liandong_review_inbound
 liandong_hand_off = _plugin.liandong_hand_off
 liandong_redact = _plugin.liandong_redact
 liandong_deliveries_confirmed = _plugin.liandong_deliveries_confirmed
+liandong_cases_changed = _plugin.liandong_cases_changed

@@ -12,7 +12,9 @@ lists 应立未立 from the transfer copies and 应移未移 from the shared pen
 thresholds of ``[supervision.thresholds]``.
 
 Config: ``[plugins.procuratorate] folder = "local"``, ``cleared_for = "internal"``, and
-``[plugins.procuratorate.recipients]`` (what each recipient may get, see :mod:`plugins.adapters`).
+``[plugins.procuratorate.recipients]`` (what each recipient may get),
+``[[plugins.procuratorate.review]]`` (cases answered on arrival); all in
+:mod:`plugins.adapters`. Case changes go to the drop folder's ``cases/`` log.
 """
 
 from plugins.adapters import AgencyAdapters
@@ -21,6 +23,8 @@ _plugin = AgencyAdapters("procuratorate")
 
 liandong_node_started = _plugin.liandong_node_started
 liandong_poll_local_system = _plugin.liandong_poll_local_system
+liandong_review_inbound = _plugin.liandong_review_inbound
 liandong_hand_off = _plugin.liandong_hand_off
 liandong_redact = _plugin.liandong_redact
 liandong_deliveries_confirmed = _plugin.liandong_deliveries_confirmed
+liandong_cases_changed = _plugin.liandong_cases_changed

@@ -53,6 +53,16 @@ def test_rendered_config_loads_with_defaults(tmp_path: Path) -> None:
             '[node]\nagency = "140400/ecology"\nlisten = "h:1"\n[logging]\nlevel = "loud"\n',
             "'logging.level' must be",
         ),
+        (
+            '[node]\nagency = "140400/procuratorate"\nlisten = "h:1"\n'
+            '[deadlines]\nsharing_from = ["140400/ecolgy"]\n',
+            "key 'deadlines.sharing_from'",
+        ),
+        (
+            '[node]\nagency = "140400/procuratorate"\nlisten = "h:1"\n'
+            '[deadlines]\nsharing_from = "140400/ecology"\n',
+            "'deadlines.sharing_from' must be a list of agency ids",
+        ),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:

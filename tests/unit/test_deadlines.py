@@ -114,8 +114,9 @@ def test_deadlines_config_is_read_and_checked(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", sorted(LIFECYCLES))
 def test_each_lifecycle_is_connected(family: str) -> None:
     lifecycle = LIFECYCLES[family]
-    assert family in FAMILY_BODIES
-    reachable = {SENT, RECEIVED}
+    if lifecycle.opened == (SENT, RECEIVED):  # opened by a message of its own family
+        assert family in FAMILY_BODIES
+    reachable = set(lifecycle.opened)
     changed = True
     while changed:
         changed = False
@@ -171,3 +172,21 @@ def test_a_missed_deadline_with_nobody_to_escalate_to_stays_overdue() -> None:
     values, notice = book.step(clock, now)
     assert values["state"] == "escalated"
     assert notice is not None and notice.to == "140400/discipline"
+
+
+@pytest.mark.parametrize(
+    ("now", "quarter"),
+    [
+        (datetime(2026, 11, 24, 9, tzinfo=UTC), "2026-Q3"),
+        (datetime(2026, 10, 1, tzinfo=UTC), "2026-Q3"),
+        (datetime(2026, 9, 30, 23, 59, tzinfo=UTC), "2026-Q2"),
+        (datetime(2027, 2, 1, tzinfo=UTC), "2026-Q4"),
+    ],
+)
+def test_the_last_finished_quarter_is_the_one_the_sharing_clock_waits_for(
+    now: datetime, quarter: str
+) -> None:
+    from node.exchange.sharing import last_finished_quarter, quarter_end
+
+    assert last_finished_quarter(now) == quarter
+    assert quarter_end(quarter) <= now

@@ -17,6 +17,7 @@ import structlog
 
 from node.plugin_api import (
     AttachmentFile,
+    CaseChange,
     Confidentiality,
     DeliveryConfirmation,
     Draft,
@@ -691,3 +692,42 @@ def test_a_malformed_csv_file_is_named(tmp_path: Path, content: str, problem: st
     (outcome,) = folder.collect_drafts(Submitter())
     assert outcome.path == folder.failed / "bad.csv"
     assert problem in (folder.failed / "bad.csv.error.txt").read_text(encoding="utf-8")
+
+
+def case_change(sequence: int, marking: str = "internal") -> CaseChange:
+    return CaseChange(
+        sequence=sequence,
+        case_id="01J9Z3K6N2",
+        peer="140400/police",
+        family="crime_transfer",
+        role="opener",
+        event="not_filed",
+        from_state="received",
+        to_state="not_filed",
+        actor="140400/police",
+        message_id=f"m{sequence}",
+        reason="证据不足",
+        at=datetime(2026, 11, 24, 23, 59, tzinfo=timezone(timedelta(hours=-1))),
+        title="暗管排放",
+        confidentiality=marking,  # type: ignore[arg-type]
+    )
+
+
+def test_case_changes_are_logged_once_and_without_content_above_clearance(
+    tmp_path: Path,
+) -> None:
+    folder = DropFolder(tmp_path / "local")
+    reported = tmp_path / "state" / "cases-reported"
+    [path] = folder.append_case_changes(
+        [case_change(1), case_change(2, "confidential")], "internal", reported
+    )
+    assert path.name == "2026-11-25.jsonl"  # the UTC day
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert (first["sequence"], first["title"], first["reason"]) == (1, "暗管排放", "证据不足")
+    assert "withheld_fields" not in first
+    assert (second["title"], second["reason"]) == ("", "")
+    assert second["withheld_fields"] == ["reason", "title"]
+    # The node offers a group again after a crash: what was written is not written twice.
+    assert folder.append_case_changes([case_change(2), case_change(3)], "internal", reported)
+    assert [json.loads(line)["sequence"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert folder.append_case_changes([case_change(3)], "internal", reported) == []

@@ -16,9 +16,21 @@ import pytest
 import structlog
 
 from node import hookspecs
+from node.exchange.review import VerdictError, answer_for, check_verdict
 from node.hookspecs import hookimpl
-from node.plugin_api import Draft, DraftRejected, HandOffWithheld, InboundItem, NodeAPI
+from node.plugin_api import (
+    Accept,
+    AttachmentFile,
+    CaseChange,
+    Decline,
+    Draft,
+    DraftRejected,
+    HandOffWithheld,
+    InboundItem,
+    NodeAPI,
+)
 from node.plugins import ENTRY_POINT_GROUP, PluginError, PluginHooks, load_plugin_manager
+from tests.unit.test_dropfolder import case_change
 
 REPO = Path(__file__).resolve().parents[2]
 BUILTINS = {"ecology", "police", "procuratorate"}
@@ -313,6 +325,137 @@ def test_adapters_hand_off_without_the_fields_above_clearance(tmp_path: Path) ->
 # -- meta-tests: every hook is tested and documented (after datasette's test_plugins.py) -----
 
 
+def test_liandong_review_inbound_first_result_wins(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def undecided(item: InboundItem) -> None:
+        calls.append("undecided")
+
+    def declines(item: InboundItem) -> Decline:
+        calls.append("declines")
+        return Decline("线索未附证据材料")
+
+    def never(item: InboundItem) -> Accept:
+        raise AssertionError("asked after a first result")
+
+    # pluggy asks the last registered first.
+    extra = [
+        plugin(liandong_review_inbound=never),
+        plugin(liandong_review_inbound=declines),
+        plugin(liandong_review_inbound=undecided),
+    ]
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=extra))
+    assert hooks.reviews
+    assert hooks.review_inbound(make_item(), FakeAPI(tmp_path)) == Decline("线索未附证据材料")
+    assert calls == ["undecided", "declines"]
+    assert not PluginHooks(load_plugin_manager(enabled=[])).reviews
+
+
+def test_verdicts_are_checked_against_the_lifecycle_on_arrival() -> None:
+    check_verdict("clue", Accept())
+    check_verdict("clue", Decline("不属本院管辖", "forwarded"))
+    check_verdict("crime_transfer", Accept("filed"))
+    check_verdict("notice", Accept("read"))
+    with pytest.raises(VerdictError, match=r"'filed' on arrival .*accepted, declined, forwarded"):
+        check_verdict("clue", Accept("filed"))
+    with pytest.raises(VerdictError, match="needs a reason"):
+        check_verdict("crime_transfer", Accept("not_filed"))
+    with pytest.raises(VerdictError, match="declining with 'declined' needs a reason"):
+        check_verdict("clue", Decline(" "))
+    with pytest.raises(VerdictError, match=r"evidence_request case cannot .* 'delayed'"):
+        check_verdict("evidence_request", Accept("delayed", "人手不足"))
+    with pytest.raises(VerdictError, match="not a str"):
+        check_verdict("clue", "accepted")  # type: ignore[arg-type]
+    with pytest.raises(VerdictError, match="opens no case"):
+        check_verdict("reply", Accept())
+
+
+def test_an_answer_goes_to_the_sender_and_a_transfers_other_recipients() -> None:
+    transfer = make_item(("police.sz", "procuratorate.sz"))
+    answer = answer_for(transfer, Accept("filed"), "police.sz")
+    assert answer.recipients == ("ecology.sz", "procuratorate.sz")
+    assert (answer.family, answer.body_type, answer.in_reply_to) == ("reply", "feedback", "msg-1")
+    assert answer.body == {"status": "filed"}
+    assert answer.source == "review:msg-1"  # one answer per item, however often asked
+    clue = replace(transfer, family="clue", body_type="clue", confidentiality="confidential")
+    declined = answer_for(clue, Decline("不属本院管辖", "forwarded"), "police.sz")
+    assert declined.recipients == ("ecology.sz",)
+    assert declined.body == {"status": "forwarded", "text": "不属本院管辖"}
+    assert declined.confidentiality == "confidential"
+
+
+def test_adapters_review_by_the_first_matching_rule(tmp_path: Path) -> None:
+    from plugins.adapters import AgencyAdapters
+
+    adapters = AgencyAdapters("procuratorate")
+    rules = [
+        {"family": "clue", "without_attachments": True, "decline": "declined", "reason": "无证据"},
+        {"family": "clue", "from": "140400/ecology", "accept": "accepted"},
+    ]
+    api = ConfiguredAPI(tmp_path, {"review": rules})
+    clue = replace(
+        make_item(("140400/ecology",)), family="clue", body_type="clue", sender="140400/ecology"
+    )
+    assert adapters.liandong_review_inbound(clue, api) == Decline("无证据")
+    attachment = AttachmentFile("a.pdf", "00" * 32, 1, "application/pdf", tmp_path / "a")
+    with_evidence = replace(clue, attachments=(attachment,))
+    assert adapters.liandong_review_inbound(with_evidence, api) == Accept("accepted")
+    from_police = replace(with_evidence, sender="140400/police")
+    assert adapters.liandong_review_inbound(from_police, api) is None
+    transfer = replace(with_evidence, family="crime_transfer", body_type="crime_transfer")
+    assert adapters.liandong_review_inbound(transfer, api) is None
+    # Not addressed to this node: none of its business.
+    assert adapters.liandong_review_inbound(replace(clue, recipients=("x/y",)), api) is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        ({"family": "clue"}, "either accept = EVENT or decline = EVENT"),
+        ({"family": "clue", "accept": "a", "decline": "b"}, "either accept"),
+        ({"accept": "accepted"}, "family is required"),
+        ({"family": "clue", "accept": "filed"}, "cannot be answered with 'filed'"),
+        ({"family": "clue", "decline": "declined"}, "needs a reason"),
+        ({"family": "clue", "accept": "accepted", "form": "x"}, "unknown key form"),
+        ({"family": "clue", "accept": "accepted", "from": "ecology"}, r"#1 from: "),
+        ({"family": "clue", "accept": "accepted", "without_attachments": "yes"}, "true or false"),
+    ],
+)
+def test_adapters_review_rules_are_checked(
+    tmp_path: Path, rule: dict[str, Any], problem: str
+) -> None:
+    from plugins.adapters import AgencyAdapters
+
+    api = ConfiguredAPI(tmp_path, {"review": [rule]})
+    with pytest.raises(ValueError, match=problem) as raised:
+        AgencyAdapters("police").review_rules(api)
+    assert "[[plugins.police.review]] #1" in str(raised.value)
+
+
+def test_liandong_cases_changed_reaches_every_plugin_and_the_drop_folder(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def fails(changes: Sequence[CaseChange]) -> None:
+        raise OSError("local system down")
+
+    change = case_change(3)
+    extra = [
+        plugin(liandong_cases_changed=lambda changes: seen.extend(c.sequence for c in changes)),
+        plugin(liandong_cases_changed=fails),
+    ]
+    hooks = PluginHooks(load_plugin_manager(enabled=["ecology"], extra=extra))
+    assert hooks.watches_cases
+    api = FakeAPI(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        hooks.cases_changed([change], api)
+    assert seen == [3]
+    assert [e["hook"] for e in logs if e["event"] == "plugin hook failed"] == [
+        "liandong_cases_changed"
+    ]
+    [line] = (tmp_path / "local" / "cases" / "2026-11-25.jsonl").read_text().splitlines()
+    assert json.loads(line)["to_state"] == "not_filed"
+
+
 def _hook_names() -> list[str]:
     return sorted(
         name
@@ -363,12 +506,14 @@ def test_liandong_deadline_rules_all_results_later_plugins_win_config_wins_over_
 
 def test_hookspecs_are_discovered() -> None:
     assert _hook_names() == [
+        "liandong_cases_changed",
         "liandong_deadline_rules",
         "liandong_deliveries_confirmed",
         "liandong_hand_off",
         "liandong_node_started",
         "liandong_poll_local_system",
         "liandong_redact",
+        "liandong_review_inbound",
     ]
 
 

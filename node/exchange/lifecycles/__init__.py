@@ -52,10 +52,12 @@ class Lifecycle:
     final: frozenset[str] = field(default_factory=frozenset)
     # Body types whose messages are an event of this lifecycle (a reply without a status).
     body_events: dict[str, str] = field(default_factory=dict)
+    # The states a case starts in: "sent" and "received" for one an opening message starts.
+    opened: tuple[str, ...] = (SENT, RECEIVED)
 
     @property
     def states(self) -> list[str]:
-        seen: dict[str, None] = {SENT: None, RECEIVED: None}
+        seen: dict[str, None] = dict.fromkeys(self.opened)
         for t in self.transitions:
             seen.update(dict.fromkeys(sorted(t.sources)))
             seen[t.target] = None
@@ -100,6 +102,7 @@ def _load() -> dict[str, Lifecycle]:
     from node.exchange.lifecycles import (
         clue,
         crime_transfer,
+        data_sharing,
         evidence_request,
         notice,
         recommendation,
@@ -108,6 +111,7 @@ def _load() -> dict[str, Lifecycle]:
     machines = (
         clue.LIFECYCLE,
         crime_transfer.LIFECYCLE,
+        data_sharing.LIFECYCLE,
         evidence_request.LIFECYCLE,
         notice.LIFECYCLE,
         recommendation.LIFECYCLE,

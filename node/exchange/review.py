@@ -1,0 +1,85 @@
+"""Answering an inbound case on arrival: a plugin's verdict (``liandong_review_inbound``)
+turned into the signed feedback the sender gets.
+
+The answer is an ordinary feedback reply, submitted through the outbox like a reply the
+officer sends by hand, so it is checked against the case, signed, stored, audited and
+delivered the same way and moves the case on both nodes. Its idempotency key is derived
+from the item, so asking the plugins again after a crash never sends a second answer.
+"""
+
+from __future__ import annotations
+
+from node.exchange.lifecycles import LIFECYCLES, RECEIVED, Role, Transition
+from node.plugin_api import Accept, Decline, Draft, InboundItem, Verdict
+
+# Recipients of an answer besides the sender, by family: a crime transfer is copied to the
+# procuratorate, whose copy follows the police's filing decisions (002 §五(二)).
+COPY_CO_RECIPIENTS = frozenset({"crime_transfer"})
+
+
+class VerdictError(ValueError):
+    """A verdict the item's lifecycle does not allow on arrival."""
+
+
+def opens_case(item: InboundItem) -> bool:
+    """Whether ``item`` opens a case (rather than answering one)."""
+    return item.family in LIFECYCLES
+
+
+def on_arrival(family: str, event: str) -> Transition:
+    """The transition ``event`` makes for the addressee of a new ``family`` case.
+
+    :raises VerdictError: the lifecycle has no such move from "received".
+    """
+    lifecycle = LIFECYCLES.get(family)
+    if lifecycle is None:
+        raise VerdictError(f"'{family}' opens no case")
+    for transition in lifecycle.find(event):
+        if transition.by is Role.ADDRESSEE and RECEIVED in transition.sources:
+            if transition.needs_date:
+                raise VerdictError(f"'{event}' needs a new date and cannot be answered on arrival")
+            return transition
+    allowed = [
+        t.event
+        for t in lifecycle.transitions
+        if t.by is Role.ADDRESSEE and RECEIVED in t.sources and t.event != RECEIVED
+    ]
+    raise VerdictError(
+        f"a new {family} case cannot be answered with '{event}' on arrival "
+        f"(its addressee may answer: {', '.join(allowed)})"
+    )
+
+
+def check_verdict(family: str, verdict: Verdict) -> None:
+    """Raise VerdictError unless ``verdict`` is a move the addressee of a new ``family``
+    case may make, with a reason where the move needs one."""
+    if not isinstance(verdict, Accept | Decline):
+        raise VerdictError(f"a verdict is Accept, Decline or None, not a {type(verdict).__name__}")
+    transition = on_arrival(family, verdict.event)
+    if isinstance(verdict, Decline) and not verdict.reason.strip():
+        raise VerdictError(f"declining with '{verdict.event}' needs a reason")
+    if transition.needs_reason and not verdict.reason.strip():
+        raise VerdictError(f"'{verdict.event}' needs a reason")
+
+
+def answer_for(item: InboundItem, verdict: Verdict, agency: str) -> Draft:
+    """The feedback that tells the sender (and, for a crime transfer, the other recipients)
+    the verdict on ``item``; checked with :func:`check_verdict` first."""
+    check_verdict(item.family, verdict)
+    recipients = [item.sender]
+    if item.family in COPY_CO_RECIPIENTS:
+        recipients += [r for r in item.recipients if r not in (agency, item.sender)]
+    body: dict[str, str] = {"status": verdict.event}
+    if verdict.reason:
+        body["text"] = verdict.reason
+    return Draft(
+        family="reply",
+        body_type="feedback",
+        recipients=tuple(recipients),
+        body=body,
+        in_reply_to=item.message_id,
+        case_ref=item.case_ref,
+        # The answer quotes nothing of the item, but its reason may be about the content.
+        confidentiality=item.confidentiality,
+        source=f"review:{item.message_id}",
+    )
