@@ -539,15 +539,18 @@ class Node:
     def _review(self, item: InboundItem) -> None:
         """Send the answer a plugin's verdict calls for; raise HandOffDeclined for a decline.
 
-        A plugin's exception and a node that cannot store the answer now propagate: the
-        hand-off is retried, and the answer's idempotency key keeps it from going out twice.
+        A plugin's exception propagates: the hand-off is retried, and the answer's
+        idempotency key keeps it from going out twice.
         """
         verdict = self.hooks.review_inbound(item, self.api)
         if verdict is None:
             return
         try:
             answer_id = self.api.submit(answer_for(item, verdict, self.config.agency))
-        except (VerdictError, DraftRejected) as error:  # e.g. an officer decided first
+        except (VerdictError, DraftRejected, RuntimeError) as error:
+            # The verdict does not fit (any more: an officer decided first), or the node
+            # cannot send now (registry expired): the officer decides. Were the node unable
+            # to store anything, the hand-off's own record fails too and this is asked again.
             log.warning(
                 "verdict not sent; the item goes to the local system for a person to decide",
                 hook="liandong_review_inbound",

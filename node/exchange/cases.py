@@ -37,7 +37,7 @@ from node.exchange.errors import ExchangeError, Reason
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role, Transition
 from node.exchange.lifecycles.data_sharing import AWAITED
 from node.exchange.sharing import QUARTER, last_finished_quarter, quarter_end
-from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES
+from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES, NODE_STATE
 from node.store.writer import Batch
 
 log = structlog.get_logger(__name__)
@@ -207,11 +207,24 @@ class CaseBook:
 
     def await_sharing(self, batch: Batch, sharer: str, quarter: str, now: datetime) -> bool:
         """Open the case for ``sharer``'s data of ``quarter``, awaited since the quarter
-        ended, with its clock; False when it is open already (or the data came first)."""
+        ended, with its clock; False when it is open already (or the data came first).
+
+        The clock starts when the quarter ended, but never before this node first waited
+        for the agency: a node just configured does not remind an agency at once of a
+        quarter it may have shared before (or by other means)."""
         case_id = sharing_case_id(quarter)
         if self._load(batch, case_id, sharer) is not None:
             return False
+        since_key = f"sharing_since:{sharer}"[:64]
+        since = batch.recall(("node_state", since_key)) or batch.session.scalar(
+            select(NODE_STATE.c.value).where(NODE_STATE.c.key == since_key)
+        )
+        if since is None:
+            since = format_time(now)
+            batch.insert(NODE_STATE, {"key": since_key, "value": since})
+            batch.remember(("node_state", since_key), since)
         ended = quarter_end(quarter)
+        start = max(ended, _parse_time(str(since)))
         case = {
             "case_id": case_id,
             "peer": sharer,
@@ -237,7 +250,7 @@ class CaseBook:
             detail=f"case {case_id} (data_sharing): opened, {AWAITED}; {quarter} ended "
             f"{format_time(ended)}",
         )
-        self._start_clocks(batch, case, {}, ended)
+        self._start_clocks(batch, case, {}, start)
         return True
 
     def _sharing_received(self, batch: Batch, message: envelope_pb2.Message, at: datetime) -> None:

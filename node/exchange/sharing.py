@@ -17,7 +17,8 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 PENALTY_RECORDS_FORMAT = "liandong.penalty-records/1"
-QUARTER = re.compile(r"\d{4}-Q[1-4]\Z")  # e.g. 2026-Q3
+# e.g. 2026-Q3; this century only, so a peer's case_ref can never name an impossible date.
+QUARTER = re.compile(r"20\d\d-Q[1-4]\Z")
 
 
 def quarter_of(day: date) -> str:

@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from node.exchange.sharing import (
-    last_finished_quarter,
     penalty_document,
     quarter_end,
     quarter_of,
@@ -352,21 +351,12 @@ def take_record(api: NodeAPI, settings: EcologySettings, record: Mapping[str, An
         )
 
 
-def share_quarters(
-    api: NodeAPI, settings: EcologySettings, now: datetime, *, owe_last: bool = False
-) -> list[str]:
+def share_quarters(api: NodeAPI, settings: EcologySettings, now: datetime) -> list[str]:
     """Share every finished quarter not yet shared, or changed since (late or corrected
-    records: an addendum with the whole quarter); return the message ids.
-
-    With ``owe_last`` (the bureau's records are read from its system), the last finished
-    quarter is shared even without a record: the procuratorate's node waits for every
-    quarter (rule data_sharing.quarterly), and "none this quarter" is an answer too."""
+    records: an addendum with the whole quarter); return the message ids."""
     ledger = ledger_of(api)
     sent: list[str] = []
-    quarters = set(ledger.quarters())
-    if owe_last:
-        quarters.add(last_finished_quarter(now))
-    for quarter in sorted(quarters):
+    for quarter in ledger.quarters():
         if quarter_end(quarter) > now:
             continue
         try:
@@ -377,12 +367,12 @@ def share_quarters(
 
 
 def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str) -> list[str]:
-    records = ledger.records(quarter) if quarter in ledger.quarters() else []
+    records = ledger.records(quarter)
     document = penalty_document(api.agency, quarter, records)
     data = (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()[:16]
     before = ledger.shared(quarter)
-    if digest == before or (not records and before):
+    if not records or digest == before:
         return []
     folder = _adapters.state_dir(api) / "shared"
     folder.mkdir(parents=True, exist_ok=True)
@@ -392,7 +382,6 @@ def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str
     # travel in a notice the receiving adapters take as internal.
     marking = max(
         (str(r.get("confidentiality") or "internal") for r in records),
-        default="internal",
         key=lambda m: MARKINGS.index(m) if m in MARKINGS else len(MARKINGS) - 1,
     )
     addendum = "（补充）" if before else ""
@@ -446,7 +435,7 @@ def liandong_poll_local_system(api: NodeAPI) -> None:
         _adapters.report(api, source, picked)
         caught_up &= picked.error is None and picked.read < source.batch
     if caught_up:  # a backlog is read whole before a quarter goes out, not in pieces
-        share_quarters(api, settings, datetime.now(UTC), owe_last=bool(record_sources(api)))
+        share_quarters(api, settings, datetime.now(UTC))
 
 
 @hookimpl

@@ -14,7 +14,14 @@ AWAITED = "awaited"
 LIFECYCLE = Lifecycle(
     family="data_sharing",
     title="quarterly data sharing 信息共享",
-    transitions=(transition("shared", AWAITED, "shared", Role.OPENER, "共享"),),
+    transitions=(
+        transition("shared", AWAITED, "shared", Role.OPENER, "共享"),
+        # Shared some other way (on paper, before the node was set up, a notice without
+        # the quarter): the waiting agency closes it itself, saying how.
+        transition(
+            "shared_otherwise", AWAITED, "shared", Role.ADDRESSEE, "另行报送", needs_reason=True
+        ),
+    ),
     final=frozenset({"shared"}),
     opened=(AWAITED,),
 )
