@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from node.plugin_api import (
     AttachmentFile,
@@ -27,6 +26,7 @@ from node.plugin_api import (
 )
 from plugins import police
 from plugins.dropfolder import DropFolder, safe_file_name
+from tests.fakes import FakeNodeAPI
 
 NOW = datetime(2025, 3, 1, 2, 15, tzinfo=UTC)
 
@@ -49,38 +49,13 @@ class Submitter:
         return self.by_source[draft.source]
 
 
-class FakeAPI:
+class FakeAPI(FakeNodeAPI):
     def __init__(self, data_dir: Path, config: Mapping[str, Any] | None = None) -> None:
-        self._data_dir = data_dir
-        self._config = dict(config or {})
+        super().__init__(data_dir, agency="police.sz", plugin="police", config=config)
         self.submitter = Submitter()
-
-    @property
-    def agency(self) -> str:
-        return "police.sz"
-
-    @property
-    def data_dir(self) -> Path:
-        return self._data_dir
-
-    def plugin_config(self, name: str) -> Mapping[str, Any]:
-        return self._config if name == "police" else {}
 
     def submit(self, draft: Draft) -> str:
         return self.submitter(draft)
-
-    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
-        results: list[str | Exception] = []
-        for draft in drafts:
-            try:
-                results.append(self.submit(draft))
-            except Exception as error:  # as the node does: per draft, never raised
-                results.append(error)
-        return results
-
-    @property
-    def log(self) -> Any:
-        return structlog.get_logger()
 
 
 def make_attachment(tmp_path: Path, name: str, data: bytes) -> AttachmentFile:

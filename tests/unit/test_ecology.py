@@ -3,55 +3,29 @@ the leader's decision, the sharing of a quarter and its addenda."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from node.exchange.sharing import SharedDataError, read_penalty_document
 from node.plugin_api import Draft
 from plugins import ecology
 from plugins.sqlsource import RowError
+from tests.fakes import FakeNodeAPI
 
 AFTER_Q3 = datetime(2026, 10, 2, tzinfo=UTC)
 
 
-class FakeAPI:
+class FakeAPI(FakeNodeAPI):
     def __init__(self, data_dir: Path, config: Mapping[str, Any] | None = None) -> None:
-        self._data_dir = data_dir
-        self._config = dict(config or {})
-        self.drafts: list[Draft] = []
+        super().__init__(data_dir, agency="140400/ecology", plugin="ecology", config=config)
 
     @property
-    def agency(self) -> str:
-        return "140400/ecology"
-
-    @property
-    def data_dir(self) -> Path:
-        return self._data_dir
-
-    def plugin_config(self, name: str) -> Mapping[str, Any]:
-        return self._config if name == "ecology" else {}
-
-    def submit(self, draft: Draft) -> str:
-        self.drafts.append(draft)
-        return f"msg-{len(self.drafts)}"
-
-    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
-        results: list[str | Exception] = []
-        for draft in drafts:
-            try:
-                results.append(self.submit(draft))
-            except Exception as error:  # as the node does: per draft, never raised
-                results.append(error)
-        return results
-
-    @property
-    def log(self) -> Any:
-        return structlog.get_logger()
+    def drafts(self) -> list[Draft]:
+        return self.submitted
 
 
 def record(n: int, **fields: Any) -> dict[str, Any]:

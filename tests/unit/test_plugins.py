@@ -30,45 +30,16 @@ from node.plugin_api import (
     NodeAPI,
 )
 from node.plugins import ENTRY_POINT_GROUP, PluginError, PluginHooks, load_plugin_manager
+from tests.fakes import FakeNodeAPI
 from tests.unit.test_dropfolder import case_change
 
 REPO = Path(__file__).resolve().parents[2]
 BUILTINS = {"ecology", "police", "procuratorate"}
 
 
-class FakeAPI:
+class FakeAPI(FakeNodeAPI):
     def __init__(self, data_dir: Path, agency: str = "police.sz") -> None:
-        self._data_dir = data_dir
-        self._agency = agency
-        self.submitted: list[Draft] = []
-
-    @property
-    def agency(self) -> str:
-        return self._agency
-
-    @property
-    def data_dir(self) -> Path:
-        return self._data_dir
-
-    def plugin_config(self, name: str) -> Mapping[str, Any]:
-        return {}
-
-    def submit(self, draft: Draft) -> str:
-        self.submitted.append(draft)
-        return f"m{len(self.submitted)}"
-
-    def submit_many(self, drafts: Sequence[Draft]) -> list[str | Exception]:
-        results: list[str | Exception] = []
-        for draft in drafts:
-            try:
-                results.append(self.submit(draft))
-            except Exception as error:  # as the node does: per draft, never raised
-                results.append(error)
-        return results
-
-    @property
-    def log(self) -> Any:
-        return structlog.get_logger()
+        super().__init__(data_dir, agency=agency)
 
 
 def make_item(recipients: tuple[str, ...] = ("police.sz",)) -> InboundItem:
