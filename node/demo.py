@@ -29,6 +29,7 @@ from node._pb.liandong.v1 import envelope_pb2
 from node.admin_client import AdminClient, AdminError
 from node.audit.verify import verify_bundles
 from node.exchange.messages import marking_label
+from node.exchange.sharing import last_finished_quarter
 from node.federation_setup import NodeProcess, NodeProcessError, NodeSetup, create_federation
 
 ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
@@ -95,6 +96,18 @@ def connect_enforcement_system(node: NodeSetup) -> Path:
     return database
 
 
+def configure_procuratorate(node: NodeSetup) -> None:
+    """The procuratorate's node accepts the bureau's clues on arrival (受理, a review rule)
+    and waits for the bureau's quarterly penalty data (001 §七, ``sharing_from``)."""
+    text = node.config.read_text(encoding="utf-8")
+    text = text.replace("\n[deadlines]\n", f'\n[deadlines]\nsharing_from = ["{ECOLOGY}"]\n', 1)
+    text += (
+        "\n[[plugins.procuratorate.review]]\n"
+        f'family = "clue"\nfrom = "{ECOLOGY}"\naccept = "accepted"\n'
+    )
+    node.config.write_text(text, encoding="utf-8")
+
+
 STARTUP_SECONDS = 60.0
 DELIVERY_SECONDS = 60.0
 
@@ -134,6 +147,7 @@ def run_demo(workdir: Path | None, speed: float = DEFAULT_SPEED) -> int:
         say(f"Legal deadlines run {speed:,.0f} times faster than real time (--speed)")
         nodes = {n.agency: n for n in setups}
         connect_enforcement_system(nodes[ECOLOGY])
+        configure_procuratorate(nodes[PROCURATORATE])
         for node in nodes.values():
             processes.append(NodeProcess(node).start(wait=False))
             say(f"  started {node.agency:<22} {NAMES[node.agency]}  on {node.endpoint} (mTLS)")
@@ -285,8 +299,9 @@ def run_scenario(
     )
     _wait_state(clients[ECOLOGY], crime, POLICE, "filed", "the filing")
     _wait_state(clients[PROCURATORATE], crime, ECOLOGY, "filed", "the procuratorate's copy")
-    clients[PROCURATORATE].decide(clue.message_id, "accepted")
-    say("  ✓ procuratorate: clue accepted (受理), recorded on its node")
+    _wait_state(clients[ECOLOGY], clue.message_id, PROCURATORATE, "accepted", "the acceptance")
+    say("  ✓ procuratorate's node: clue accepted (受理) on arrival by its review rule,")
+    say("    answered to ecology as signed feedback")
     _send(
         clients[PROCURATORATE],
         "procuratorate → ecology: how the clue was handled, within the month",
@@ -353,6 +368,7 @@ def run_scenario(
     )
     clients[PROCURATORATE].decide(request, "completed")
     say("  ✓ procuratorate: evidence request completed (办结)")
+    penalty_records(nodes, clients)
     recommendation = _send(
         clients[PROCURATORATE],
         "procuratorate → ecology: urgent procuratorial recommendation (reply due in 15 days)",
@@ -440,7 +456,6 @@ def run_scenario(
     )
     say("  ✓ ecology → police, procuratorate: major-incident notice (from the drop folder)")
     say("  ✓ ecology → discipline: the same notice without its confidential text (redacted)")
-    penalty_records(nodes, clients)
     # Every inbound message must reach the receiving agency's local system.
     for agency in (ECOLOGY, POLICE, PROCURATORATE):  # the discipline commission has no plugin
         client = clients[agency]
@@ -502,6 +517,22 @@ def penalty_records(nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]
     )
     say("  ✓ ecology plugin: 31号 (6.5 t hazardous waste ≥ 3 t) → crime transfer to police,")
     say("    with its weighing slip attached; 47号 not transferred (the leader decided 否)")
+    [transfer] = [
+        i
+        for i in clients[ECOLOGY].list_items("outbox", 50)
+        if i.family == "crime_transfer" and i.case_ref == "长环罚〔2026〕31号"
+    ]
+    _wait_state(clients[POLICE], transfer.message_id, ECOLOGY, "received", "the 31号 transfer")
+    _send(
+        clients[POLICE],
+        "police → ecology (cc procuratorate): 31号 filed (立案) too",
+        "reply",
+        [ECOLOGY, PROCURATORATE],
+        {"status": "filed", "text": "长公环立字〔2026〕21号"},
+        body_type="feedback",
+        in_reply_to=transfer.message_id,
+        case_ref=transfer.case_ref,
+    )
 
     def untransferred() -> list[str]:
         return [
@@ -516,6 +547,12 @@ def penalty_records(nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]
         "the procuratorate's supervision did not find the untransferred record",
     )
     say("  ✓ ecology → procuratorate: last quarter's penalty records shared (信息共享)")
+    quarter = last_finished_quarter(datetime.now(UTC))
+    _wait_state(
+        clients[PROCURATORATE], f"sharing-{quarter}", ECOLOGY, "shared", "the sharing clock"
+    )
+    say(f"  ✓ procuratorate's node: its {quarter} sharing clock (due 15 days after the quarter)")
+    say("    is closed by the bureau's data-sharing notice")
     say("  ✓ procuratorate: liandong report supervision finds 47号 (hidden pipe) 应移未移")
 
 

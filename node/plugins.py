@@ -21,6 +21,7 @@ from node.plugin_api import CaseChange, DeliveryConfirmation, Draft, InboundItem
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "PluginHooks", "load_plugin_manager"]
 
 ENTRY_POINT_GROUP = "liandong"
+ALL_PLUGINS = "*"  # a watcher name meaning "the whole hook call"
 
 
 class PluginError(Exception):
@@ -78,9 +79,8 @@ def load_plugin_manager(
 class PluginHooks:
     """Typed facade over the plugin manager's hooks.
 
-    Broadcast hooks (``node_started``, ``poll_local_system``, ``deliveries_confirmed``,
-    ``cases_changed``) call each
-    plugin on its own and log an exception with the plugin's name instead of raising: pluggy
+    Broadcast hooks (``node_started``, ``poll_local_system``, ``deliveries_confirmed``) call
+    each plugin on its own and log an exception with the plugin's name instead of raising: pluggy
     would otherwise stop at the first failing plugin, and one agency's broken adapter must not
     stop another's. ``hand_off`` lets exceptions through, because there they mean "retry later".
     """
@@ -158,14 +158,31 @@ class PluginHooks:
         """Call ``liandong_deliveries_confirmed`` on every plugin."""
         self._broadcast("liandong_deliveries_confirmed", confirmations=confirmations, api=api)
 
-    def cases_changed(self, changes: Sequence[CaseChange], api: NodeAPI) -> None:
-        """Call ``liandong_cases_changed`` on every plugin."""
-        self._broadcast("liandong_cases_changed", changes=changes, api=api)
-
     @property
-    def watches_cases(self) -> bool:
-        """Whether any plugin implements ``liandong_cases_changed``."""
-        return bool(self._pm.hook.liandong_cases_changed.get_hookimpls())
+    def case_watchers(self) -> list[str]:
+        """Names of the plugins implementing ``liandong_cases_changed``, in call order.
+
+        Each is told on its own (``cases_changed``), so each keeps its own place in the
+        changes. With a hook wrapper among them the hook is called whole, as one watcher
+        named ``*``: a wrapper must see the whole call.
+        """
+        impls = self._pm.hook.liandong_cases_changed.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            return [ALL_PLUGINS]
+        return [impl.plugin_name for impl in reversed(impls)]
+
+    def cases_changed(self, plugin: str, changes: Sequence[CaseChange], api: NodeAPI) -> None:
+        """Call ``plugin``'s ``liandong_cases_changed`` (every plugin's, for ``*``).
+
+        An exception propagates: the caller offers the same changes again later.
+        """
+        caller: pluggy.HookCaller = self._pm.hook.liandong_cases_changed
+        if plugin == ALL_PLUGINS:
+            caller(changes=changes, api=api)
+            return
+        [impl] = [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin]
+        arguments = {"changes": changes, "api": api}
+        impl.function(*(arguments[arg] for arg in impl.argnames))
 
     def _broadcast(self, hook_name: str, **kwargs: Any) -> None:
         api: NodeAPI = kwargs["api"]

@@ -434,9 +434,13 @@ class Node:
         if self.config.witness_interval_seconds > 0:
             self._workers.append(loop.create_task(self._supervise("witness", self.witness.run)))
         self.case_changes: CaseChangeFeed | None = None
-        if self.hooks.watches_cases:
+        if watchers := self.hooks.case_watchers:
             self.case_changes = CaseChangeFeed(
-                self.writer, self.sessions, self._report_case_changes, self.config.poll_seconds
+                self.writer,
+                self.sessions,
+                watchers,
+                self._report_case_changes,
+                self.config.poll_seconds,
             )
             self._workers.append(
                 loop.create_task(self._supervise("case changes", self.case_changes.run))
@@ -562,8 +566,8 @@ class Node:
         if isinstance(verdict, Decline):
             raise HandOffDeclined(f"{verdict.event} ({verdict.reason}), answer {answer_id}")
 
-    def _report_case_changes(self, changes: Sequence[CaseChange]) -> None:
-        self.hooks.cases_changed(changes, self.api)
+    def _report_case_changes(self, plugin: str, changes: Sequence[CaseChange]) -> None:
+        self.hooks.cases_changed(plugin, changes, self.api)
 
     async def _confirmed(self, confirmations: list[Confirmation]) -> None:
         """Queue the plugins' notification; delivery does not wait for the local system."""

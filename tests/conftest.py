@@ -79,6 +79,10 @@ def make_federation(
         )
         setups = create_federation(root, list(agencies), database_urls=urls, **options)  # type: ignore[arg-type]
         nodes = {s.agency: NodeProcess(s) for s in setups}
+        if urls:
+            # Finalizers run last-in first-out: registered after the databases' drops, this
+            # stops the nodes before their databases go (the teardown below runs after both).
+            request.addfinalizer(lambda: [node.stop() for node in nodes.values()])
         started.extend(nodes.values())
         return nodes
 

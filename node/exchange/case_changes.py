@@ -3,8 +3,9 @@
 The changes are the ``case_events`` rows the case book writes in the same transaction as
 their cause, so reading them back in id order after the commit reports every change exactly
 as it was recorded, whichever path made it (a receipt, a peer's feedback, an answer, a
-decision). How far the plugins have been told is a row of ``node_state``, written after
-they return: a crash in between tells them the last group again, never skips one.
+decision). How far each plugin has been told is a row of ``node_state``, written after it
+returns: a crash in between tells it the last group again, never skips one, and a plugin that
+fails is offered the same group again without holding back the others.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Literal, cast
 
+import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,22 +24,33 @@ from node.plugin_api import CaseChange, Confidentiality
 from node.store.models import CASE_EVENTS, CASES, NODE_STATE
 from node.store.writer import Batch, BatchWriter
 
-REPORTED_KEY = "cases_changed_reported"  # node_state: the last case_events id reported
+log = structlog.get_logger(__name__)
 GROUP = 500  # changes per hook call
 
 
+def reported_key(plugin: str) -> str:
+    """The ``node_state`` row holding the last case_events id ``plugin`` was told of."""
+    return f"cases_changed:{plugin}"[:64]
+
+
 class CaseChangeFeed:
-    """Reads new case changes and hands them to ``notify`` in groups, oldest first."""
+    """Reads new case changes and hands them to each watching plugin in groups, oldest first.
+
+    Each plugin has its own cursor: one whose local system is down is offered its group
+    again at the next poll, while the others move on.
+    """
 
     def __init__(
         self,
         writer: BatchWriter,
         sessions: sessionmaker[Session],
-        notify: Callable[[Sequence[CaseChange]], None],
+        watchers: Sequence[str],
+        notify: Callable[[str, Sequence[CaseChange]], None],
         poll_seconds: float = 1.0,
     ) -> None:
         self.writer = writer
         self.sessions = sessions
+        self.watchers = list(watchers)
         self.notify = notify
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
@@ -49,36 +62,66 @@ class CaseChangeFeed:
         self._wake.set()
 
     async def run(self) -> None:
-        reported: int | None = None
+        reported: dict[str, int] | None = None
         while not self._stopping:
             self._wake.clear()
             if reported is None:  # here, not before the loop: a restart must see stop()
                 reported = await self.writer.run(self._start)
-            changes = await asyncio.to_thread(self.changes_after, reported)
-            if changes:
-                await asyncio.to_thread(self.notify, changes)
-                reported = changes[-1].sequence
-                await self.writer.run(partial(self._remember, reported))
-                if len(changes) == GROUP:
-                    continue  # more are waiting
+            told, more = await asyncio.to_thread(self.offer, reported)
+            if told:
+                reported.update(told)
+                await self.writer.run(partial(self._remember, told))
+            if more:
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
 
-    def _start(self, batch: Batch) -> int:
-        """The last change reported; on the first run, the newest change so far: what
-        happened before a plugin asked to hear of it is not news to it."""
-        held = batch.session.scalar(
-            select(NODE_STATE.c.value).where(NODE_STATE.c.key == REPORTED_KEY)
-        )
-        if held is not None:
-            return int(held)
+    def offer(self, reported: dict[str, int]) -> tuple[dict[str, int], bool]:
+        """Offer each plugin the group after its cursor. Returns the new cursors of those
+        that took theirs, and whether a full group went out (so more may be waiting)."""
+        told: dict[str, int] = {}
+        more = False
+        for cursor in sorted(set(reported.values())):  # usually one: plugins keep pace
+            changes = self.changes_after(cursor)
+            if not changes:
+                continue
+            for plugin in (name for name in self.watchers if reported[name] == cursor):
+                try:
+                    self.notify(plugin, changes)
+                except Exception:
+                    # Kept where it was: offered again at the next poll, not lost.
+                    log.exception(
+                        "plugin hook failed; its case changes are offered again",
+                        plugin=plugin,
+                        hook="liandong_cases_changed",
+                        first_sequence=changes[0].sequence,
+                    )
+                    continue
+                told[plugin] = changes[-1].sequence
+                more = more or len(changes) == GROUP
+        return told, more
+
+    def _start(self, batch: Batch) -> dict[str, int]:
+        """Each plugin's last change reported; for a plugin never seen before, the newest
+        change so far: what happened before it asked to hear of it is not news to it."""
+        keys = {reported_key(name): name for name in self.watchers}
+        held = {
+            keys[key]: int(value)
+            for key, value in batch.session.execute(
+                select(NODE_STATE.c.key, NODE_STATE.c.value).where(NODE_STATE.c.key.in_(keys))
+            )
+        }
         newest = int(batch.session.scalar(select(func.max(CASE_EVENTS.c.id))) or 0)
-        batch.insert(NODE_STATE, {"key": REPORTED_KEY, "value": str(newest)})
-        return newest
+        for name in self.watchers:
+            if name not in held:
+                batch.insert(NODE_STATE, {"key": reported_key(name), "value": str(newest)})
+                held[name] = newest
+        return held
 
     @staticmethod
-    def _remember(reported: int, batch: Batch) -> None:
-        batch.update(NODE_STATE, {"key": REPORTED_KEY}, {"value": str(reported)})
+    def _remember(told: dict[str, int], batch: Batch) -> None:
+        for name, sequence in told.items():
+            batch.update(NODE_STATE, {"key": reported_key(name)}, {"value": str(sequence)})
 
     def changes_after(self, reported: int) -> list[CaseChange]:
         """Up to GROUP changes recorded after ``reported``, oldest first."""

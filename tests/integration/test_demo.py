@@ -39,4 +39,7 @@ def test_the_demo_runs_the_scenario_and_verifies_the_audit_trail(tmp_path: Path)
     # the quarter shared, and the one decided against found by the procuratorate (应移未移).
     assert "ecology plugin: 31号 (6.5 t hazardous waste ≥ 3 t) → crime transfer" in out
     assert "procuratorate: liandong report supervision finds 47号 (hidden pipe) 应移未移" in out
-    assert "ecology → police             crime_transfer    received       涉嫌污染环境罪" in out
+    assert "ecology → police             crime_transfer    filed          涉嫌污染环境罪" in out
+    # Answered on arrival by a review rule; the quarterly-sharing clock closed by the sharing.
+    assert "procuratorate's node: clue accepted (受理) on arrival by its review rule" in out
+    assert "sharing clock (due 15 days after the quarter)" in out

@@ -175,3 +175,42 @@ def test_a_quarter_not_shared_is_reminded_and_the_sharing_closes_it(
         f"SELECT state FROM clocks WHERE case_id = '{case_id}'",
     )
     assert row == ("met_late",)
+
+
+def test_a_verdict_an_officer_overtook_falls_back_to_the_officer(
+    make_federation: Any, tmp_path: Path
+) -> None:
+    """The police's case system is down when a transfer arrives, so the hand-off waits; an
+    officer answers meanwhile (not filed). When the case system is back, the review rule's
+    verdict (filed) no longer fits the case: it is not sent, and the item is handed off."""
+    nodes: dict[str, NodeProcess] = make_federation((ECOLOGY, POLICE))
+    ecology, police = nodes[ECOLOGY], nodes[POLICE]
+    down = police.setup.directory / "local" / "inbound"  # a file where the folder should be
+    down.parent.mkdir(parents=True, exist_ok=True)
+    down.write_text("the case system is down", encoding="utf-8")
+    for node in nodes.values():
+        node.start(wait=False)
+    for node in nodes.values():
+        node.wait_serving()
+
+    body = {"title": "暗管排放", "suspect": "某电镀公司", "suspected_offence": "污染环境罪"}
+    transfer = send(ecology, tmp_path, "crime-transfer", [POLICE], body)
+    wait_for(lambda: state(police, transfer, ECOLOGY) == "received", what="the transfer")
+    reason = "现有证据不能证明存在犯罪事实"
+    answer = {"status": "not_filed", "text": reason}
+    send(police, tmp_path, "reply", [ECOLOGY], answer, "--body-type", "feedback",
+         "--in-reply-to", transfer)  # fmt: skip
+    wait_for(lambda: state(ecology, transfer, POLICE) == "not_filed", what="the officer's answer")
+    assert inbox(police)[transfer].get("handed_off", "") == ""
+
+    police.stop()
+    configure(police, '[[plugins.police.review]]\nfamily = "crime_transfer"\naccept = "filed"\n')
+    down.unlink()
+    police.start()
+    wait_for(lambda: len(inbound_documents(police)) == 1, what="the hand-off")
+    assert inbound_documents(police)[0]["message_id"] == transfer
+    assert not inbox(police)[transfer]["handed_off"].startswith("declined")
+    assert state(police, transfer, ECOLOGY) == state(ecology, transfer, POLICE) == "not_filed"
+    outbox = json.loads(cli("outbox", "--json", config=police.setup.config).stdout)
+    assert len([m for m in outbox if m.get("in_reply_to") == transfer]) == 1  # the officer's
+    assert "verdict not sent" in police.log_path.read_text(encoding="utf-8")

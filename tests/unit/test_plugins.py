@@ -403,7 +403,9 @@ def test_adapters_review_rules_are_checked(
     assert "[[plugins.police.review]] #1" in str(raised.value)
 
 
-def test_liandong_cases_changed_reaches_every_plugin_and_the_drop_folder(tmp_path: Path) -> None:
+def test_liandong_cases_changed_reaches_each_plugin_on_its_own_and_the_drop_folder(
+    tmp_path: Path,
+) -> None:
     seen: list[int] = []
 
     def fails(changes: Sequence[CaseChange]) -> None:
@@ -415,16 +417,39 @@ def test_liandong_cases_changed_reaches_every_plugin_and_the_drop_folder(tmp_pat
         plugin(liandong_cases_changed=fails),
     ]
     hooks = PluginHooks(load_plugin_manager(enabled=["ecology"], extra=extra))
-    assert hooks.watches_cases
+    watchers = hooks.case_watchers
+    assert len(watchers) == 3 and "ecology" in watchers
     api = FakeAPI(tmp_path)
-    with structlog.testing.capture_logs() as logs:
-        hooks.cases_changed([change], api)
+    failed = []
+    for name in watchers:
+        try:
+            hooks.cases_changed(name, [change], api)
+        except OSError:
+            failed.append(name)
     assert seen == [3]
-    assert [e["hook"] for e in logs if e["event"] == "plugin hook failed"] == [
-        "liandong_cases_changed"
-    ]
+    assert len(failed) == 1 and failed[0] != "ecology"
     [line] = (tmp_path / "local" / "cases" / "2026-11-25.jsonl").read_text().splitlines()
     assert json.loads(line)["to_state"] == "not_filed"
+
+
+def test_a_hook_wrapper_on_case_changes_makes_one_watcher_of_the_whole_hook(
+    tmp_path: Path,
+) -> None:
+    calls: list[str] = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def liandong_cases_changed(self, changes: Sequence[CaseChange]) -> Any:
+            calls.append("before")
+            result = yield
+            calls.append("after")
+            return result
+
+    seen = plugin(liandong_cases_changed=lambda changes: calls.append("plugin"))
+    hooks = PluginHooks(load_plugin_manager(enabled=[], extra=[seen, Wrapper()]))
+    assert hooks.case_watchers == ["*"]
+    hooks.cases_changed("*", [case_change(1)], FakeAPI(tmp_path))
+    assert calls == ["before", "plugin", "after"]
 
 
 def _hook_names() -> list[str]:
