@@ -17,8 +17,9 @@
    cosignature) on the sender's bundle alone with each of ``--workers`` processes, and on both
    bundles together with the default, ``--runs`` times each; reports the median entries/s and
    signatures/s.
-3. Measures this machine's Ed25519 ceiling the same way the verifier checks (cryptography's
-   Ed25519PublicKey.verify, one process) and reports the verifier's signatures/s against it.
+3. Measures this machine's Ed25519 ceiling the same way the verifier checks (node.ed25519,
+   libsodium, one process; OpenSSL's rate is printed beside it) and reports the verifier's
+   signatures/s against it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.transfer import RECEIVER, SENDER, BenchNode, drain, set_log_level, submit_load
+from node import ed25519
 from node._pb.liandong.v1 import admin_pb2_grpc
 from node.audit.checkpoint import log_origin
 from node.audit.export import LogIdentity, export_bundle
@@ -101,16 +104,18 @@ def bundle_path(root: Path, agency: str) -> Path:
     return root / f"{agency.replace('/', '_')}.bundle"
 
 
-def ed25519_ceiling(seconds: float = 3.0) -> float:
-    """Verifications per second in one process, as the verifier makes them."""
+def ed25519_ceiling(seconds: float = 3.0, *, openssl: bool = False) -> float:
+    """Verifications per second in one process: as the verifier makes them (node.ed25519,
+    libsodium), or through cryptography's OpenSSL binding for comparison."""
     key = Ed25519PrivateKey.generate()
     message = b"x" * 300
     signature = key.sign(message)
     public = key.public_key()
+    check = public.verify if openssl else partial(ed25519.verify, public)
     done, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
         for _ in range(500):
-            public.verify(signature, message)
+            check(signature, message)
         done += 500
     return done / (time.perf_counter() - began)
 
@@ -165,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {"cores": os.cpu_count(), "timings": []}
         ceiling = ed25519_ceiling()
         results["ed25519_verify_per_s_one_process"] = round(ceiling)
-        say(f"Ed25519 verifications/s in one process here: {ceiling:,.0f}")
+        openssl = ed25519_ceiling(openssl=True)
+        results["ed25519_verify_per_s_one_process_openssl"] = round(openssl)
+        say(
+            f"Ed25519 verifications/s in one process here: {ceiling:,.0f} "
+            f"(libsodium, as the verifier checks; OpenSSL: {openssl:,.0f})"
+        )
         for workers in args.workers:
             results["timings"].append(time_verify([sender], workers, args.runs))
         results["timings"].append(time_verify([sender, receiver], None, args.runs))

@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from node import ed25519
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import note
 from node.identity import SigningKey
@@ -37,7 +38,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def sign_envelope(payload: bytes, payload_type: str, key: SigningKey) -> envelope_pb2.Envelope:
-    signature = key.private_key.sign(pae(payload_type, payload))
+    signature = ed25519.sign(key.secret, pae(payload_type, payload))
     return envelope_pb2.Envelope(
         payload=payload,
         payload_type=payload_type,
@@ -50,7 +51,7 @@ def sign_note(text: bytes, name: str, key: SigningKey) -> bytes:
     if not text.endswith(b"\n"):
         raise ValueError("a note's text ends in a newline")
     public = key.public_bytes()
-    signature = key.private_key.sign(text)
+    signature = ed25519.sign(key.secret, text)
     return (
         text + b"\n" + note.signature_line(name, note.key_id(name, note.ED25519, public), signature)
     )
@@ -59,7 +60,7 @@ def sign_note(text: bytes, name: str, key: SigningKey) -> bytes:
 def cosign_checkpoint(body: bytes, name: str, key: SigningKey, timestamp: int) -> bytes:
     """A tlog-cosignature/v1 signature line for checkpoint `body`, as witness `name`."""
     public = key.public_bytes()
-    signature = key.private_key.sign(note.cosigned_message(body, timestamp))
+    signature = ed25519.sign(key.secret, note.cosigned_message(body, timestamp))
     return note.signature_line(
         name,
         note.key_id(name, note.COSIGNATURE_V1, public),
@@ -94,7 +95,7 @@ def verify_envelope(
         )
     for signature in known:
         try:
-            public_keys[signature.keyid].verify(signature.sig, message)
+            ed25519.verify(public_keys[signature.keyid], signature.sig, message)
         except InvalidSignature:
             continue
         return signature.keyid

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from node import ed25519
 
 
 class IdentityError(ValueError):
@@ -100,6 +102,11 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
 class SigningKey:
     key_id: str
     private_key: Ed25519PrivateKey
+    # libsodium's form of the key, derived once (node.ed25519 signs with it).
+    secret: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secret", ed25519.secret_key(self.private_key))
 
     def public_bytes(self) -> bytes:
         return _raw_public(self.private_key.public_key())

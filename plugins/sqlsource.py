@@ -40,9 +40,10 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 __all__ = ["PickUp", "RowError", "SqlConfigError", "SqlQuery", "SqlSource"]
@@ -167,6 +168,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _sqlite_read_only(url: URL) -> URL:
+    """A SQLite file opened read-only (``mode=ro``): a mistyped path then fails with "unable
+    to open database file" instead of creating an empty database that has no table."""
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
+        return url
+    if path.startswith("file:"):
+        return url  # already a URI: the agency chose its own flags
+    return url.set(
+        database=f"file:{quote(path, safe='/')}",
+        query={**url.query, "mode": "ro", "uri": "true"},
+    )
+
+
 def _read_only(engine: Engine) -> Engine:
     if engine.dialect.name == "sqlite":
 
@@ -228,7 +243,8 @@ class SqlSource:
 
     def _engine_for(self) -> Engine:
         if self._engine is None:
-            self._engine = _read_only(create_engine(self.query.url, pool_pre_ping=True))
+            url = _sqlite_read_only(make_url(self.query.url))
+            self._engine = _read_only(create_engine(url, pool_pre_ping=True))
         return self._engine
 
     def fetch(self) -> tuple[list[str], list[Any]]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from node import ed25519
+
 ED25519 = 0x01  # signature type of an Ed25519 note signature (a log's checkpoint)
 COSIGNATURE_V1 = 0x04  # signature type of a tlog-cosignature/v1 Ed25519 cosignature
 SIGNATURE_PREFIX = "— ".encode()
@@ -122,7 +124,7 @@ def verify_note(data: bytes, verifier: Verifier) -> bytes:
     for signature in signatures:
         if signature.name == verifier.name and signature.key_id == verifier.key_id:
             try:
-                verifier.ed25519.verify(signature.signature, text)
+                ed25519.verify(verifier.ed25519, signature.signature, text)
             except InvalidSignature:
                 raise NoteError(f"signature by {verifier.name} does not verify") from None
             return text
@@ -155,7 +157,7 @@ def verify_cosignature(body: bytes, signature: NoteSignature, verifier: Verifier
     if timestamp >= 1 << 63:
         raise NoteError(f"cosignature by {verifier.name} has an impossible timestamp")
     try:
-        verifier.ed25519.verify(signature.signature[8:], cosigned_message(body, timestamp))
+        ed25519.verify(verifier.ed25519, signature.signature[8:], cosigned_message(body, timestamp))
     except InvalidSignature:
         raise NoteError(f"cosignature by {verifier.name} does not verify") from None
     return timestamp

@@ -305,9 +305,10 @@ def _check_message_lines(
     busy with the tree); every signature is checked, and the blobs named for later bundles."""
     items = []
     problems = []
+    path = Path(bundle_name)
     for number, line in lines:
         try:
-            message = parse_message_line(Path(bundle_name), number, line)
+            message = parse_message_line(path, number, line)
         except BundleError as error:
             problems.append((str(error), None))
             continue

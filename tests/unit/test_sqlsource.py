@@ -174,3 +174,30 @@ def test_an_unreachable_database_leaves_the_cursor(tmp_path: Path) -> None:
 def test_bad_config_is_named(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(SqlConfigError, match=message):
         SqlQuery.from_config("ecology", "penalties", settings)
+
+
+def test_a_mistyped_sqlite_path_is_named_and_creates_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "bureua.db"
+    source = source_for(f"sqlite:///{typo}", tmp_path / "state")
+    picked = source.pick_up(lambda r: None)
+    source.close()
+    assert picked.error is not None and "unable to open database file" in picked.error
+    assert str(typo) in picked.error
+    assert not typo.exists()  # opened read-only: no empty database left behind
+
+
+def test_a_sqlite_path_with_characters_a_uri_escapes_is_read(tmp_path: Path) -> None:
+    folder = tmp_path / "执法 系统?#%"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'bureau.db'}"
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        create = "CREATE TABLE penalties (id INTEGER PRIMARY KEY, no TEXT, party TEXT, tonnes REAL)"
+        connection.execute(text(create))
+        add_rows(connection, (7, "罚〔2026〕7号", "丙公司", 3.5))
+    engine.dispose()
+    source = source_for(url, tmp_path / "state")
+    seen: list[dict[str, Any]] = []
+    picked = source.pick_up(seen.append)
+    source.close()
+    assert picked.error is None and [r["record_id"] for r in seen] == ["罚〔2026〕7号"]
