@@ -42,7 +42,7 @@ from node.exchange.errors import ExchangeError, Reason
 from node.exchange.handoff import HandOffDeclined, HandOffWorker
 from node.exchange.inbound import Receiver
 from node.exchange.outbox import Outbox, Submission
-from node.exchange.review import VerdictError, answer_for, opens_case
+from node.exchange.review import VerdictError, answer_for, to_review
 from node.exchange.scheduler import DeadlineScheduler
 from node.federation import Registry, RegistryError, verify_registry
 from node.identity import IdentityError, load_public_key, load_signing_key
@@ -536,7 +536,7 @@ class Node:
     def _hand_off(self, item: InboundItem) -> str | None:
         """Review the item (``liandong_review_inbound``), then hand it to the local system
         unless the review declined it (in the hand-off worker's thread)."""
-        if self.hooks.reviews and opens_case(item):
+        if self.hooks.reviews and to_review(item, self.config.agency):
             self._review(item)
         return self.hooks.hand_off(item, self.api)
 

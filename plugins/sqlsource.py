@@ -1,8 +1,9 @@
 """The SQL adapter: rows read from an agency's own database with a configured query.
 
-The node never writes to the agency's database: SQLite connections are switched to
-``query_only`` and PostgreSQL transactions are opened read-only, so a query that tries to
-change something fails instead (for other databases, give the node a read-only account).
+The node never writes to the agency's database: SQLite files are opened read-only and
+switched to ``query_only`` (so a mistyped path is an error, not a new empty file), and
+PostgreSQL transactions are opened read-only, so a query that tries to change something fails
+instead (for other databases, give the node a read-only account).
 What has been picked up is remembered in the plugin's own state, not in the agency's tables:
 a cursor on a key column that only grows (an id, an insertion time), kept in
 ``<data_dir>/plugins/<plugin>/<source>.cursor.json`` and moved past each row once the row is

@@ -36,6 +36,7 @@ from node.exchange.deadlines import Anchor, DeadlineRule, Deadlines
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role, Transition
 from node.exchange.lifecycles.data_sharing import AWAITED
+from node.exchange.messages import MARKINGS
 from node.exchange.sharing import QUARTER, last_finished_quarter, quarter_end
 from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES, NODE_STATE
 from node.store.writer import Batch
@@ -84,6 +85,8 @@ class Reminder:
     rule: str
     title: str
     text: str
+    # The case's marking, at least internal: the notice names the case and quotes its title.
+    confidentiality: str = "internal"
 
 
 def case_attrs(message: envelope_pb2.Message) -> dict[str, Any]:
@@ -699,7 +702,7 @@ class CaseBook:
     def due_clocks(self, session: Session, now: datetime, limit: int = 500) -> list[dict[str, Any]]:
         """The clocks whose next step is due: one indexed range read, however many are open."""
         rows = session.execute(
-            select(CLOCKS, CASES.c.family, CASES.c.title)
+            select(CLOCKS, CASES.c.family, CASES.c.title, CASES.c.confidentiality)
             .join(CASES, and_(CASES.c.case_id == CLOCKS.c.case_id, CASES.c.peer == CLOCKS.c.peer))
             .where(CLOCKS.c.next_action_at <= now)
             .order_by(CLOCKS.c.next_action_at)
@@ -713,6 +716,7 @@ class CaseBook:
         rule = self.deadlines.rule(rule_name)
         basis = rule.basis if rule else ""
         what = f"{clock['title'] or clock['family']} ({clock['family']} {clock['case_id']})"
+        marking = max(clock.get("confidentiality") or "internal", "internal", key=MARKINGS.index)
         if clock["state"] in ("open",) and now < clock["due_at"]:
             return {"state": "due_soon", "next_action_at": clock["due_at"]}, None
         if clock["state"] in ("open", "due_soon"):
@@ -731,6 +735,7 @@ class CaseBook:
                     rule_name,
                     f"催办 reminder: {what}",
                     f"The deadline '{rule_name}' passed at {format_time(clock['due_at'])}. {basis}",
+                    marking,
                 )
             return values, reminder
         # Looked up now, not when the clock started: a registry published since then names
@@ -748,6 +753,7 @@ class CaseBook:
             f"督办 escalation: {what}",
             f"{clock['responsible']} did not act on '{rule_name}' by "
             f"{format_time(clock['due_at'])} and was reminded; the grace period has ended. {basis}",
+            marking,
         )
 
     def record_step(

@@ -10,6 +10,7 @@ from the item, so asking the plugins again after a crash never sends a second an
 from __future__ import annotations
 
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, Role, Transition
+from node.identity import agency_kind
 from node.plugin_api import Accept, Decline, Draft, InboundItem, Verdict
 
 # Recipients of an answer besides the sender, by family: a crime transfer is copied to the
@@ -21,9 +22,20 @@ class VerdictError(ValueError):
     """A verdict the item's lifecycle does not allow on arrival."""
 
 
+# Who holds only a copy of a family's cases, by agency kind: the procuratorate is copied a
+# crime transfer (抄送) for its filing supervision; the filing decision is the police's.
+COPY_HOLDERS = {"crime_transfer": "procuratorate"}
+
+
 def opens_case(item: InboundItem) -> bool:
     """Whether ``item`` opens a case (rather than answering one)."""
     return item.family in LIFECYCLES
+
+
+def to_review(item: InboundItem, agency: str) -> bool:
+    """Whether ``agency``'s node asks its plugins to answer ``item`` on arrival: it opens a
+    case, and ``agency`` is its addressee, not the holder of a copy."""
+    return opens_case(item) and COPY_HOLDERS.get(item.family) != agency_kind(agency)
 
 
 def on_arrival(family: str, event: str) -> Transition:

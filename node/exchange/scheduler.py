@@ -106,6 +106,7 @@ class DeadlineScheduler:
             recipients=[notice.to],
             body={"kind": kind, "title": notice.title, "text": notice.text},
             case_ref=notice.case_id,
+            confidentiality=notice.confidentiality,
             client_key=f"deadline:{clock['case_id']}:{clock['peer']}:{clock['rule']}:{step}",
         )
         try:

@@ -172,6 +172,38 @@ def test_a_missed_deadline_with_nobody_to_escalate_to_stays_overdue() -> None:
     values, notice = book.step(clock, now)
     assert values["state"] == "escalated"
     assert notice is not None and notice.to == "140400/discipline"
+    assert notice.confidentiality == "internal"
+
+
+@pytest.mark.parametrize(
+    ("case_marking", "notice_marking"),
+    [("public", "internal"), ("internal", "internal"), ("confidential", "confidential")],
+)
+def test_a_reminder_carries_its_cases_marking_at_least_internal(
+    case_marking: str, notice_marking: str
+) -> None:
+    """The reminder quotes the case's title: a confidential case's reminder is confidential,
+    so it reaches no local system that is not cleared for it (002 §五(三))."""
+    from node.exchange.cases import CaseBook
+
+    book = CaseBook("140400/procuratorate", Deadlines())
+    due = datetime(2026, 11, 1, tzinfo=UTC)
+    clock = {
+        "case_id": "01a20b04-7672-7cf0-a3db-0a822232a913",
+        "peer": "140400/ecology",
+        "rule": "recommendation.reply",
+        "responsible": "140400/ecology",
+        "family": "recommendation",
+        "title": "关于某电镀厂的检察建议",
+        "confidentiality": case_marking,
+        "state": "due_soon",
+        "due_at": due,
+        "escalate_at": due + timedelta(days=3),
+    }
+    values, notice = book.step(clock, due + timedelta(hours=1))
+    assert values["state"] == "overdue"
+    assert notice is not None and notice.kind == "reminder"
+    assert notice.confidentiality == notice_marking and "关于某电镀厂" in notice.title
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from node import hookspecs
-from node.exchange.review import VerdictError, answer_for, check_verdict
+from node.exchange.review import VerdictError, answer_for, check_verdict, to_review
 from node.hookspecs import hookimpl
 from node.plugin_api import (
     Accept,
@@ -339,6 +339,15 @@ def test_verdicts_are_checked_against_the_lifecycle_on_arrival() -> None:
         check_verdict("clue", "accepted")  # type: ignore[arg-type]
     with pytest.raises(VerdictError, match="opens no case"):
         check_verdict("reply", Accept())
+
+
+def test_the_procuratorates_copy_of_a_crime_transfer_is_not_answered_on_arrival() -> None:
+    transfer = make_item(("140400/police", "140400/procuratorate"))
+    assert to_review(transfer, "140400/police")
+    assert not to_review(transfer, "140400/procuratorate")  # 抄送: filing is the police's
+    clue = replace(transfer, family="clue", body_type="clue", recipients=("140400/procuratorate",))
+    assert to_review(clue, "140400/procuratorate")
+    assert not to_review(replace(clue, family="reply", body_type="feedback"), "140400/police")
 
 
 def test_an_answer_goes_to_the_sender_and_a_transfers_other_recipients() -> None:
