@@ -81,6 +81,7 @@ from plugins.sqlsource import PickUp, RowError, SqlConfigError, SqlQuery, SqlSou
 __all__ = ["MARKINGS", "AgencyAdapters", "cleared"]
 
 MARKINGS: tuple[str, ...] = get_args(Confidentiality)  # from least to most restricted
+_NO_RECIPIENTS: Mapping[str, str] = {}  # one object, so an unset table is checked once
 _DRAFT_FIELDS = frozenset(
     {
         "family",
@@ -163,7 +164,8 @@ class AgencyAdapters:
         self.name = name
         self._folders: dict[Path, DropFolder] = {}
         self._sources: dict[Path, list[SqlSource]] = {}
-        self._clearances: dict[int, Mapping[str, str]] = {}  # id -> the table checked
+        # (config table, the table checked): checked again only when the config changes.
+        self._recipients: tuple[object, Mapping[str, str]] | None = None
         self._review_rules: tuple[object, list[ReviewRule]] | None = None  # (config, rules)
 
     def settings(self, api: NodeAPI) -> Mapping[str, Any]:
@@ -191,10 +193,9 @@ class AgencyAdapters:
         """``[plugins.<name>.recipients]``: agency id -> the highest marking it may get.
 
         Checked once per table: the redactor asks for every recipient of every message."""
-        table = self.settings(api).get("recipients", {})
-        checked = self._clearances.get(id(table))
-        if checked is not None and checked is table:
-            return checked
+        table = self.settings(api).get("recipients", _NO_RECIPIENTS)
+        if self._recipients is not None and self._recipients[0] is table:
+            return self._recipients[1]
         where = f"[plugins.{self.name}.recipients]"
         if not isinstance(table, Mapping):
             raise ValueError(f'{where}: expected a table of "agency id" = "marking"')
@@ -208,7 +209,7 @@ class AgencyAdapters:
                 raise ValueError(
                     f"{where} {agency!r}: {marking!r} is not one of {', '.join(MARKINGS)}"
                 )
-        self._clearances[id(table)] = table
+        self._recipients = (table, table)
         return table
 
     def review_rules(self, api: NodeAPI) -> list[ReviewRule]:

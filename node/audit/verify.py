@@ -174,7 +174,7 @@ class _Checked:
     messages: int = 0
     sent: list[tuple[tuple[str, str], _Sent]] = field(default_factory=list)
     received: list[tuple[tuple[str, str], _Received]] = field(default_factory=list)
-    checked_blobs: list[bytes] = field(default_factory=list)  # see _BundleCheck.blob_key
+    checked_blobs: list[bytes] = field(default_factory=list)  # see blob_key
     roots: dict[int, bytes] = field(default_factory=dict)  # checkpoint size -> signed root
     cosigned: dict[int, int] = field(default_factory=dict)  # checkpoint size -> good cosigs
 
@@ -188,24 +188,38 @@ class KeyHistory:
         self.current = current
         self.all = [current, *earlier]
         self.members = current.members
-
-    def member(self, agency_id: str) -> Any:
-        return self.current.member(agency_id)
+        # Asked for every envelope, receipt and proof: merged once per agency.
+        self._public_keys: dict[str, dict[str, Ed25519PublicKey]] = {}
+        self._log_verifiers: dict[str, list[Verifier]] = {}
+        self._opened: dict[str, dict[bytes, Checkpoint]] = {}
 
     def log_origin(self, agency_id: str) -> str:
         return self.current.log_origin(agency_id)
 
     def public_keys(self, agency_id: str) -> dict[str, Ed25519PublicKey]:
-        merged: dict[str, Ed25519PublicKey] = {}
-        for registry in reversed(self.all):  # the current registry's entry wins
-            merged.update(registry.public_keys(agency_id))
+        merged = self._public_keys.get(agency_id)
+        if merged is None:
+            merged = {}
+            for registry in reversed(self.all):  # the current registry's entry wins
+                merged.update(registry.public_keys(agency_id))
+            self._public_keys[agency_id] = merged
         return merged
 
     def key_valid_at(self, agency_id: str, key_id: str, when: datetime) -> bool:
         return any(r.key_valid_at(agency_id, key_id, when) for r in self.all)
 
     def log_verifiers(self, agency_id: str) -> list[Verifier]:
-        return _unique([v for r in self.all for v in r.log_verifiers(agency_id)])
+        verifiers = self._log_verifiers.get(agency_id)
+        if verifiers is None:
+            verifiers = _unique([v for r in self.all for v in r.log_verifiers(agency_id)])
+            self._log_verifiers[agency_id] = verifiers
+        return verifiers
+
+    def opened_checkpoints(self, agency_id: str) -> dict[bytes, Checkpoint]:
+        """``agency_id``'s checkpoints already checked against its keys in these registries
+        (by note): a batch of receipts shares one, checked once. Per agency and registries,
+        so a note one agency signed never passes as another's."""
+        return self._opened.setdefault(agency_id, {})
 
     def cosigner_verifiers(self, agency_id: str) -> list[Verifier]:
         return _unique([v for r in self.all for v in r.cosigner_verifiers(agency_id)])
@@ -230,7 +244,6 @@ def trusted_registries(
 
 
 _registries: dict[bytes, KeyHistory] = {}  # per process: each registry parsed once
-_opened: dict[bytes, Checkpoint] = {}  # receivers' checkpoints already checked, per process
 
 
 def _registry(trust: _Trust) -> KeyHistory:
@@ -317,16 +330,24 @@ def _check_message_lines(
     checked.problems.extend(problems)
     if trust.remember_blobs:
         checked.checked_blobs = [
-            blob_key(trust.registry_key, blob)
+            key
             for item in items
-            for blob in (item.message.envelope, *item.message.receipts.values())
+            for key in (
+                blob_key(trust.registry_key, item.message.envelope),
+                *(
+                    blob_key(trust.registry_key, raw, signer)
+                    for signer, raw in item.message.receipts.items()
+                ),
+            )
         ]
     return checked
 
 
-def blob_key(registry_key: bytes, blob: bytes) -> bytes:
-    """What a signed blob checked under some registries is remembered by."""
-    return hashlib.sha256(registry_key + blob).digest()
+def blob_key(registry_key: bytes, blob: bytes, signer: str = "") -> bytes:
+    """What a signed blob checked under some registries is remembered by. A receipt's
+    ``signer`` is part of it: the same bytes listed under another signer are checked again
+    (an envelope names its signer inside)."""
+    return hashlib.sha256(registry_key + signer.encode() + b"\0" + blob).digest()
 
 
 def _check_messages(trust: _Trust, bundle_name: str, items: list[_ToCheck]) -> _Checked:
@@ -394,7 +415,8 @@ def _check_message(
             )
             proof_text = message.proofs.get(signer)
             if proof_text:
-                opened_before = len(_opened)
+                opened = registry.opened_checkpoints(signer)
+                opened_before = len(opened)
                 try:
                     # The receiver's tlog-proof the sender kept: alone, it shows the
                     # receiver logged the message. Its checkpoint is shared by a batch.
@@ -404,10 +426,10 @@ def _check_message(
                         log_index=receipt.log_index,
                         message_id=message.message_id,
                         envelope_sha256=digest,
-                        opened=_opened,
+                        opened=opened,
                     )
                     # Its checkpoint's signature, when not already checked for another.
-                    checked.signatures += len(_opened) - opened_before
+                    checked.signatures += len(opened) - opened_before
                 except NoteError as error:
                     checked.problems.append(
                         (f"{label}: {signer}'s proof of receipt: {error}", None)
@@ -591,8 +613,8 @@ class _BundleCheck:
             yield self.executor.submit(_check_messages, trust, self.name, chunk)
 
     def _to_check(self, message: BundledMessage) -> _ToCheck:
-        def first_time(blob: bytes) -> bool:
-            key = blob_key(self.registry_key, blob)
+        def first_time(blob: bytes, signer: str = "") -> bool:
+            key = blob_key(self.registry_key, blob, signer)
             if key in self.checked_blobs:
                 return False
             self.checked_blobs.add(key)
@@ -601,7 +623,7 @@ class _BundleCheck:
         return _ToCheck(
             message,
             first_time(message.envelope),
-            frozenset(s for s, raw in message.receipts.items() if first_time(raw)),
+            frozenset(s for s, raw in message.receipts.items() if first_time(raw, s)),
         )
 
     def _submit(self, task: Future[_Checked]) -> None:

@@ -36,7 +36,7 @@ from node.exchange.deadlines import Anchor, DeadlineRule, Deadlines
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role, Transition
 from node.exchange.lifecycles.data_sharing import AWAITED
-from node.exchange.messages import MARKINGS
+from node.exchange.messages import most_restricted
 from node.exchange.sharing import QUARTER, last_finished_quarter, quarter_end
 from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES, NODE_STATE
 from node.store.writer import Batch
@@ -716,8 +716,8 @@ class CaseBook:
         rule = self.deadlines.rule(rule_name)
         basis = rule.basis if rule else ""
         what = f"{clock['title'] or clock['family']} ({clock['family']} {clock['case_id']})"
-        marking = max(clock.get("confidentiality") or "internal", "internal", key=MARKINGS.index)
-        if clock["state"] in ("open",) and now < clock["due_at"]:
+        marking = most_restricted(clock.get("confidentiality") or "internal", "internal")
+        if clock["state"] == "open" and now < clock["due_at"]:
             return {"state": "due_soon", "next_action_at": clock["due_at"]}, None
         if clock["state"] in ("open", "due_soon"):
             # Only the waiting party reminds and escalates; on the responsible agency's own
@@ -726,7 +726,7 @@ class CaseBook:
             escalate = None if mine else clock["escalate_at"]
             values = {"state": "overdue", "next_action_at": escalate}
             reminder = None
-            if clock["responsible"] != self.agency:
+            if not mine:
                 reminder = Reminder(
                     "reminder",
                     clock["responsible"],
@@ -764,14 +764,12 @@ class CaseBook:
         at: datetime,
         sent: str | None,
     ) -> None:
-        key = {"case_id": clock["case_id"], "peer": clock["peer"], "rule": clock["rule"]}
-        # Only if no other unit moved it meanwhile (a reply that closed it wins).
-        current = batch.session.scalar(
-            select(CLOCKS.c.state).where(*(CLOCKS.c[k] == v for k, v in key.items()))
-        )
-        if current != clock["state"]:
+        # Only if no other unit moved it meanwhile (a reply that closed it wins), as this
+        # batch sees it: an earlier unit's writes are only queued, not in the session yet.
+        current = self._clocks(batch, clock).get(clock["rule"])
+        if current is None or current["state"] != clock["state"]:
             return
-        batch.update(CLOCKS, key, values)
+        self._put_clock(batch, clock, {**current, **values})
         if values["state"] != clock["state"] and values["state"] in ("overdue", "escalated"):
             event = (
                 AuditEvent.DEADLINE_OVERDUE

@@ -240,8 +240,12 @@ class Deadlines:
         return due - rule.warn_before / self.speed
 
     def escalate_at(self, due: datetime) -> datetime:
-        """When a missed deadline is escalated, if there is anyone to escalate it to."""
-        return due + self.escalation_grace / self.speed
+        """When a missed deadline is escalated, if there is anyone to escalate it to.
+        A peer may date a deadline up to 9999-12-31: past the calendar's end, at the due time."""
+        try:
+            return due + self.escalation_grace / self.speed
+        except OverflowError:
+            return due
 
     def with_plugin_rules(self, rules: Iterable[DeadlineRule]) -> Deadlines:
         return self.with_overrides(r for r in rules if r.name not in self.configured)

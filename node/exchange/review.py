@@ -13,17 +13,14 @@ from node.exchange.lifecycles import LIFECYCLES, RECEIVED, Role, Transition
 from node.identity import agency_kind
 from node.plugin_api import Accept, Decline, Draft, InboundItem, Verdict
 
-# Recipients of an answer besides the sender, by family: a crime transfer is copied to the
-# procuratorate, whose copy follows the police's filing decisions (002 §五(二)).
-COPY_CO_RECIPIENTS = frozenset({"crime_transfer"})
-
 
 class VerdictError(ValueError):
     """A verdict the item's lifecycle does not allow on arrival."""
 
 
 # Who holds only a copy of a family's cases, by agency kind: the procuratorate is copied a
-# crime transfer (抄送) for its filing supervision; the filing decision is the police's.
+# crime transfer (抄送) for its filing supervision; the filing decision is the police's, and
+# the answer goes to the copy holders too, so their copies follow (002 §五(二)).
 COPY_HOLDERS = {"crime_transfer": "procuratorate"}
 
 
@@ -79,7 +76,7 @@ def answer_for(item: InboundItem, verdict: Verdict, agency: str) -> Draft:
     the verdict on ``item``; checked with :func:`check_verdict` first."""
     check_verdict(item.family, verdict)
     recipients = [item.sender]
-    if item.family in COPY_CO_RECIPIENTS:
+    if item.family in COPY_HOLDERS:
         recipients += [r for r in item.recipients if r not in (agency, item.sender)]
     body: dict[str, str] = {"status": verdict.event}
     if verdict.reason:

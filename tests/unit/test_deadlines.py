@@ -222,3 +222,12 @@ def test_the_last_finished_quarter_is_the_one_the_sharing_clock_waits_for(
 
     assert last_finished_quarter(now) == quarter
     assert quarter_end(quarter) <= now
+
+
+def test_a_deadline_at_the_end_of_the_calendar_escalates_at_its_due_time() -> None:
+    """A peer may date a deadline 9999-12-31; adding the grace must not crash the writer."""
+    last = datetime(9999, 12, 31, 12, tzinfo=UTC)
+    assert Deadlines().escalate_at(last) == last
+    assert Deadlines().escalate_at(datetime(2026, 11, 1, tzinfo=UTC)) > datetime(
+        2026, 11, 1, tzinfo=UTC
+    )

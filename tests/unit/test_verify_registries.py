@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from node.audit.verify import trusted_registries
+from node.audit.verify import blob_key, trusted_registries
 from node.federation import MemberKey, RegistryError, sign_registry
 from tests.unit.test_federation import T0, member, new_key, registry
 
@@ -53,3 +53,19 @@ def test_an_earlier_registry_signed_by_someone_else_is_refused() -> None:
     other_federation = sign_registry(registry(serial=1, federation="elsewhere"), operator)
     with pytest.raises(ValueError, match="federation 'elsewhere'"):
         trusted_registries(current, [other_federation], operator.private_key.public_key())
+
+
+def test_what_was_checked_for_one_signer_is_not_taken_as_checked_for_another() -> None:
+    """A receipt's bytes, or a receiver's checkpoint, verified as one agency's must be
+    verified again when a bundle lists them under another agency."""
+    operator = new_key()
+    key = new_key()
+    ecology = member(ECOLOGY, MemberKey(key.key_id, key.public_bytes(), T0, None))
+    signed = sign_registry(registry(serial=1, members=(ecology,)), operator)
+    history = trusted_registries(signed, [], operator.private_key.public_key())
+    history.opened_checkpoints(ECOLOGY)[b"note"] = None  # type: ignore[assignment]
+    assert history.opened_checkpoints("140400/police") == {}
+    assert b"note" in history.opened_checkpoints(ECOLOGY)
+    receipt = b"signed receipt bytes"
+    keys = {blob_key(b"r", receipt, signer) for signer in (ECOLOGY, "140400/police", "")}
+    assert len(keys) == 3
