@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+from nacl.bindings import (
+    crypto_core_ed25519_is_valid_point,
+    crypto_sign,
+    crypto_sign_open,
+    crypto_sign_seed_keypair,
+)
 from nacl.exceptions import BadSignatureError
 
 SIGNATURE_BYTES = 64
@@ -44,3 +49,10 @@ def verify(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> No
         crypto_sign_open(signature + message, public_key.public_bytes_raw())
     except BadSignatureError:
         raise InvalidSignature from None
+
+
+def usable_public_key(public: bytes) -> bool:
+    """Whether ``public`` (32 bytes) is a key :func:`verify` can verify anything with: a
+    canonical point of the prime-order subgroup, as every key Ed25519 generates is. A
+    small-order point (which OpenSSL accepts, and with it forged signatures) is not."""
+    return len(public) == 32 and bool(crypto_core_ed25519_is_valid_point(public))

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from node import ed25519
 from node.federation import (
     DEFAULT_PERMISSIONS,
     Member,
@@ -322,6 +323,12 @@ def add_member(
         raise SetupError(f"{where}: signing_key.public_key is not valid base64") from None
     if len(public) != 32:
         raise SetupError(f"{where}: signing_key.public_key must be 32 bytes, got {len(public)}")
+    if not ed25519.usable_public_key(public):
+        raise SetupError(
+            f"{where}: signing_key.public_key is not a usable Ed25519 key (a small-order or "
+            "non-canonical point, with which no signature verifies); the agency should make a "
+            "new request with 'liandong init'"
+        )
     key_id = key_id_for(public)
     if sk.get("key_id") != key_id:
         raise SetupError(

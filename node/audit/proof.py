@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from node.audit.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint
-from node.audit.merkle import ProofError, leaf_hash, verify_inclusion
+from node.audit.merkle import ProofError, ProvenNodes, leaf_hash, verify_inclusion
 from node.audit.note import NoteError, Verifier, split_note
 
 HEADER = b"c2sp.org/tlog-proof@v1"
@@ -41,6 +42,33 @@ class LogProof:
         lines.append(b"index %d" % self.index)
         lines.extend(base64.b64encode(h) for h in self.hashes)
         return b"\n".join(lines) + b"\n\n" + self.checkpoint_note
+
+
+class OpenedCheckpoints:
+    """One log's checkpoints already opened with its keys, by note, for checking many proofs:
+    a batch of receipts shares a checkpoint, whose signature is then checked once, and their
+    proofs share upper paths, hashed once (``merkle.verify_inclusion``). Only the latest
+    checkpoint's nodes are kept: proofs come in batches, and a log's would fill memory."""
+
+    def __init__(self) -> None:
+        self._by_note: dict[bytes, Checkpoint] = {}
+        self._latest = b""
+        self._proven: ProvenNodes = {}
+
+    def __len__(self) -> int:
+        return len(self._by_note)
+
+    def get(self, note: bytes) -> Checkpoint | None:
+        return self._by_note.get(note)
+
+    def add(self, note: bytes, checkpoint: Checkpoint) -> None:
+        self._by_note[note] = checkpoint
+
+    def proven(self, note: bytes) -> ProvenNodes:
+        """The nodes proofs under ``note``'s checkpoint have shown so far."""
+        if note != self._latest:
+            self._latest, self._proven = note, {}
+        return self._proven
 
 
 def parse_proof(data: bytes) -> LogProof:
@@ -78,16 +106,17 @@ def check_receipt_proof(
     log_index: int,
     message_id: str,
     envelope_sha256: str,
-    opened: dict[bytes, Checkpoint] | None = None,
+    opened: OpenedCheckpoints | None = None,
 ) -> LogProof:
     """A receiver's proof that its log holds the "received" entry of this message (this
     envelope) at the index its receipt names, under a checkpoint it signed. NoteError
-    otherwise. `opened` remembers checkpoints already checked (one signature per batch)."""
+    otherwise. `opened`: this receiver's checkpoints already checked, so a batch costs one
+    signature check (never share one between logs: a note is trusted once opened)."""
     proof = parse_proof(proof_text)
     if proof.index != log_index or proof.entry is None:
         raise NoteError(f"it proves entry {proof.index}, the receipt names {log_index}")
     try:
-        fields = json.loads(proof.entry)
+        fields = orjson.loads(proof.entry)
     except ValueError:
         raise NoteError("its entry is not JSON") from None
     if not isinstance(fields, dict) or (
@@ -96,10 +125,14 @@ def check_receipt_proof(
         fields.get("envelope_sha256"),
     ) != ("received", message_id, envelope_sha256):
         raise NoteError("its entry does not record receiving this envelope")
-    checkpoint = None if opened is None else opened.get(proof.checkpoint_note)
-    checkpoint = verify_proof(proof, verifiers, checkpoint=checkpoint)
-    if opened is not None:
-        opened[proof.checkpoint_note] = checkpoint
+    if opened is None:
+        verify_proof(proof, verifiers)
+        return proof
+    note = proof.checkpoint_note
+    checkpoint = verify_proof(
+        proof, verifiers, checkpoint=opened.get(note), proven=opened.proven(note)
+    )
+    opened.add(note, checkpoint)
     return proof
 
 
@@ -108,10 +141,12 @@ def verify_proof(
     verifiers: Verifier | Sequence[Verifier],
     entry: bytes | None = None,
     checkpoint: Checkpoint | None = None,
+    proven: ProvenNodes | None = None,
 ) -> Checkpoint:
     """Check a proof of `entry` (default: the one it carries) against the log's keys; return
     the checkpoint it is in. A caller checking many proofs under one checkpoint may pass the
-    checkpoint it already opened (from this proof's note) to skip its signature check."""
+    checkpoint it already opened (from this proof's note) to skip its signature check, and
+    the nodes earlier proofs under it showed (``merkle.verify_inclusion``)."""
     entry = proof.entry if entry is None else entry
     if entry is None:
         raise NoteError("tlog-proof carries no entry and none was given to check it against")
@@ -120,7 +155,7 @@ def verify_proof(
         checkpoint = open_checkpoint(proof.checkpoint_note, keys)
     try:
         verify_inclusion(
-            proof.index, checkpoint.size, leaf_hash(entry), proof.hashes, checkpoint.root
+            proof.index, checkpoint.size, leaf_hash(entry), proof.hashes, checkpoint.root, proven
         )
     except ProofError as error:
         raise NoteError(f"tlog-proof for index {proof.index}: {error}") from None

@@ -23,10 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
-from node.audit.checkpoint import Checkpoint
 from node.audit.log import AuditEvent
 from node.audit.note import NoteError
-from node.audit.proof import check_receipt_proof
+from node.audit.proof import OpenedCheckpoints, check_receipt_proof
 from node.config import Delivery
 from node.envelope import RECEIPT_PAYLOAD_TYPE, EnvelopeError, envelope_digest, verify_envelope
 from node.exchange.attachments import BlobStore
@@ -135,7 +134,7 @@ def check_receiver_proof(
     proof_text: bytes,
     log_index: int,
     item: Due,
-    checkpoints: dict[bytes, Checkpoint],
+    checkpoints: OpenedCheckpoints,
 ) -> bytes:
     """The receiver's proof if it shows its log holds this message's "received" entry at the
     index the receipt names, under a checkpoint it signed; else b"" (logged: the receipt
@@ -392,7 +391,7 @@ class DeliveryWorker:
     ) -> None:
         """Fill in `outcomes` and `receipts` for the items sent: verified or why not."""
         delivered_at = datetime.now(UTC)
-        checkpoints: dict[bytes, Checkpoint] = {}  # one signature check per checkpoint
+        checkpoints = OpenedCheckpoints()  # this recipient's: one signature check each
         for position, answer in zip(sending, answers, strict=True):
             item = batch[position]
             if isinstance(answer, TransportError):

@@ -173,6 +173,21 @@ class MemoryTree:
         for level, index, value in self.frontier.append(leaf):
             self.nodes[(level, index)] = value
 
+    def nodes_of(self, size: int) -> list[bytes]:
+        """Every node of the tree of the first `size` leaves, root included."""
+
+        def walk(start: int, end: int) -> list[bytes]:
+            if end - start == 1:
+                return [self.leaves[start]]
+            k = 1 << ((end - start - 1).bit_length() - 1)
+            return [
+                naive_root(self.leaves[start:end]),
+                *walk(start, start + k),
+                *walk(start + k, end),
+            ]
+
+        return walk(0, size)
+
     def source(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         return {key: self.nodes[key] for key in keys if key in self.nodes}
 
@@ -240,6 +255,61 @@ def test_frontier_reloads_from_stored_nodes(larger: MemoryTree) -> None:
         assert sum(1 << level for level, _ in keys) == size
         frontier = Frontier.load(size, larger.source)
         assert frontier.root() == naive_root(larger.leaves[:size])
+
+
+def test_push_gives_the_roots_append_gives(larger: MemoryTree) -> None:
+    for start in (0, 1, 5, 32, 37):
+        frontier = Frontier.load(start, larger.source)
+        for size in range(start + 1, len(larger.leaves) + 1):
+            frontier.push(larger.leaves[size - 1])
+            assert (frontier.size, frontier.root()) == (size, naive_root(larger.leaves[:size]))
+
+
+def test_proofs_against_one_root_share_proven_nodes(larger: MemoryTree) -> None:
+    """A batch of proofs under one checkpoint: each takes what the earlier ones proved, and
+    every one still verifies, in any order."""
+    leaves = larger.leaves
+    for size in (1, 2, 7, 33, 64, 70):
+        root = naive_root(leaves[:size])
+        proven: dict[tuple[int, int], bytes] = {}
+        for index in [*range(size), *reversed(range(size))]:
+            proof = inclusion_proof(index, size, larger.source)
+            verify_inclusion(index, size, leaves[index], proof, root, proven)
+        # Each node once under each name it has (a right-edge node can have two).
+        assert set(proven.values()) == set(larger.nodes_of(size))
+
+
+def test_proven_nodes_let_no_wrong_proof_through(larger: MemoryTree) -> None:
+    """What a proof would be refused for alone, it is refused for with every other proof of
+    the tree already proven, even a change above the part it shares with them."""
+    size, leaves = 70, larger.leaves
+    root = naive_root(leaves[:size])
+    proven: dict[tuple[int, int], bytes] = {}
+    for index in range(size):
+        proof = inclusion_proof(index, size, larger.source)
+        verify_inclusion(index, size, leaves[index], proof, root, proven)
+    before = dict(proven)
+    proof = inclusion_proof(9, size, larger.source)
+
+    def flipped(position: int) -> list[bytes]:
+        changed = list(proof)
+        changed[position] = bytes([changed[position][0] ^ 1]) + changed[position][1:]
+        return changed
+
+    for index, leaf, path in [
+        (9, leaves[8], proof),  # another leaf
+        (8, leaves[9], proof),  # another index
+        (9, leaves[9], flipped(0)),  # a sibling altered, low
+        (9, leaves[9], flipped(len(proof) - 1)),  # and at the top, where all is shared
+        (9, leaves[9], proof[:-1]),  # a node removed
+        (9, leaves[9], [*proof, root]),  # trailing garbage
+        (9, leaves[9], proof[::-1]),  # reordered
+    ]:
+        with pytest.raises(ProofError):
+            verify_inclusion(index, size, leaf, path, root, proven)
+    assert proven == before  # a refused proof adds nothing
+    with pytest.raises(ProofError):  # another root, with its own (empty) proven nodes
+        verify_inclusion(9, size, leaves[9], proof, naive_root(leaves[:69]), {})
 
 
 def test_inclusion_proof_refusals(reference: MemoryTree) -> None:

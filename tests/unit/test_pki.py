@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.federation import DEFAULT_PERMISSIONS, verify_registry
-from node.identity import agency_slug, load_public_key, load_signing_key
+from node.identity import agency_slug, key_id_for, load_public_key, load_signing_key
 from node.pki import (
     URI_SAN_PREFIX,
     SetupError,
@@ -247,6 +247,17 @@ def test_add_member_rejects_tampered_request(fed: Path, tmp_path: Path) -> None:
     )
     bad.write_text(json.dumps(dict(req, tls_csr=pem.decode())))
     with pytest.raises(SetupError, match="tls_csr"):
+        add_member(fed, bad)
+
+    # The identity point: OpenSSL would take any message as "signed" by it; libsodium, which
+    # the node verifies with, takes nothing, so the member could never send. Said at once.
+    identity = bytes([1]) + bytes(31)
+    small_order = {
+        "key_id": key_id_for(identity),
+        "public_key": base64.b64encode(identity).decode(),
+    }
+    bad.write_text(json.dumps(dict(req, signing_key=small_order)))
+    with pytest.raises(SetupError, match=r"signing_key\.public_key is not a usable Ed25519 key"):
         add_member(fed, bad)
 
     with pytest.raises(SetupError, match="file not found"):

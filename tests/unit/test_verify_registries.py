@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from node.audit.checkpoint import Checkpoint
 from node.audit.verify import blob_key, trusted_registries
 from node.federation import MemberKey, RegistryError, sign_registry
 from tests.unit.test_federation import T0, member, new_key, registry
@@ -63,9 +64,10 @@ def test_what_was_checked_for_one_signer_is_not_taken_as_checked_for_another() -
     ecology = member(ECOLOGY, MemberKey(key.key_id, key.public_bytes(), T0, None))
     signed = sign_registry(registry(serial=1, members=(ecology,)), operator)
     history = trusted_registries(signed, [], operator.private_key.public_key())
-    history.opened_checkpoints(ECOLOGY)[b"note"] = None  # type: ignore[assignment]
-    assert history.opened_checkpoints("140400/police") == {}
-    assert b"note" in history.opened_checkpoints(ECOLOGY)
+    opened = Checkpoint("example/ecology", 1, bytes(32))
+    history.opened_checkpoints(ECOLOGY).add(b"note", opened)
+    assert history.opened_checkpoints("140400/police").get(b"note") is None
+    assert history.opened_checkpoints(ECOLOGY).get(b"note") == opened
     receipt = b"signed receipt bytes"
     keys = {blob_key(b"r", receipt, signer) for signer in (ECOLOGY, "140400/police", "")}
     assert len(keys) == 3
