@@ -220,7 +220,14 @@ def _send(
 
 
 def _case_state(client: AdminClient, case_id: str, peer: str) -> str:
-    return next((c.state for c in client.cases(case_id=case_id) if c.peer == peer), "")
+    """The case's state with `peer`; "" while the node has no such case (not yet arrived)."""
+    try:
+        cases = client.cases(case_id=case_id)
+    except AdminError as error:
+        if str(error).startswith("NOT_FOUND"):
+            return ""
+        raise
+    return next((c.state for c in cases if c.peer == peer), "")
 
 
 def _in_days(days: float) -> str:
