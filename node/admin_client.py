@@ -11,7 +11,11 @@ from node._pb.liandong.v1 import admin_pb2, admin_pb2_grpc, audit_pb2
 
 
 class AdminError(Exception):
-    pass
+    """The node refused a call (``code`` is its gRPC status) or no node is running (None)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AdminClient:
@@ -39,7 +43,8 @@ class AdminClient:
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            raise AdminError(f"{error.code().name}: {error.details()}") from None
+            code = error.code()
+            raise AdminError(f"{code.name}: {error.details()}", code) from None
 
     def submit(
         self,
@@ -147,7 +152,8 @@ class AdminClient:
             # No overall deadline: a large log takes a while; progress shows it is alive.
             yield from self._stub.ExportAudit(request)
         except grpc.RpcError as error:
-            raise AdminError(f"{error.code().name}: {error.details()}") from None
+            code = error.code()
+            raise AdminError(f"{code.name}: {error.details()}", code) from None
 
     def node_info(self) -> admin_pb2.NodeInfoResponse:
         response = self._call("NodeInfo", admin_pb2.NodeInfoRequest())

@@ -24,9 +24,10 @@ from node._pb.liandong.v1 import admin_pb2
 from node.admin_client import AdminClient, AdminError
 from node.config import CONFIG_FILE_NAME, ConfigError, load_config, render_config
 from node.exchange.families import CLI_FAMILIES, FAMILY_BODIES
-from node.exchange.messages import CONFIDENTIALITY_NAMES, MARKINGS, marking_label
+from node.exchange.messages import CONFIDENTIALITY_NAMES, marking_label
 from node.federation import RegistryError
 from node.identity import IdentityError
+from node.plugin_api import MARKINGS
 from node.progress import ProgressBar
 from node.textable import render_table
 

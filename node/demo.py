@@ -25,11 +25,14 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import grpc
+
 from node._pb.liandong.v1 import envelope_pb2
 from node.admin_client import AdminClient, AdminError
 from node.audit.verify import verify_bundles
+from node.exchange.cases import sharing_case_id
 from node.exchange.messages import marking_label
-from node.exchange.sharing import last_finished_quarter
+from node.exchange.sharing import last_finished_quarter, quarter_end
 from node.federation_setup import NodeProcess, NodeProcessError, NodeSetup, create_federation
 
 ECOLOGY, POLICE, PROCURATORATE = "140400/ecology", "140400/police", "140400/procuratorate"
@@ -224,7 +227,7 @@ def _case_state(client: AdminClient, case_id: str, peer: str) -> str:
     try:
         cases = client.cases(case_id=case_id)
     except AdminError as error:
-        if str(error).startswith("NOT_FOUND"):
+        if error.code is grpc.StatusCode.NOT_FOUND:
             return ""
         raise
     return next((c.state for c in cases if c.peer == peer), "")
@@ -280,7 +283,7 @@ def run_scenario(
         attachment_paths=[str(report)],
         confidentiality=envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL,
     )
-    _send(
+    clue = _send(
         clients[ECOLOGY],
         "ecology → procuratorate: public-interest-litigation clue",
         "clue",
@@ -293,7 +296,6 @@ def run_scenario(
         },
         case_ref=case,
     )
-    clue = next(i for i in clients[ECOLOGY].list_items("outbox", 10) if i.family == "clue")
     _send(
         clients[POLICE],
         "police → ecology (cc procuratorate): filed (立案) within the 3-day filing deadline",
@@ -306,7 +308,7 @@ def run_scenario(
     )
     _wait_state(clients[ECOLOGY], crime, POLICE, "filed", "the filing")
     _wait_state(clients[PROCURATORATE], crime, ECOLOGY, "filed", "the procuratorate's copy")
-    _wait_state(clients[ECOLOGY], clue.message_id, PROCURATORATE, "accepted", "the acceptance")
+    _wait_state(clients[ECOLOGY], clue, PROCURATORATE, "accepted", "the acceptance")
     say("  ✓ procuratorate's node: clue accepted (受理) on arrival by its review rule,")
     say("    answered to ecology as signed feedback")
     _send(
@@ -316,10 +318,10 @@ def run_scenario(
         [ECOLOGY],
         {"status": "feedback", "text": "线索已受理，已立案调查（长检公益立〔2026〕9号）。"},
         body_type="feedback",
-        in_reply_to=clue.message_id,
+        in_reply_to=clue,
         case_ref=case,
     )
-    _wait_state(clients[ECOLOGY], clue.message_id, PROCURATORATE, "feedback_sent", "feedback")
+    _wait_state(clients[ECOLOGY], clue, PROCURATORATE, "feedback_sent", "feedback")
     request = _send(
         clients[PROCURATORATE],
         "procuratorate → ecology: evidence-assistance request",
@@ -477,8 +479,8 @@ def penalty_records(nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]
     """Last quarter's penalty records appear in the bureau's enforcement system: the plugin
     transfers the one over a crime threshold, shares the quarter with the procuratorate, and
     the procuratorate's supervision finds the one the bureau decided not to transfer."""
-    today = datetime.now(UTC).date()
-    quarter_start = today.replace(month=(today.month - 1) // 3 * 3 + 1, day=1)
+    quarter = last_finished_quarter(datetime.now(UTC))
+    quarter_start = quarter_end(quarter).date()  # of this quarter, the one not yet finished
     last_quarter = [quarter_start - timedelta(days=d) for d in (70, 50, 20)]
     evidence = nodes[ECOLOGY].directory / "evidence" / "penalty-31"
     evidence.mkdir(parents=True)
@@ -554,9 +556,8 @@ def penalty_records(nodes: dict[str, NodeSetup], clients: dict[str, AdminClient]
         "the procuratorate's supervision did not find the untransferred record",
     )
     say("  ✓ ecology → procuratorate: last quarter's penalty records shared (信息共享)")
-    quarter = last_finished_quarter(datetime.now(UTC))
     _wait_state(
-        clients[PROCURATORATE], f"sharing-{quarter}", ECOLOGY, "shared", "the sharing clock"
+        clients[PROCURATORATE], sharing_case_id(quarter), ECOLOGY, "shared", "the sharing clock"
     )
     say(f"  ✓ procuratorate's node: its {quarter} sharing clock (due 15 days after the quarter)")
     say("    is closed by the bureau's data-sharing notice")

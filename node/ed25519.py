@@ -43,10 +43,15 @@ def sign(secret: bytes, message: bytes) -> bytes:
 def verify(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> None:
     """Raise ``cryptography``'s InvalidSignature unless ``signature`` is ``public_key``'s
     signature of ``message`` (the exception the callers already handle)."""
+    verify_raw(public_key.public_bytes_raw(), signature, message)
+
+
+def verify_raw(public_key: bytes, signature: bytes, message: bytes) -> None:
+    """:func:`verify` with the key as its 32 bytes (as a C2SP verifier key holds it)."""
     if len(signature) != SIGNATURE_BYTES:
         raise InvalidSignature
     try:
-        crypto_sign_open(signature + message, public_key.public_bytes_raw())
+        crypto_sign_open(signature + message, public_key)
     except BadSignatureError:
         raise InvalidSignature from None
 

@@ -150,10 +150,12 @@ class Registry:
     permissions: tuple[Permission, ...]
 
     def member(self, agency_id: str) -> Member | None:
-        for m in self.members:
-            if m.agency_id == agency_id:
-                return m
-        return None
+        return self._members_by_id.get(agency_id)
+
+    @cached_property
+    def _members_by_id(self) -> dict[str, Member]:
+        # Asked for every message a node receives and an auditor checks.
+        return {m.agency_id: m for m in self.members}
 
     def supervisor_of(self, agency_id: str) -> str:
         """The agency escalations about ``agency_id`` go to, or "" when the registry names none."""

@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, get_args, runtime_checkable
 
 __all__ = [
+    "MARKINGS",
     "Accept",
     "AttachmentFile",
     "CaseChange",
@@ -27,9 +28,23 @@ __all__ = [
     "InboundItem",
     "NodeAPI",
     "Verdict",
+    "cleared",
+    "most_restricted",
 ]
 
 Confidentiality = Literal["public", "internal", "confidential"]
+MARKINGS: tuple[Confidentiality, ...] = get_args(Confidentiality)  # least to most restricted
+
+
+def most_restricted(*markings: str) -> str:
+    """The most restricted of ``markings`` (the marking a whole made of these parts needs)."""
+    return max(markings, key=MARKINGS.index)
+
+
+def cleared(marking: str, clearance: str) -> bool:
+    """Whether what is marked ``marking`` may go where ``clearance`` is the limit (a local
+    system cleared for it, a recipient, a case's marking)."""
+    return MARKINGS.index(marking) <= MARKINGS.index(clearance)
 
 
 class DraftRejected(Exception):
@@ -123,8 +138,9 @@ class InboundItem:
         """The most restricted marking anywhere in the item: its own or a field's. A local
         system cleared for less may get the item only without the fields marked above its
         clearance."""
-        order = ("public", "internal", "confidential")
-        return max((self.confidentiality, *self.field_markings.values()), key=order.index)
+        return cast(
+            Confidentiality, most_restricted(self.confidentiality, *self.field_markings.values())
+        )
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,8 @@ class CaseChange:
     """The signed message that caused it; empty for a decision recorded on the node
     (``liandong decide``)."""
     reason: str
+    """Why, as the answer gave it; empty when the answer or its text is marked above the
+    case (so the case's marking covers all a change carries)."""
     at: datetime
     title: str
     """The case's title (empty when the title is marked above the case's message)."""

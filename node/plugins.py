@@ -144,7 +144,7 @@ class PluginHooks:
         # In registration order (get_hookimpls' order), so a later plugin's rule wins.
         for impl in caller.get_hookimpls():
             try:
-                given = impl.function(**({"api": api} if "api" in impl.argnames else {}))
+                given = _call(impl, api=api)
                 rules.extend(cast(Sequence[DeadlineRule], given or ()))
             except Exception:
                 api.log.exception(
@@ -167,7 +167,7 @@ class PluginHooks:
         named ``*``: a wrapper must see the whole call.
         """
         impls = self._pm.hook.liandong_cases_changed.get_hookimpls()
-        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        if _has_wrapper(impls):
             return [ALL_PLUGINS]
         return [impl.plugin_name for impl in reversed(impls)]
 
@@ -181,25 +181,33 @@ class PluginHooks:
             caller(changes=changes, api=api)
             return
         [impl] = [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin]
-        arguments = {"changes": changes, "api": api}
-        impl.function(*(arguments[arg] for arg in impl.argnames))
+        _call(impl, changes=changes, api=api)
 
     def _broadcast(self, hook_name: str, **kwargs: Any) -> None:
         api: NodeAPI = kwargs["api"]
         caller: pluggy.HookCaller = getattr(self._pm.hook, hook_name)
         impls = caller.get_hookimpls()
-        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        if _has_wrapper(impls):
             # A wrapper must see the whole call, so isolation is given up for this hook.
             try:
                 caller(**kwargs)
             except Exception:
                 api.log.exception("plugin hook failed", hook=hook_name)
             return
-        # Calling each function the way pluggy's _multicall does (arguments by the names the
-        # implementation declares), in pluggy's order: from the end of get_hookimpls(). Not
-        # via subset_hook_caller, which needs hashable plugin objects.
+        # In pluggy's order: from the end of get_hookimpls(). Not via subset_hook_caller,
+        # which needs hashable plugin objects.
         for impl in reversed(impls):
             try:
-                impl.function(*(kwargs[arg] for arg in impl.argnames))
+                _call(impl, **kwargs)
             except Exception:
                 api.log.exception("plugin hook failed", plugin=impl.plugin_name, hook=hook_name)
+
+
+def _call(impl: pluggy.HookImpl, **arguments: Any) -> Any:
+    """Call one implementation the way pluggy's _multicall does: with the arguments it
+    declares, by name (an implementation may declare fewer than the hook offers)."""
+    return impl.function(*(arguments[name] for name in impl.argnames))
+
+
+def _has_wrapper(impls: Sequence[pluggy.HookImpl]) -> bool:
+    return any(impl.hookwrapper or impl.wrapper for impl in impls)

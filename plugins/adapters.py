@@ -57,15 +57,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast
 
 from node.exchange.review import VerdictError, check_verdict
 from node.hookspecs import hookimpl
 from node.identity import IdentityError, validate_agency_id
 from node.plugin_api import (
+    MARKINGS,
     Accept,
     CaseChange,
-    Confidentiality,
     Decline,
     DeliveryConfirmation,
     Draft,
@@ -74,14 +74,16 @@ from node.plugin_api import (
     InboundItem,
     NodeAPI,
     Verdict,
+    cleared,
 )
 from plugins.dropfolder import DraftError, DropFolder, draft_from_json, flat_draft
 from plugins.sqlsource import PickUp, RowError, SqlConfigError, SqlQuery, SqlSource
 
-__all__ = ["MARKINGS", "AgencyAdapters", "cleared"]
+__all__ = ["AgencyAdapters"]
 
-MARKINGS: tuple[str, ...] = get_args(Confidentiality)  # from least to most restricted
-_NO_RECIPIENTS: Mapping[str, str] = {}  # one object, so an unset table is checked once
+# One object each, so an unset table is checked once, not on every call.
+_NO_RECIPIENTS: Mapping[str, str] = {}
+_NO_RULES: list[Any] = []
 _DRAFT_FIELDS = frozenset(
     {
         "family",
@@ -152,11 +154,6 @@ class ReviewRule:
         return cls(family, verdict, sender, without)
 
 
-def cleared(marking: str, clearance: str) -> bool:
-    """Whether a local system cleared for ``clearance`` may receive an item marked ``marking``."""
-    return MARKINGS.index(marking) <= MARKINGS.index(clearance)
-
-
 class AgencyAdapters:
     """The hook implementations shared by the built-in agency plugins."""
 
@@ -164,8 +161,8 @@ class AgencyAdapters:
         self.name = name
         self._folders: dict[Path, DropFolder] = {}
         self._sources: dict[Path, list[SqlSource]] = {}
-        # (config table, the table checked): checked again only when the config changes.
-        self._recipients: tuple[object, Mapping[str, str]] | None = None
+        # The recipients table last checked: checked again only when the config changes.
+        self._recipients: object = None
         self._review_rules: tuple[object, list[ReviewRule]] | None = None  # (config, rules)
 
     def settings(self, api: NodeAPI) -> Mapping[str, Any]:
@@ -194,8 +191,8 @@ class AgencyAdapters:
 
         Checked once per table: the redactor asks for every recipient of every message."""
         table = self.settings(api).get("recipients", _NO_RECIPIENTS)
-        if self._recipients is not None and self._recipients[0] is table:
-            return self._recipients[1]
+        if table is self._recipients:
+            return cast(Mapping[str, str], table)
         where = f"[plugins.{self.name}.recipients]"
         if not isinstance(table, Mapping):
             raise ValueError(f'{where}: expected a table of "agency id" = "marking"')
@@ -209,12 +206,12 @@ class AgencyAdapters:
                 raise ValueError(
                     f"{where} {agency!r}: {marking!r} is not one of {', '.join(MARKINGS)}"
                 )
-        self._recipients = (table, table)
+        self._recipients = table
         return table
 
     def review_rules(self, api: NodeAPI) -> list[ReviewRule]:
         """``[[plugins.<name>.review]]``, checked once per config."""
-        configured = self.settings(api).get("review", [])
+        configured = self.settings(api).get("review", _NO_RULES)
         if self._review_rules is not None and self._review_rules[0] is configured:
             return self._review_rules[1]
         where = f"[[plugins.{self.name}.review]]"

@@ -35,20 +35,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, cast
 
 from node.plugin_api import (
+    MARKINGS,
     CaseChange,
     Confidentiality,
     DeliveryConfirmation,
     Draft,
     DraftRejected,
     InboundItem,
+    cleared,
+    most_restricted,
 )
 
 __all__ = ["DraftError", "DraftOutcome", "DropFolder", "draft_from_json", "flat_draft"]
 
-_CONFIDENTIALITY: tuple[str, ...] = get_args(Confidentiality)
 _DRAFT_KEYS = frozenset(
     [
         "family",
@@ -304,10 +306,9 @@ def draft_from_json(data: object, *, base_dir: Path, root: Path, source: str) ->
     if not isinstance(body, dict):
         raise DraftError("field 'body': required, a JSON object")
     confidentiality = data.get("confidentiality", "internal")
-    if confidentiality not in _CONFIDENTIALITY:
+    if confidentiality not in MARKINGS:
         raise DraftError(
-            f"field 'confidentiality': {confidentiality!r} is not one of "
-            f"{', '.join(_CONFIDENTIALITY)}"
+            f"field 'confidentiality': {confidentiality!r} is not one of {', '.join(MARKINGS)}"
         )
     field_markings = data.get("field_markings", {})
     if not isinstance(field_markings, dict):
@@ -315,10 +316,10 @@ def draft_from_json(data: object, *, base_dir: Path, root: Path, source: str) ->
             'field \'field_markings\': expected an object such as {"suspect": "confidential"}'
         )
     for name, marking in field_markings.items():
-        if marking not in _CONFIDENTIALITY:
+        if marking not in MARKINGS:
             raise DraftError(
                 f"field 'field_markings': {name!r} is marked {marking!r}, not one of "
-                f"{', '.join(_CONFIDENTIALITY)} (in CSV: FIELD=MARKING;FIELD=MARKING)"
+                f"{', '.join(MARKINGS)} (in CSV: FIELD=MARKING;FIELD=MARKING)"
             )
     raw_attachments = data.get("attachments", [])
     if not isinstance(raw_attachments, list):
@@ -429,9 +430,7 @@ class DropFolder:
             "confidentiality": item.confidentiality,
             "field_markings": kept_markings,
             # The most restricted marking of what this file holds.
-            "marking": max(
-                (item.confidentiality, *kept_markings.values()), key=_CONFIDENTIALITY.index
-            ),
+            "marking": most_restricted(item.confidentiality, *kept_markings.values()),
             "envelope_sha256": item.envelope_sha256,
             "body": {k: v for k, v in item.body.items() if k not in withheld_fields},
             "withheld_fields": list(withheld_fields),
@@ -669,9 +668,7 @@ class DropFolder:
         for change in changes:
             if change.sequence <= done:
                 continue
-            within = _CONFIDENTIALITY.index(change.confidentiality) <= _CONFIDENTIALITY.index(
-                clearance
-            )
+            within = cleared(change.confidentiality, clearance)
             document = {
                 "sequence": change.sequence,
                 "case_id": change.case_id,

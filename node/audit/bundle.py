@@ -104,13 +104,6 @@ class Bundle:
                 yield index, line.rstrip(b"\n")
                 index += 1
 
-    def messages(self) -> Iterator[BundledMessage]:
-        """Each message, read as it is needed (a year's bundle holds millions).
-
-        BundleError when a line is malformed, naming it; the messages before it are given."""
-        for number, line in self.message_lines():
-            yield parse_message_line(self.path, number, line)
-
     def message_lines(self) -> Iterator[tuple[int, bytes]]:
         """(line number, line) of messages.jsonl, unparsed: parsing can happen elsewhere."""
         with (
@@ -179,15 +172,24 @@ def parse_message_line(path: Path, number: int, line: bytes) -> BundledMessage:
         # orjson: three times faster than json on these lines, a tenth of what checking a
         # message costs an auditor (the rest is mostly the two signatures).
         item = orjson.loads(line)
+        receipts, proofs = item["receipts"], item.get("proofs", {})
+        if not isinstance(receipts, dict) or not isinstance(proofs, dict):
+            raise TypeError("receipts and proofs must be JSON objects (by agency)")
         return BundledMessage(
             message_id=str(item["message_id"]),
             direction=str(item["direction"]),
             envelope=base64.b64decode(item["envelope"]),
-            receipts={k: base64.b64decode(v) for k, v in dict(item["receipts"]).items()},
-            proofs={k: str(v).encode() for k, v in dict(item.get("proofs", {})).items()},
+            receipts={k: base64.b64decode(v) for k, v in receipts.items()},
+            proofs={k: _text(v).encode() for k, v in proofs.items()},
         )
     except (ValueError, TypeError, KeyError) as error:
         raise BundleError(f"{path}: messages.jsonl line {number} is malformed: {error!r}") from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a proof must be text, not {type(value).__name__}")
+    return value
 
 
 def _message_line(message: BundledMessage) -> bytes:
@@ -212,7 +214,7 @@ def read_bundle(path: Path) -> Bundle:
             (int(item["size"]), str(item["note"]).encode())
             for item in _json_lines(path, archive, "checkpoints.jsonl")
         ]
-        archive.getinfo("messages.jsonl")  # read lazily, by Bundle.messages()
+        archive.getinfo("messages.jsonl")  # read lazily, by Bundle.message_lines()
         registry = archive.read("registry.json")
         operator = archive.read("operator.pub")
         earlier = [

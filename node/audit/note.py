@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node import ed25519
 
@@ -52,10 +51,6 @@ class Verifier:
     key_id: bytes
     signature_type: int
     public_key: bytes
-
-    @property
-    def ed25519(self) -> Ed25519PublicKey:
-        return Ed25519PublicKey.from_public_bytes(self.public_key)
 
 
 def parse_vkey(text: str) -> Verifier:
@@ -124,7 +119,7 @@ def verify_note(data: bytes, verifier: Verifier) -> bytes:
     for signature in signatures:
         if signature.name == verifier.name and signature.key_id == verifier.key_id:
             try:
-                ed25519.verify(verifier.ed25519, signature.signature, text)
+                ed25519.verify_raw(verifier.public_key, signature.signature, text)
             except InvalidSignature:
                 raise NoteError(f"signature by {verifier.name} does not verify") from None
             return text
@@ -157,7 +152,9 @@ def verify_cosignature(body: bytes, signature: NoteSignature, verifier: Verifier
     if timestamp >= 1 << 63:
         raise NoteError(f"cosignature by {verifier.name} has an impossible timestamp")
     try:
-        ed25519.verify(verifier.ed25519, signature.signature[8:], cosigned_message(body, timestamp))
+        ed25519.verify_raw(
+            verifier.public_key, signature.signature[8:], cosigned_message(body, timestamp)
+        )
     except InvalidSignature:
         raise NoteError(f"cosignature by {verifier.name} does not verify") from None
     return timestamp

@@ -26,7 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ from node.envelope import (
     EnvelopeError,
     verify_envelope,
 )
-from node.federation import MemberKey, Registry, RegistryError, verify_registry
+from node.federation import Registry, RegistryError, verify_registry
 from node.identity import key_id_for
 
 Progress = Callable[[str, int, int], None]
@@ -194,33 +194,22 @@ class KeyHistory:
         self._public_keys: dict[str, dict[str, Ed25519PublicKey]] = {}
         self._log_verifiers: dict[str, list[Verifier]] = {}
         self._opened: dict[str, OpenedCheckpoints] = {}
-        self._listed_keys: dict[tuple[str, str], list[MemberKey]] = {}
 
     def log_origin(self, agency_id: str) -> str:
         return self.current.log_origin(agency_id)
 
-    def public_keys(self, agency_id: str) -> dict[str, Ed25519PublicKey]:
+    def public_keys(self, agency_id: str) -> Mapping[str, Ed25519PublicKey]:
         merged = self._public_keys.get(agency_id)
         if merged is None:
             merged = {}
             for registry in reversed(self.all):  # the current registry's entry wins
                 merged.update(registry.public_keys(agency_id))
-            self._public_keys[agency_id] = merged
+            if merged:  # a member: a bundle's made-up senders are not remembered
+                self._public_keys[agency_id] = merged
         return merged
 
     def key_valid_at(self, agency_id: str, key_id: str, when: datetime) -> bool:
-        listed = self._listed_keys.get((agency_id, key_id))
-        if listed is None:
-            listed = [
-                key
-                for registry in self.all
-                for member in (registry.member(agency_id),)
-                if member is not None
-                for key in member.signing_keys
-                if key.key_id == key_id
-            ]
-            self._listed_keys[(agency_id, key_id)] = listed
-        return any(key.valid_at(when) for key in listed)
+        return any(r.key_valid_at(agency_id, key_id, when) for r in self.all)
 
     def log_verifiers(self, agency_id: str) -> list[Verifier]:
         verifiers = self._log_verifiers.get(agency_id)
@@ -276,7 +265,7 @@ def _registry(trust: _Trust) -> KeyHistory:
     return registry
 
 
-def _check_checkpoints(trust: _Trust, bundle_name: str, items: list[tuple[int, bytes]]) -> _Checked:
+def _check_checkpoints(trust: _Trust, items: list[tuple[int, bytes]]) -> _Checked:
     """Each checkpoint's own signature and its witnesses' cosignatures."""
     registry = _registry(trust)
     verifiers = registry.log_verifiers(trust.agency)
@@ -346,25 +335,26 @@ def _check_message_lines(
     checked = _check_messages(trust, bundle_name, items)
     checked.problems.extend(problems)
     if trust.remember_blobs:
-        checked.checked_blobs = [
-            key
-            for item in items
-            for key in (
-                blob_key(trust.registry_key, item.message.envelope),
-                *(
-                    blob_key(trust.registry_key, raw, signer)
-                    for signer, raw in item.message.receipts.items()
-                ),
-            )
-        ]
+        for item in items:
+            envelope, receipts = blob_keys(trust.registry_key, item.message)
+            checked.checked_blobs.append(envelope)
+            checked.checked_blobs.extend(receipts.values())
     return checked
 
 
-def blob_key(registry_key: bytes, blob: bytes, signer: str = "") -> bytes:
-    """What a signed blob checked under some registries is remembered by. A receipt's
-    ``signer`` is part of it: the same bytes listed under another signer are checked again
-    (an envelope names its signer inside)."""
-    return hashlib.sha256(registry_key + signer.encode() + b"\0" + blob).digest()
+def blob_key(registry_key: bytes, blob: bytes, signer: str | None = None) -> bytes:
+    """What a signed blob checked under some registries is remembered by: an envelope
+    (``signer`` None; it names its signer inside) or a receipt listed under ``signer``. The
+    same bytes listed under another signer, or as the other kind, are checked again."""
+    role = b"envelope" if signer is None else b"receipt " + signer.encode()
+    return hashlib.sha256(registry_key + hashlib.sha256(role).digest() + blob).digest()
+
+
+def blob_keys(registry_key: bytes, message: BundledMessage) -> tuple[bytes, dict[str, bytes]]:
+    """The keys of a message's envelope and of its receipts, by signer."""
+    return blob_key(registry_key, message.envelope), {
+        signer: blob_key(registry_key, raw, signer) for signer, raw in message.receipts.items()
+    }
 
 
 def _check_messages(trust: _Trust, bundle_name: str, items: list[_ToCheck]) -> _Checked:
@@ -582,7 +572,7 @@ class _BundleCheck:
         sizes = [size for size, _note in self.bundle.checkpoints]
         for start in range(0, len(sizes), CHECKPOINTS_PER_TASK):
             chunk = self.bundle.checkpoints[start : start + CHECKPOINTS_PER_TASK]
-            self._submit(self.executor.submit(_check_checkpoints, trust, self.name, chunk))
+            self._submit(self.executor.submit(_check_checkpoints, trust, chunk))
         messages = self._message_tasks(trust)
         computed, received = self._recompute_tree(set(sizes), lambda: self._pump(messages))
         for task in messages:  # what the tree left over
@@ -627,43 +617,44 @@ class _BundleCheck:
         )
 
     def _message_tasks(self, trust: _Trust) -> Iterator[Future[_Checked]]:
-        """Submit the messages in chunks, lazily: the caller decides when to take the next."""
-        if not self.checked_blobs:
-            # Nothing to skip: the workers parse the lines themselves.
-            lines: list[tuple[int, bytes]] = []
-            for line in self.bundle.message_lines():
-                lines.append(line)
-                if len(lines) == MESSAGES_PER_TASK:
-                    yield self.executor.submit(_check_message_lines, trust, self.name, lines)
-                    lines = []
-            if lines:
-                yield self.executor.submit(_check_message_lines, trust, self.name, lines)
-            return
-        chunk: list[_ToCheck] = []
-        try:
-            for message in self.bundle.messages():
-                chunk.append(self._to_check(message))
-                if len(chunk) == MESSAGES_PER_TASK:
-                    yield self.executor.submit(_check_messages, trust, self.name, chunk)
-                    chunk = []
-        except BundleError as error:
-            self.problem(str(error), None)
+        """Submit the messages in chunks, lazily: the caller decides when to take the next.
+        With nothing to skip, the workers parse the lines themselves; else they are parsed
+        here, to skip the blobs an earlier bundle had checked. Either way a malformed line is
+        reported and the lines after it are checked."""
+        first = not self.checked_blobs
+        chunk: list[Any] = []
+        for number, line in self.bundle.message_lines():
+            if first:
+                chunk.append((number, line))
+            else:
+                try:
+                    chunk.append(self._to_check(parse_message_line(self.bundle.path, number, line)))
+                except BundleError as error:
+                    self.problem(str(error), None)
+                    continue
+            if len(chunk) == MESSAGES_PER_TASK:
+                yield self._check_chunk(trust, chunk, first)
+                chunk = []
         if chunk:
-            yield self.executor.submit(_check_messages, trust, self.name, chunk)
+            yield self._check_chunk(trust, chunk, first)
+
+    def _check_chunk(self, trust: _Trust, chunk: list[Any], lines: bool) -> Future[_Checked]:
+        check = _check_message_lines if lines else _check_messages
+        return self.executor.submit(check, trust, self.name, chunk)
 
     def _to_check(self, message: BundledMessage) -> _ToCheck:
-        def first_time(blob: bytes, signer: str = "") -> bool:
-            key = blob_key(self.registry_key, blob, signer)
-            if key in self.checked_blobs:
-                return False
-            self.checked_blobs.add(key)
-            return True
-
+        envelope, receipts = blob_keys(self.registry_key, message)
         return _ToCheck(
             message,
-            first_time(message.envelope),
-            frozenset(s for s, raw in message.receipts.items() if first_time(raw, s)),
+            self._first_time(envelope),
+            frozenset(signer for signer, key in receipts.items() if self._first_time(key)),
         )
+
+    def _first_time(self, key: bytes) -> bool:
+        if key in self.checked_blobs:
+            return False
+        self.checked_blobs.add(key)
+        return True
 
     def _submit(self, task: Future[_Checked]) -> None:
         self.in_flight.add(task)

@@ -20,8 +20,10 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.plugin_api import CaseChange, Confidentiality
-from node.store.models import CASE_EVENTS, CASES, NODE_STATE
+from node._pb.liandong.v1 import envelope_pb2
+from node.exchange.messages import confidentiality_label, field_markings_of
+from node.plugin_api import CaseChange, Confidentiality, cleared, most_restricted
+from node.store.models import CASE_EVENTS, CASES, MESSAGES, NODE_STATE
 from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
@@ -143,6 +145,9 @@ class CaseChangeFeed:
         )
         with self.sessions() as session:
             rows = session.execute(query).mappings().all()
+            reasons = _reason_markings(
+                session, {row["message_id"] for row in rows if row["reason"] and row["message_id"]}
+            )
         return [
             CaseChange(
                 sequence=row["id"],
@@ -155,10 +160,32 @@ class CaseChangeFeed:
                 to_state=row["to_state"],
                 actor=row["actor"],
                 message_id=row["message_id"] or "",
-                reason=row["reason"],
+                # Like the title: a reason marked above the case is not the case's to give
+                # (a confidential answer on an internal case goes to systems cleared for it).
+                reason=row["reason"]
+                if cleared(reasons.get(row["message_id"], "public"), row["confidentiality"])
+                else "",
                 at=row["at"],
                 title=row["title"],
                 confidentiality=cast(Confidentiality, row["confidentiality"]),
             )
             for row in rows
         ]
+
+
+def _reason_markings(session: Session, message_ids: set[str]) -> dict[str, str]:
+    """The marking of the reason (feedback text) each message gives: the message's own, or
+    its ``text`` field's. Read from the stored envelopes, for the few changes with a reason."""
+    if not message_ids:
+        return {}
+    markings = {}
+    for message_id, stored in session.execute(
+        select(MESSAGES.c.message_id, MESSAGES.c.envelope).where(
+            MESSAGES.c.message_id.in_(message_ids)
+        )
+    ):
+        message = envelope_pb2.Message.FromString(envelope_pb2.Envelope.FromString(stored).payload)
+        markings[message_id] = most_restricted(
+            confidentiality_label(message), field_markings_of(message).get("text", "public")
+        )
+    return markings

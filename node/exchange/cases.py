@@ -36,8 +36,8 @@ from node.exchange.deadlines import Anchor, DeadlineRule, Deadlines
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role, Transition
 from node.exchange.lifecycles.data_sharing import AWAITED
-from node.exchange.messages import most_restricted
 from node.exchange.sharing import QUARTER, last_finished_quarter, quarter_end
+from node.plugin_api import most_restricted
 from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES, NODE_STATE
 from node.store.writer import Batch
 
@@ -258,9 +258,12 @@ class CaseBook:
 
     def _sharing_received(self, batch: Batch, message: envelope_pb2.Message, at: datetime) -> None:
         """A data-sharing notice closes its quarter's case: the quarter in ``case_ref``, else
-        the latest one over when the notice was written. An addendum changes nothing."""
+        the latest one over when the notice was written. An addendum changes nothing, nor
+        does a quarter not yet over (it would open, and close, a case no clock awaits)."""
         if QUARTER.match(message.case_ref):
             quarter = message.case_ref
+            if quarter_end(quarter) > at:
+                return
         else:
             quarter = last_finished_quarter(message.created_at.ToDatetime(UTC))
         self.await_sharing(batch, message.sender, quarter, at)  # the data may come first
@@ -716,7 +719,7 @@ class CaseBook:
         rule = self.deadlines.rule(rule_name)
         basis = rule.basis if rule else ""
         what = f"{clock['title'] or clock['family']} ({clock['family']} {clock['case_id']})"
-        marking = most_restricted(clock.get("confidentiality") or "internal", "internal")
+        marking = most_restricted(clock["confidentiality"], "internal")
         if clock["state"] == "open" and now < clock["due_at"]:
             return {"state": "due_soon", "next_action_at": clock["due_at"]}, None
         if clock["state"] in ("open", "due_soon"):

@@ -23,6 +23,7 @@ from node._pb.liandong.v1 import envelope_pb2
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.families import BODY_FAMILIES, FAMILY_BODIES, default_body_type
 from node.identity import IdentityError, validate_agency_id
+from node.plugin_api import cleared, most_restricted
 
 MAX_TIMESTAMP_SECONDS = 253402300800  # 10000-01-01T00:00:00Z, protobuf Timestamp's bound
 # \Z, not $: "$" also matches before a final newline, and a 37-character id would then fail
@@ -35,12 +36,6 @@ CONFIDENTIALITY_NAMES: dict[str, int] = {
     "confidential": envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL,
 }
 CONFIDENTIALITY_LABELS = {value: name for name, value in CONFIDENTIALITY_NAMES.items()}
-MARKINGS = ("public", "internal", "confidential")  # from least to most restricted
-
-
-def most_restricted(*markings: str) -> str:
-    """The most restricted of ``markings`` (the marking a whole made of these parts needs)."""
-    return max(markings, key=MARKINGS.index)
 
 
 def marking_label(confidentiality: str, field_markings: Mapping[str, str]) -> str:
@@ -259,7 +254,7 @@ def check_markings(message: envelope_pb2.Message) -> None:
         marking = CONFIDENTIALITY_LABELS.get(marked.confidentiality)
         if marking is None:
             raise _invalid(f"{where} has no known marking ({marked.confidentiality})")
-        if MARKINGS.index(marking) <= MARKINGS.index(own):
+        if cleared(marking, own):
             raise _invalid(
                 f"{where} is marked {marking}, not above the message's own marking {own}; "
                 "mark only fields that need more protection than the message"

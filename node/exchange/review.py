@@ -43,19 +43,15 @@ def on_arrival(family: str, event: str) -> Transition:
     lifecycle = LIFECYCLES.get(family)
     if lifecycle is None:
         raise VerdictError(f"'{family}' opens no case")
-    for transition in lifecycle.find(event):
-        if transition.by is Role.ADDRESSEE and RECEIVED in transition.sources:
+    moves = [t for t in lifecycle.transitions if t.by is Role.ADDRESSEE and RECEIVED in t.sources]
+    for transition in moves:
+        if transition.event == event:
             if transition.needs_date:
                 raise VerdictError(f"'{event}' needs a new date and cannot be answered on arrival")
             return transition
-    allowed = [
-        t.event
-        for t in lifecycle.transitions
-        if t.by is Role.ADDRESSEE and RECEIVED in t.sources and t.event != RECEIVED
-    ]
     raise VerdictError(
         f"a new {family} case cannot be answered with '{event}' on arrival "
-        f"(its addressee may answer: {', '.join(allowed)})"
+        f"(its addressee may answer: {', '.join(t.event for t in moves)})"
     )
 
 

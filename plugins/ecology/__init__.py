@@ -49,12 +49,12 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from node.exchange.sharing import (
     penalty_document,
@@ -72,16 +72,12 @@ from node.exchange.thresholds import (
 from node.hookspecs import hookimpl
 from node.identity import agency_region
 from node.plugin_api import (
-    CaseChange,
-    Confidentiality,
-    DeliveryConfirmation,
+    MARKINGS,
     Draft,
     DraftRejected,
-    InboundItem,
     NodeAPI,
-    Verdict,
 )
-from plugins.adapters import MARKINGS, AgencyAdapters
+from plugins.adapters import AgencyAdapters
 from plugins.sqlsource import RowError, SqlSource
 
 _NO = frozenset({"no", "n", "false", "0", "否", "不移送"})
@@ -232,7 +228,7 @@ def drafts_for(record: Mapping[str, Any], settings: EcologySettings) -> list[Dra
             recipients=to,
             body={k: v for k, v in body.items() if v not in ("", None, [])},
             case_ref=record_id,
-            confidentiality=cast(Confidentiality, marking),
+            confidentiality=marking,
             attachments=attachments,
             source=f"ecology:record:{record_id}:{family}",
         )
@@ -315,15 +311,21 @@ class Ledger:
                 continue
         return list(by_id.values())
 
-    def shared(self, quarter: str) -> str:
-        """The digest of what the last sharing of ``quarter`` carried ("": never shared)."""
-        try:
-            return (self.folder / f"{quarter}.shared").read_text().split()[0]
-        except (FileNotFoundError, IndexError):
-            return ""
+    def size(self, quarter: str) -> int:
+        return (self.folder / f"{quarter}.jsonl").stat().st_size
 
-    def mark_shared(self, quarter: str, digest: str, message_id: str) -> None:
-        (self.folder / f"{quarter}.shared").write_text(f"{digest} {message_id}\n")
+    def shared(self, quarter: str) -> tuple[str, str, int]:
+        """What the last sharing of ``quarter`` carried: its digest ("": never shared), its
+        message id, and the ledger's size when it was read (-1: not recorded)."""
+        try:
+            fields = (self.folder / f"{quarter}.shared").read_text().split()
+        except FileNotFoundError:
+            fields = []
+        fields += ["", "", "-1"][len(fields) :]
+        return fields[0], fields[1], int(fields[2]) if fields[2].lstrip("-").isdigit() else -1
+
+    def mark_shared(self, quarter: str, digest: str, message_id: str, size: int) -> None:
+        (self.folder / f"{quarter}.shared").write_text(f"{digest} {message_id} {size}\n")
 
 
 def ledger_of(api: NodeAPI) -> Ledger:
@@ -367,12 +369,20 @@ def share_quarters(api: NodeAPI, settings: EcologySettings, now: datetime) -> li
 
 
 def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str) -> list[str]:
+    before, shared_id, shared_size = ledger.shared(quarter)
+    # The ledger only grows: at the size it was shared at, nothing was added since. Read
+    # before the records, so a record added meanwhile is read at the next poll.
+    size = ledger.size(quarter)
+    if size == shared_size:
+        return []
     records = ledger.records(quarter)
     document = penalty_document(api.agency, quarter, records)
     data = (json.dumps(document, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()[:16]
-    before = ledger.shared(quarter)
-    if not records or digest == before:
+    if digest == before:  # records read again, unchanged: not shared again, not read again
+        ledger.mark_shared(quarter, digest, shared_id, size)
+        return []
+    if not records:
         return []
     folder = _adapters.state_dir(api) / "shared"
     folder.mkdir(parents=True, exist_ok=True)
@@ -394,16 +404,14 @@ def _share(api: NodeAPI, settings: EcologySettings, ledger: Ledger, quarter: str
                 "title": f"{quarter} 行政处罚信息和监测数据{addendum}",
                 "text": f"{quarter}：行政处罚记录 {len(records)} 条，见附件。",
             },
-            confidentiality=cast(
-                Confidentiality, marking if marking in MARKINGS else "confidential"
-            ),
+            confidentiality=marking if marking in MARKINGS else "confidential",
             attachments=(attachment,),
             # The quarter, so the receiving node closes its clock for that quarter.
             case_ref=quarter,
             source=f"ecology:share:{quarter}:{digest}",
         )
     )
-    ledger.mark_shared(quarter, digest, message_id)
+    ledger.mark_shared(quarter, digest, message_id, size)
     api.log.info("quarter shared", quarter=quarter, records=len(records), message_id=message_id)
     return [message_id]
 
@@ -438,28 +446,9 @@ def liandong_poll_local_system(api: NodeAPI) -> None:
         share_quarters(api, settings, datetime.now(UTC))
 
 
-@hookimpl
-def liandong_review_inbound(item: InboundItem, api: NodeAPI) -> Verdict | None:
-    return _adapters.liandong_review_inbound(item, api)
-
-
-@hookimpl
-def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
-    return _adapters.liandong_hand_off(item, api)
-
-
-@hookimpl
-def liandong_redact(draft: Draft, recipient: str, api: NodeAPI) -> Draft | None:
-    return _adapters.liandong_redact(draft, recipient, api)
-
-
-@hookimpl
-def liandong_deliveries_confirmed(
-    confirmations: Sequence[DeliveryConfirmation], api: NodeAPI
-) -> None:
-    _adapters.liandong_deliveries_confirmed(confirmations, api)
-
-
-@hookimpl
-def liandong_cases_changed(changes: Sequence[CaseChange], api: NodeAPI) -> None:
-    _adapters.liandong_cases_changed(changes, api)
+# What the drop folder does for every agency, as police and procuratorate take it.
+liandong_review_inbound = _adapters.liandong_review_inbound
+liandong_hand_off = _adapters.liandong_hand_off
+liandong_redact = _adapters.liandong_redact
+liandong_deliveries_confirmed = _adapters.liandong_deliveries_confirmed
+liandong_cases_changed = _adapters.liandong_cases_changed

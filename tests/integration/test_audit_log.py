@@ -515,6 +515,33 @@ def test_a_message_missing_on_one_side_is_listed(bundles: dict[str, Path]) -> No
     assert f"{PROCURATORATE}'s bundle has no such message" in one_sided
 
 
+def test_a_malformed_message_line_is_named_and_the_rest_checked(
+    bundles: dict[str, Path],
+) -> None:
+    """In the first bundle (parsed by the workers) and in a later one (parsed where blobs
+    checked before are skipped): the line is named, the other lines are still checked."""
+    _, first_report = verify(*bundles.values())
+    checked_before = [b["messages"] for b in first_report["bundles"]]
+
+    def receipts_as_pairs(name: str, content: bytes) -> bytes:
+        if name != "messages.jsonl":
+            return content
+        first, rest = content.split(b"\n", 1)
+        item = json.loads(first)
+        item["receipts"] = [[1, "AAAA"]]  # dict() would take it, with a signer that is no text
+        return json.dumps(item).encode() + b"\n" + rest
+
+    for path in bundles.values():
+        rewrite_bundle(path, receipts_as_pairs)
+    code, report = verify(*bundles.values())
+    assert code == 1
+    malformed = [
+        p for p in report["problems"] if "messages.jsonl line 1 is malformed" in p["problem"]
+    ]
+    assert [p["bundle"] for p in malformed] == [str(path) for path in bundles.values()]
+    assert [b["messages"] for b in report["bundles"]] == [n - 1 for n in checked_before]
+
+
 def test_a_forged_envelope_in_a_bundle_is_named(bundles: dict[str, Path]) -> None:
     path = bundles[ECOLOGY]
 

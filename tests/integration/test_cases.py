@@ -74,7 +74,12 @@ def cases(node: NodeProcess, case_id: str = "") -> list[dict[str, Any]]:
 
 
 def state(node: NodeProcess, case_id: str, peer: str) -> str:
-    found = [c for c in cases(node, case_id) if c["peer"] == peer]
+    """The case's state with `peer`; "" while the node has no such case (not yet arrived)."""
+    result = cli("cases", case_id, "--json", config=node.setup.config)
+    if result.returncode != 0 and "NOT_FOUND" in result.stderr:
+        return ""
+    assert result.returncode == 0, result.stderr
+    found = [c for c in json.loads(result.stdout) if c["peer"] == peer]
     return str(found[0]["state"]) if found else ""
 
 

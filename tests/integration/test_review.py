@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from node.exchange.cases import sharing_case_id
 from node.exchange.sharing import last_finished_quarter
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
 from tests.integration.test_agency_plugins import configure, inbound_documents
-from tests.integration.test_cases import send, state
+from tests.integration.test_cases import cases, feedback, send, state
 from tests.integration.test_exchange import cli
 from tests.peer import audit_events, database_rows
 
@@ -71,8 +72,7 @@ def test_inbound_cases_are_answered_on_arrival_and_changes_reach_the_local_syste
     # The clue without evidence is declined, with the reason, on both nodes...
     wait_for(lambda: state(ecology, bare, PROCURATORATE) == "declined", what="the decline")
     assert state(procuratorate, bare, ECOLOGY) == "declined"
-    history = json.loads(cli("cases", bare, "--json", config=ecology.setup.config).stdout)
-    assert history[0]["history"][-1]["reason"] == NO_EVIDENCE
+    assert cases(ecology, bare)[0]["history"][-1]["reason"] == NO_EVIDENCE
     # ... and never reaches the procuratorate's case system; the inbox says why.
     wait_for(lambda: inbox(procuratorate)[bare].get("handed_off", "") != "", what="the record")
     recorded = inbox(procuratorate)[bare]["handed_off"]
@@ -138,7 +138,7 @@ def test_a_quarter_not_shared_is_reminded_and_the_sharing_closes_it(
         node.wait_serving()
 
     quarter = last_finished_quarter(datetime.now(UTC))
-    case_id = f"sharing-{quarter}"
+    case_id = sharing_case_id(quarter)
     wait_for(lambda: state(procuratorate, case_id, ECOLOGY) == "awaited", what="the case")
 
     def clocks() -> list[dict[str, Any]]:
@@ -158,7 +158,18 @@ def test_a_quarter_not_shared_is_reminded_and_the_sharing_closes_it(
 
     wait_for(lambda: len(reminders()) == 1, what="the reminder at the bureau")
 
-    # The bureau shares the quarter (here by hand): the case closes, the clock is met late.
+    # A notice naming a quarter not yet over changes nothing (it would open a case and close
+    # it at once, so that quarter's clock would never run)...
+    send(
+        ecology,
+        tmp_path,
+        "notice",
+        [PROCURATORATE],
+        {"kind": "KIND_DATA_SHARING", "title": "2099-Q4 行政处罚信息", "text": "0 条"},
+        "--case-ref",
+        "2099-Q4",
+    )
+    # ... the bureau shares the quarter (here by hand): the case closes, the clock is met late.
     send(
         ecology,
         tmp_path,
@@ -175,6 +186,7 @@ def test_a_quarter_not_shared_is_reminded_and_the_sharing_closes_it(
         f"SELECT state FROM clocks WHERE case_id = '{case_id}'",
     )
     assert row == ("met_late",)
+    assert state(procuratorate, sharing_case_id("2099-Q4"), ECOLOGY) == ""
 
 
 def test_a_verdict_an_officer_overtook_falls_back_to_the_officer(
@@ -197,9 +209,7 @@ def test_a_verdict_an_officer_overtook_falls_back_to_the_officer(
     transfer = send(ecology, tmp_path, "crime-transfer", [POLICE], body)
     wait_for(lambda: state(police, transfer, ECOLOGY) == "received", what="the transfer")
     reason = "现有证据不能证明存在犯罪事实"
-    answer = {"status": "not_filed", "text": reason}
-    send(police, tmp_path, "reply", [ECOLOGY], answer, "--body-type", "feedback",
-         "--in-reply-to", transfer)  # fmt: skip
+    feedback(police, tmp_path, ECOLOGY, transfer, "not_filed", reason)
     wait_for(lambda: state(ecology, transfer, POLICE) == "not_filed", what="the officer's answer")
     assert inbox(police)[transfer].get("handed_off", "") == ""
 

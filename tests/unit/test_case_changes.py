@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node._pb.liandong.v1 import envelope_pb2
 from node.exchange import case_changes
 from node.exchange.case_changes import CaseChangeFeed, reported_key
 from node.plugin_api import CaseChange
 from node.store.db import make_engine, session_factory, upgrade
-from node.store.models import CASE_EVENTS, CASES, NODE_STATE
+from node.store.models import CASE_EVENTS, CASES, MESSAGES, NODE_STATE
 from node.store.writer import BatchWriter
 from tests.conftest import wait_for
 
@@ -132,3 +133,52 @@ def test_each_plugin_keeps_its_place_and_a_failing_one_is_offered_its_changes_ag
     feed.run_until(lambda: len(told["new adapter"]) == 1)
     assert told["case system"] == told["drop folder"] == list(range(4, 17))
     assert told["new adapter"] == [16]
+
+
+def test_a_reason_marked_above_the_case_is_left_out(sessions: sessionmaker[Session]) -> None:
+    """The case is internal: an answer marked confidential, or whose text is, must not hand
+    its reason to a plugin that shows the case to systems cleared for internal."""
+    confidential = envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL
+    answers = {
+        "plain": envelope_pb2.Message(confidentiality=envelope_pb2.CONFIDENTIALITY_INTERNAL),
+        "marked": envelope_pb2.Message(confidentiality=confidential),
+        "text-marked": envelope_pb2.Message(
+            confidentiality=envelope_pb2.CONFIDENTIALITY_INTERNAL,
+            field_markings=[envelope_pb2.FieldMarking(field="text", confidentiality=confidential)],
+        ),
+    }
+    with sessions.begin() as session:
+        for message_id, message in answers.items():
+            message.feedback.text = f"reason {message_id}"
+            envelope = envelope_pb2.Envelope(payload=message.SerializeToString())
+            session.execute(
+                MESSAGES.insert().values(
+                    message_id=message_id,
+                    direction="in",
+                    sender="140400/police",
+                    recipients="[]",
+                    family="reply",
+                    body_type="feedback",
+                    confidentiality="internal",
+                    created_at=NOW,
+                    stored_at=NOW,
+                    envelope=envelope.SerializeToString(),
+                    envelope_sha256="",
+                )
+            )
+            session.execute(
+                CASE_EVENTS.insert().values(
+                    case_id="case-1",
+                    peer="140400/police",
+                    event="not_filed",
+                    from_state="received",
+                    to_state="not_filed",
+                    actor="140400/police",
+                    message_id=message_id,
+                    reason=f"reason {message_id}",
+                    at=NOW,
+                )
+            )
+    feed = CaseChangeFeed(BatchWriter(sessions), sessions, ["adapter"], lambda *_: None)
+    reasons = {c.message_id: c.reason for c in feed.changes_after(0)}
+    assert reasons == {"plain": "reason plain", "marked": "", "text-marked": ""}

@@ -161,6 +161,7 @@ def test_a_missed_deadline_with_nobody_to_escalate_to_stays_overdue() -> None:
         "responsible": "140400/ecology",
         "family": "recommendation",
         "title": "检察建议",
+        "confidentiality": "internal",
         "state": "overdue",
         "due_at": due,
         "escalate_at": due + timedelta(days=3),

@@ -86,7 +86,9 @@ def test_a_bare_approval_date_is_read_as_beijing_time(tmp_path: Path) -> None:
     assert draft.body["approved_at"] == "2026-08-02T16:00:00Z"
 
 
-def test_a_quarter_is_shared_once_then_again_when_a_record_changes(tmp_path: Path) -> None:
+def test_a_quarter_is_shared_once_then_again_when_a_record_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api = FakeAPI(tmp_path)
     settings = ecology.settings_of(api)
     for fields in (record(1), record(2, confidentiality="confidential")):
@@ -103,6 +105,17 @@ def test_a_quarter_is_shared_once_then_again_when_a_record_changes(tmp_path: Pat
     ecology.take_record(api, settings, record(1, party="公司1（更正）"))
     [addendum] = ecology.share_quarters(api, settings, AFTER_Q3)
     assert addendum != first and "（补充）" in api.drafts[-1].body["title"]
+    # A record read again unchanged is not shared again; a quarter whose ledger has not grown
+    # since it was last looked at is not even read (each poll looks at every past quarter).
+    ecology.take_record(api, settings, record(2, confidentiality="confidential"))
+    reads: list[str] = []
+    original = ecology.Ledger.records
+    monkeypatch.setattr(
+        ecology.Ledger, "records", lambda self, q: reads.append(q) or original(self, q)
+    )
+    assert ecology.share_quarters(api, settings, AFTER_Q3) == []
+    assert ecology.share_quarters(api, settings, AFTER_Q3) == []
+    assert reads == ["2026-Q3"]
 
 
 @pytest.mark.parametrize(
