@@ -124,6 +124,11 @@ class AdminClient:
         assert isinstance(response, admin_pb2.Item)
         return response
 
+    def retry_hand_off(self, message_id: str) -> admin_pb2.Item:
+        response = self._call("RetryHandOff", admin_pb2.RetryHandOffRequest(message_id=message_id))
+        assert isinstance(response, admin_pb2.Item)
+        return response
+
     def checkpoint(self, size: int = 0) -> audit_pb2.SignedCheckpoint:
         response = self._call("GetCheckpoint", audit_pb2.GetCheckpointRequest(size=size))
         assert isinstance(response, audit_pb2.SignedCheckpoint)

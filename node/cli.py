@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--none", action="store_true", help="remove the member's supervisor")
     fed_supervise.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
     fed_supervise.set_defaults(handler=cmd_federation_supervise)
+    fed_auditor = fed_commands.add_parser(
+        "auditor",
+        help="name or unname a member as an auditor, who may read every member's whole audit log",
+        description="Record in the operator's state whether AGENCY is an auditor: an auditor "
+        "reads every entry of every member's audit log over the Audit service; any other member "
+        "only the entries it is a party to (checkpoints and proofs are open to all). Takes "
+        "effect with the next published registry.",
+    )
+    fed_auditor.add_argument("agency", help="the member, e.g. 140400/discipline")
+    change = fed_auditor.add_mutually_exclusive_group(required=True)
+    change.add_argument("--add", action="store_true", help="name the member an auditor")
+    change.add_argument("--remove", action="store_true", help="the member is no auditor any more")
+    fed_auditor.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
+    fed_auditor.set_defaults(handler=cmd_federation_auditor)
     fed_publish = fed_commands.add_parser("publish", help="sign and write the member registry")
     fed_publish.add_argument("--out", type=Path, required=True, help="registry file to write")
     fed_publish.add_argument("--dir", type=Path, default=Path("."), help="operator directory")
@@ -248,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(show)
     show.set_defaults(handler=cmd_show)
 
+    handoff = commands.add_parser(
+        "handoff", help="hand-offs of inbound messages to the agency's local system"
+    )
+    handoff_commands = handoff.add_subparsers(title="handoff commands", metavar="COMMAND")
+    handoff_retry = handoff_commands.add_parser(
+        "retry",
+        help="offer an inbound message to the local system again, once its hand-off is fixed",
+        description="A hand-off that failed [handoff] max_attempts times is not tried again "
+        "(`liandong inbox` shows 'failed: ...'). Once the cause is fixed (e.g. the drop "
+        "folder is writable again), this offers the message again, attempts counted anew; "
+        "a message still being retried is tried at once.",
+    )
+    handoff_retry.add_argument("message_id")
+    _client_options(handoff_retry)
+    handoff_retry.set_defaults(handler=cmd_handoff_retry)
+
     audit = commands.add_parser(
         "audit", help="the node's audit log: signed checkpoints and proofs for auditors"
     )
@@ -353,6 +383,19 @@ def cmd_federation_supervise(options: argparse.Namespace) -> int:
         print(f"escalations about {member.agency_id} go to {member.supervisor}")
     else:
         print(f"{member.agency_id} has no supervisor in the registry now")
+    print("publish the registry for it to take effect:")
+    print(f"  liandong federation publish --dir {options.dir} --out FILE")
+    return 0
+
+
+def cmd_federation_auditor(options: argparse.Namespace) -> int:
+    from node.pki import set_auditor
+
+    member = _setup(lambda: set_auditor(options.dir, options.agency, options.add))
+    if member.auditor:
+        print(f"{member.agency_id} is an auditor: it may read every member's whole audit log")
+    else:
+        print(f"{member.agency_id} is no auditor: it reads only the audit entries it is a party to")
     print("publish the registry for it to take effect:")
     print(f"  liandong federation publish --dir {options.dir} --out FILE")
     return 0
@@ -525,7 +568,7 @@ def cmd_list(options: argparse.Namespace) -> int:
                 i.body_type,
                 i.sender,
                 marking_label(i.confidentiality, i.field_markings),
-                i.handed_off or "-",
+                _local_system(i),
             ]
             for i in items
         ]
@@ -724,8 +767,37 @@ def cmd_show(options: argparse.Namespace) -> int:
         if d.last_error and d.state != "delivered":
             line += f", last error: {d.last_error}"
         print(line)
-    if item.handed_off:
+    if item.handed_off and item.handoff_error and item.handed_off.startswith("failed: "):
+        print(f"local system failed after {item.handoff_attempts} attempt(s), not retried")
+        print(f"             last error: {item.handoff_error}")
+        print(f"             once fixed: liandong handoff retry {item.message_id}")
+    elif item.handed_off:
         print(f"local system {item.handed_off}")
+    elif item.handoff_attempts:
+        print(
+            f"local system not yet: {item.handoff_attempts} attempt(s) failed, next at "
+            f"{item.handoff_retry_at or 'once due'}"
+        )
+        print(f"             last error: {item.handoff_error}")
+    return 0
+
+
+def _local_system(item: admin_pb2.Item) -> str:
+    """The inbox's "local system" column: the reference, "failed: ...", or a retry."""
+    if item.handed_off:
+        return item.handed_off
+    if item.handoff_attempts:
+        return f"retrying ({item.handoff_attempts} failed): {item.handoff_error[:80]}"
+    return "-"
+
+
+def cmd_handoff_retry(options: argparse.Namespace) -> int:
+    with _client(options) as client:
+        item = client.retry_hand_off(options.message_id)
+    if options.json:
+        print(json.dumps(_item_dict(item), ensure_ascii=False, indent=2))
+    else:
+        print(f"message {item.message_id} from {item.sender}: offered to the local system again")
     return 0
 
 

@@ -37,6 +37,18 @@ class Limits:
     max_envelope_bytes: int = 4 * 1024 * 1024
     max_attachment_bytes: int = 4 * 1024 * 1024 * 1024
     max_recipients: int = 32
+    # What one member may hold open on the peer port at once (node.services.gate): calls
+    # of Exchange and Audit, of which streams, and health/reflection calls apart.
+    peer_calls: int = 64
+    peer_streams: int = 16
+    peer_checks: int = 8
+    # A call's first request must arrive this soon; a stream idle this long is ended.
+    first_message_seconds: float = 30.0
+    stream_idle_seconds: float = 600.0
+    # Unfinished uploads: bytes one member may leave partially uploaded, and for how long
+    # an upload nobody resumes is kept (node.exchange.attachments).
+    max_partial_upload_bytes: int = 16 * 1024 * 1024 * 1024
+    partial_upload_ttl_seconds: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,18 @@ class Delivery:
     concurrency: int = 256
     batch_size: int = 64
     rpc_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """[handoff]: handing inbound messages to the local system (node.exchange.handoff). A
+    failed hand-off is retried after retry_seconds, then twice as long each time up to
+    max_backoff_seconds; after max_attempts failures it is recorded as failed (shown by
+    `liandong inbox` and `show`) until the operator re-offers it (`liandong handoff retry`)."""
+
+    max_attempts: int = 10
+    retry_seconds: float = 5.0
+    max_backoff_seconds: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,7 @@ class NodeConfig:
     database_url: str
     limits: Limits = field(default_factory=Limits)
     delivery: Delivery = field(default_factory=Delivery)
+    handoff: HandOff = field(default_factory=HandOff)
     poll_seconds: float = 1.0
     log_format: str = "auto"
     log_level: str = "info"
@@ -86,6 +111,7 @@ _KNOWN = {
     "storage": {"url"},
     "limits": set(Limits.__dataclass_fields__),
     "delivery": set(Delivery.__dataclass_fields__),
+    "handoff": set(HandOff.__dataclass_fields__),
     "logging": {"format", "level"},
     "audit": {"witness_interval_seconds"},
     "supervision": {"thresholds"},
@@ -155,15 +181,34 @@ def load_config(path: Path) -> NodeConfig:
     delivery = Delivery(
         **{k: reader.number("delivery", k, getattr(Delivery(), k)) for k in _KNOWN["delivery"]}
     )
+    handoff = HandOff(
+        **{k: reader.number("handoff", k, getattr(HandOff(), k)) for k in _KNOWN["handoff"]}
+    )
     for section, key, value in (
         ("delivery", "concurrency", delivery.concurrency),
         ("delivery", "batch_size", delivery.batch_size),
         ("delivery", "rpc_timeout_seconds", delivery.rpc_timeout_seconds),
         ("limits", "max_envelope_bytes", limits.max_envelope_bytes),
         ("limits", "max_recipients", limits.max_recipients),
+        ("handoff", "max_attempts", handoff.max_attempts),
+        ("handoff", "retry_seconds", handoff.retry_seconds),
+        ("handoff", "max_backoff_seconds", handoff.max_backoff_seconds),
+        ("limits", "peer_calls", limits.peer_calls),
+        ("limits", "peer_streams", limits.peer_streams),
+        ("limits", "peer_checks", limits.peer_checks),
+        ("limits", "first_message_seconds", limits.first_message_seconds),
+        ("limits", "stream_idle_seconds", limits.stream_idle_seconds),
+        ("limits", "max_partial_upload_bytes", limits.max_partial_upload_bytes),
+        ("limits", "partial_upload_ttl_seconds", limits.partial_upload_ttl_seconds),
     ):
         if value <= 0:
             raise ConfigError(f"config {path}: key '{section}.{key}' must be at least 1")
+    if limits.max_partial_upload_bytes < limits.max_attachment_bytes:
+        raise ConfigError(
+            f"config {path}: key 'limits.max_partial_upload_bytes' must be at least "
+            f"'limits.max_attachment_bytes' ({limits.max_attachment_bytes}), or no file that "
+            "large could be uploaded"
+        )
     poll_seconds = reader.number("node", "poll_seconds", 1.0)
     if poll_seconds <= 0:
         raise ConfigError(f"config {path}: key 'node.poll_seconds' must be greater than 0")
@@ -183,6 +228,7 @@ def load_config(path: Path) -> NodeConfig:
         database_url=url,
         limits=limits,
         delivery=delivery,
+        handoff=handoff,
         poll_seconds=poll_seconds,
         log_format=log_format,
         log_level=log_level,

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from node import ed25519
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import note
+from node.exchange.errors import shown, shown_list
 from node.identity import SigningKey
 
 MESSAGE_PAYLOAD_TYPE = "application/vnd.liandong.message+protobuf"
@@ -76,32 +77,40 @@ def verify_envelope(
     """Return the key id of a signature that verifies, or raise EnvelopeError.
 
     `public_keys` are the sender's keys from the registry; signatures by other key ids
-    are ignored as DSSE allows, but at least one must be known and valid.
+    are ignored as DSSE allows, but at least one must be known and valid. Each known key is
+    tried once, with the first signature naming it: however many signatures an envelope
+    carries, the work is bounded by the sender's keys (a receiver also caps their number,
+    node.exchange.inbound.MAX_SIGNATURES).
     """
     if envelope.payload_type != payload_type:
         raise EnvelopeError(
-            f"envelope payload type is {envelope.payload_type!r}, expected {payload_type!r}"
+            f"envelope payload type is {shown(envelope.payload_type, 80)}, "
+            f"expected {payload_type!r}"
         )
     if not envelope.signatures:
         raise EnvelopeError("envelope has no signature")
-    message = pae(envelope.payload_type, envelope.payload)
-    known = [s for s in envelope.signatures if s.keyid in public_keys]
-    if not known:
-        ids = ", ".join(repr(s.keyid) for s in envelope.signatures)
-        noun = "key id" if len(envelope.signatures) == 1 else "key ids"
-        which = "which is not a key" if len(envelope.signatures) == 1 else "none of which is a key"
+    first_by_key: dict[str, bytes] = {}
+    for signature in envelope.signatures:
+        if signature.keyid in public_keys:
+            first_by_key.setdefault(signature.keyid, signature.sig)
+    if not first_by_key:
+        ids = [s.keyid for s in envelope.signatures]
+        noun = "key id" if len(ids) == 1 else "key ids"
+        which = "which is not a key" if len(ids) == 1 else "none of which is a key"
         raise EnvelopeError(
-            f"envelope signed with {noun} {ids}, {which} of this sender in the federation registry"
+            f"envelope signed with {noun} {shown_list(ids)}, {which} of this sender in the "
+            "federation registry"
         )
-    for signature in known:
+    message = pae(envelope.payload_type, envelope.payload)
+    for key_id, sig in first_by_key.items():
         try:
-            ed25519.verify(public_keys[signature.keyid], signature.sig, message)
+            ed25519.verify(public_keys[key_id], sig, message)
         except InvalidSignature:
             continue
-        return signature.keyid
-    ids = ", ".join(repr(s.keyid) for s in known)
+        return key_id
+    tried = ", ".join(repr(key_id) for key_id in first_by_key)
     raise EnvelopeError(
-        f"envelope signature does not verify with key {ids} (payload altered or wrong key)"
+        f"envelope signature does not verify with key {tried} (payload altered or wrong key)"
     )
 
 

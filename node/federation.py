@@ -99,6 +99,9 @@ class Member:
     # The agency that escalation notices (督办) about this member go to, e.g. the discipline
     # commission (001 §五); "" when the registry names none.
     supervisor: str = ""
+    # An auditor (the discipline commission, an upper procuratorate) reads every entry of
+    # every member's audit log; any other member only the entries it is a party to.
+    auditor: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,15 @@ class Registry:
     def _members_by_id(self) -> dict[str, Member]:
         # Asked for every message a node receives and an auditor checks.
         return {m.agency_id: m for m in self.members}
+
+    def is_auditor(self, agency_id: str) -> bool:
+        """Whether the registry names ``agency_id`` an auditor: it may read whole audit logs."""
+        member = self.member(agency_id)
+        return member is not None and member.auditor
+
+    @property
+    def auditors(self) -> tuple[str, ...]:
+        return tuple(m.agency_id for m in self.members if m.auditor)
 
     def supervisor_of(self, agency_id: str) -> str:
         """The agency escalations about ``agency_id`` go to, or "" when the registry names none."""
@@ -281,8 +293,9 @@ def _member_json(m: Member) -> dict[str, Any]:
             for k in m.signing_keys
         ],
         "tls_fingerprints": list(m.tls_fingerprints),
-        # Only when set: a registry without supervisors keeps its bytes and older parsers.
+        # Only when set: a registry without supervisors (auditors) keeps its bytes.
         **({"supervisor": m.supervisor} if m.supervisor else {}),
+        **({"auditor": True} if m.auditor else {}),
     }
 
 
@@ -393,7 +406,12 @@ def _member(value: Any, field: str) -> Member:
             raise _Malformed(f"{field}.supervisor", str(exc)) from None
         if supervisor == agency_id:
             raise _Malformed(f"{field}.supervisor", "a member cannot supervise itself")
-    return Member(agency_id, name, endpoint, tuple(keys), tuple(fingerprints), supervisor)
+    auditor = obj.get("auditor", False)
+    if not isinstance(auditor, bool):  # "yes", 1 or null are no answer to whether it audits
+        raise _Malformed(
+            f"{field}.auditor", f"expected true or false, got {json.dumps(auditor)[:60]}"
+        )
+    return Member(agency_id, name, endpoint, tuple(keys), tuple(fingerprints), supervisor, auditor)
 
 
 def _check_log_vkeys(raw: dict[str, Any], member: Member, federation: str, field: str) -> None:

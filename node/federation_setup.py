@@ -76,11 +76,13 @@ def create_federation(
     registry_days: int = 30,
     witness_interval: float = 0.0,
     supervisors: Mapping[str, str] | None = None,
+    auditors: Sequence[str] = (),
 ) -> list[NodeSetup]:
     """Operator + one node directory per agency, each ready for `liandong serve`.
 
     `supervisors` maps an agency to the member its escalations go to, in the registry (as
-    `liandong federation supervise` records it).
+    `liandong federation supervise` records it); `auditors` are the members the registry
+    names auditors (`liandong federation auditor`).
 
     Witnessing is off unless `witness_interval` is given: its rounds write the peers' audit
     logs (each query is logged), which tests and benchmarks that count entries do not want.
@@ -106,6 +108,8 @@ def create_federation(
         nodes.append(NodeSetup(agency, directory, endpoint))
     for agency, supervisor in (supervisors or {}).items():
         pki.set_supervisor(operator, agency, supervisor)
+    for agency in auditors:
+        pki.set_auditor(operator, agency, True)
     publish_registry(workdir, nodes, valid_days=registry_days)
     return nodes
 

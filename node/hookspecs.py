@@ -194,10 +194,12 @@ def liandong_hand_off(item: InboundItem, api: NodeAPI) -> str | None:
     :param api: the node API.
     :return: a reference to where the item went (e.g. the file written, a row id) once it is
         handed off — the node records it in the audit trail and stops asking; ``None`` when
-        the item is not this plugin's to take. Raising means "not now": the node retries later
-        — except :class:`~node.plugin_api.HandOffWithheld` ("never": e.g. an item marked
-        above the local system's clearance), which the node records and audits as withheld
-        and does not offer again.
+        the item is not this plugin's to take. Raising means "not now": the node retries later,
+        backing off, up to ``[handoff] max_attempts`` times; then it records the hand-off as
+        failed (audited, shown in ``liandong inbox``) until an operator re-offers it with
+        ``liandong handoff retry`` — except :class:`~node.plugin_api.HandOffWithheld`
+        ("never": e.g. an item marked above the local system's clearance), which the node
+        records and audits as withheld and does not offer again.
     """
 
 

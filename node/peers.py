@@ -19,6 +19,7 @@ from node._pb.liandong.v1 import (
 )
 from node.exchange.attachments import CHUNK_SIZE
 from node.exchange.delivery import Answer, TransportError
+from node.exchange.errors import shown
 from node.federation import Member
 
 RPC_FOR_FAMILY = {
@@ -29,6 +30,11 @@ RPC_FOR_FAMILY = {
     "recommendation": "IssueRecommendation",
     "reply": "Reply",
 }
+
+# A Deliver stream unused this long is closed, and a new one opened when there is something
+# to send: well before a receiver ends it as idle ([limits] stream_idle_seconds, 600 s by
+# default), so a batch is never sent on a stream the receiver is about to end.
+STREAM_REUSE_SECONDS = 300.0
 
 CHANNEL_OPTIONS = [
     # The receiver enforces the size limits, with a precise refusal; the client does not.
@@ -54,6 +60,13 @@ class DeliveryStream:
         self._seq = itertools.count(1)
         self._call = stub.Deliver(self._outgoing())
         self._reader = asyncio.create_task(self._read())
+        self.last_used = asyncio.get_running_loop().time()
+
+    @property
+    def stale(self) -> bool:
+        """Broken, or unused long enough that the receiver may be about to end it."""
+        idle = asyncio.get_running_loop().time() - self.last_used
+        return self.broken is not None or (not self._pending and idle > STREAM_REUSE_SECONDS)
 
     async def _outgoing(self) -> AsyncIterator[exchange_pb2.DeliveryBatch]:
         while (batch := await self._requests.get()) is not None:
@@ -85,6 +98,7 @@ class DeliveryStream:
         """Send one batch; per envelope, the receipt (and proof) or the peer's refusal."""
         if self.broken is not None:
             raise self.broken
+        self.last_used = asyncio.get_running_loop().time()
         batch = exchange_pb2.DeliveryBatch()
         seqs = [next(self._seq) for _ in envelopes]
         for seq, envelope in zip(seqs, envelopes, strict=True):
@@ -111,7 +125,8 @@ class DeliveryStream:
         if result.code != grpc.StatusCode.OK.value[0]:
             name = next((c.name for c in grpc.StatusCode if c.value[0] == result.code), "UNKNOWN")
             return TransportError(
-                f"{self.member.agency_id} at {self.member.endpoint}: {name}: {result.message}"
+                f"{self.member.agency_id} at {self.member.endpoint}: {name}: "
+                f"{shown(result.message)}"
             )
         return Answer(result.receipt, result.receiver_proof)
 
@@ -158,7 +173,7 @@ class GrpcPeerTransport:
             return []
         if member.endpoint not in self._unary_only:
             stream = self._streams.get(member.endpoint)
-            if stream is None or stream.broken is not None:
+            if stream is None or stream.stale:
                 if stream is not None:
                     await stream.close()
                 stream = DeliveryStream(self._stub(member), member)
@@ -222,6 +237,8 @@ class GrpcPeerTransport:
     async def attachment_held(
         self, member: Member, envelope: envelope_pb2.Envelope, sha256: bytes
     ) -> tuple[int, bool]:
+        """The peer's QueryAttachment answer: (bytes it says it holds, complete). Its word
+        only: the caller checks it against the file before resuming from it."""
         query = exchange_pb2.AttachmentQuery(envelope=envelope, sha256=sha256)
         try:
             status = await self._stub(member).QueryAttachment(query, timeout=self.timeout)
@@ -237,20 +254,56 @@ class GrpcPeerTransport:
         offset: int,
         source: BinaryIO,
     ) -> bool:
-        async def chunks() -> AsyncIterator[exchange_pb2.AttachmentChunk]:
-            yield exchange_pb2.AttachmentChunk(
-                envelope=envelope, sha256=sha256, offset=offset, data=source.read(CHUNK_SIZE)
-            )
-            while data := source.read(CHUNK_SIZE):
-                yield exchange_pb2.AttachmentChunk(data=data)
+        """Send `source` from byte `offset` to its end; True when the peer says the file is
+        complete. No overall deadline (a large file may take long), but the upload is given up
+        when the peer takes no data for the RPC timeout, or gives no answer that long after the
+        last chunk (plus time to re-read, or sync, the bytes it holds at 20 MiB/s): a receiver
+        that stalls must not hold a delivery slot for ever. It keeps what arrived, and the next
+        attempt resumes from there."""
+        disk_rate = 20 * 1024 * 1024  # bytes/s a receiver is given to re-hash or sync its copy
+        loop = asyncio.get_running_loop()
+        # The first chunk waits while the receiver re-hashes the `offset` bytes it holds.
+        deadline = loop.time() + self.timeout + offset / disk_rate
+        source.seek(offset)  # exactly the bytes from `offset` on, whatever was read before
 
+        async def chunks() -> AsyncIterator[exchange_pb2.AttachmentChunk]:
+            nonlocal deadline
+            sent = 0
+            data = source.read(CHUNK_SIZE)
+            yield exchange_pb2.AttachmentChunk(
+                envelope=envelope, sha256=sha256, offset=offset, data=data
+            )
+            while True:
+                sent += len(data)
+                deadline = loop.time() + self.timeout  # the chunk before was taken
+                if not (data := source.read(CHUNK_SIZE)):
+                    break
+                yield exchange_pb2.AttachmentChunk(data=data)
+            deadline += sent / disk_rate  # the receiver syncs what came
+
+        call = self._stub(member).UploadAttachment(chunks())
+        answer: asyncio.Future[exchange_pb2.AttachmentStatus] = asyncio.ensure_future(call)
         try:
-            # No overall deadline: a large file may take long; progress is kept for resume.
-            status = await self._stub(member).UploadAttachment(chunks())
+            while not answer.done():
+                if loop.time() >= deadline:
+                    raise TransportError(
+                        f"{member.agency_id} at {member.endpoint}: the upload of attachment "
+                        f"{sha256.hex()[:16]}… made no progress for {self.timeout:g} s; given "
+                        "up, to resume at the next attempt"
+                    )
+                await asyncio.wait({answer}, timeout=deadline - loop.time())
+            status = answer.result()
         except grpc.aio.AioRpcError as error:
             raise TransportError(_describe(member, error)) from None
+        finally:
+            if not answer.done():
+                call.cancel()
+                answer.cancel()
         return bool(status.complete)
 
 
 def _describe(member: Member, error: grpc.aio.AioRpcError) -> str:
-    return f"{member.agency_id} at {member.endpoint}: {error.code().name}: {error.details()}"
+    # The peer's own words, quoted and cut: a hostile peer's 3 MiB status message must not
+    # reach the log and the outbox's last_error whole.
+    details = shown(error.details() or "")
+    return f"{member.agency_id} at {member.endpoint}: {error.code().name}: {details}"

@@ -412,14 +412,17 @@ def add_member(
         signing_keys = (*closed, MemberKey(key_id, public, when, None))
     # Only the newest TLS certificate is listed: the old TLS key is being replaced, and
     # unlike a signing key it has no past messages that need to stay verifiable.
-    member = Member(
-        agency_id,
-        req["name"],
-        req["endpoint"],
-        signing_keys,
-        (certificate_fingerprint(der),),
-        previous.supervisor if previous is not None else "",
-    )
+    fingerprints = (certificate_fingerprint(der),)
+    if previous is None:
+        member = Member(agency_id, req["name"], req["endpoint"], signing_keys, fingerprints)
+    else:  # what the operator set for the member (supervisor, auditor) stays
+        member = replace(
+            previous,
+            name=req["name"],
+            endpoint=req["endpoint"],
+            signing_keys=signing_keys,
+            tls_fingerprints=fingerprints,
+        )
     members = [m for m in members if m.agency_id != agency_id] + [member]
     members.sort(key=lambda m: m.agency_id)
     state["members"] = [member_to_json(m) for m in members]
@@ -448,6 +451,24 @@ def set_supervisor(federation_dir: Path, agency_id: str, supervisor: str) -> Mem
     updated = [
         replace(m, supervisor=supervisor) if m.agency_id == agency_id else m for m in members
     ]
+    state["members"] = [member_to_json(m) for m in updated]
+    _save_state(federation_dir, state)
+    return next(m for m in updated if m.agency_id == agency_id)
+
+
+def set_auditor(federation_dir: Path, agency_id: str, auditor: bool) -> Member:
+    """Record whether the member ``agency_id`` is an auditor (it may read every entry of
+    every member's audit log); the next published registry carries it."""
+    federation_dir = Path(federation_dir)
+    state = _load_state(federation_dir)
+    members = _state_members(federation_dir, state)
+    known = {m.agency_id for m in members}
+    if agency_id not in known:
+        raise SetupError(
+            f"{agency_id!r} is not a member of the federation (members: "
+            f"{', '.join(sorted(known))}); only a member can be an auditor: add it first"
+        )
+    updated = [replace(m, auditor=auditor) if m.agency_id == agency_id else m for m in members]
     state["members"] = [member_to_json(m) for m in updated]
     _save_state(federation_dir, state)
     return next(m for m in updated if m.agency_id == agency_id)

@@ -69,6 +69,7 @@ from node.store.writer import Batch, BatchWriter
 log = structlog.get_logger(__name__)
 REGISTRY_SERIAL_KEY = "registry_serial"
 HEALTH_INTERVAL_SECONDS = 5.0
+PARTIAL_SWEEP_SECONDS = 3600.0
 # Health service that says whether every peer has shown this node one consistent history.
 WITNESS_HEALTH = "liandong.v1.Witness"
 
@@ -359,10 +360,20 @@ class Node:
             self.ca_cert, self.tls_key, self.tls_cert, self.config.delivery.rpc_timeout_seconds
         )
         self.handoff = HandOffWorker(
-            self.config.agency, self.writer, self.sessions, self.blobs, self._hand_off
+            self.config.agency,
+            self.writer,
+            self.sessions,
+            self.blobs,
+            self._hand_off,
+            self.config.handoff,
         )
         self.receiver = Receiver(
-            self.context, self.writer, self.blobs, self.handoff.offer, self._proof_for
+            self.context,
+            self.writer,
+            self.sessions,
+            self.blobs,
+            self.handoff.offer,
+            self._proof_for,
         )
         self.delivery = DeliveryWorker(
             self.context,
@@ -388,7 +399,7 @@ class Node:
             AuditServicer(self.audit_log),
             self.health,
             self.config.listen,
-            max_envelope_bytes=self.config.limits.max_envelope_bytes,
+            limits=self.config.limits,
             ca_pem=self.ca_cert,
             key_pem=self.tls_key,
             cert_pem=self.tls_cert,
@@ -404,6 +415,7 @@ class Node:
             self.audit_log,
             self._log_identity,
             self.writer,
+            self.handoff.poll,
         )
         self.admin_server = build_admin_server(
             self.admin_servicer,
@@ -449,6 +461,7 @@ class Node:
             loop.create_task(self._poll()),
             loop.create_task(self._watch()),
             loop.create_task(self._notify_confirmations()),
+            loop.create_task(self._expire_partial_uploads()),
         ]
         await asyncio.to_thread(self.hooks.node_started, self.api)
         log.info(
@@ -604,6 +617,19 @@ class Node:
             except Exception as error:  # a plugin's failure must not stop the node
                 log.error("poll_local_system hook failed", error=str(error))
             await asyncio.sleep(self.config.poll_seconds)
+
+    async def _expire_partial_uploads(self) -> None:
+        """Unfinished uploads nobody resumes are deleted after `[limits]
+        partial_upload_ttl_seconds`: a peer must not fill the disk with halves of files."""
+        ttl = self.config.limits.partial_upload_ttl_seconds
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.blobs.expire_partials, ttl)
+                if removed:
+                    log.info("unfinished uploads expired", files=removed, ttl_seconds=ttl)
+            except OSError as error:
+                log.error("expiring unfinished uploads failed", error=str(error))
+            await asyncio.sleep(min(max(ttl / 4, 1.0), PARTIAL_SWEEP_SECONDS))
 
     async def _watch(self) -> None:
         while True:

@@ -9,6 +9,8 @@ reached from the network.
 
 from __future__ import annotations
 
+from functools import partial
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -21,12 +23,23 @@ from node._pb.liandong.v1 import (
     exchange_pb2,
     exchange_pb2_grpc,
 )
+from node.audit.service import AuditLog
+from node.config import Limits
+from node.exchange.errors import ExchangeError
+from node.exchange.inbound import PeerIdentity, Receiver
 from node.services.admin import LocalAdminServicer
 from node.services.audit import AuditServicer
 from node.services.exchange import ExchangeServicer
+from node.services.gate import PeerGate
 
 UNIX_SOCKET_PATH_MAX = 107
-MAX_PEER_RPCS = 512
+# A last resort only: the gate bounds each caller's share, refusing at once what is over it,
+# so this is reached only if hundreds of members each held their whole share.
+MAX_PEER_RPCS = 4096
+# HTTP/2 streams one connection may open; above one member's whole share (calls + checks).
+MAX_STREAMS_PER_CONNECTION = 128
+EXCHANGE_SERVICE = exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name
 MIN_MESSAGE_BYTES = 8 * 1024 * 1024  # an attachment chunk (1 MiB) must always fit
 
 
@@ -42,6 +55,35 @@ def server_options(max_envelope_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+async def record_refusal(
+    receiver: Receiver, audit_log: AuditLog, method: str, peer: PeerIdentity, error: ExchangeError
+) -> None:
+    """The audit entry of a refusal at the gate: an Audit service call is an `audit_query`
+    like every call to that service (docs/protocol.md 12.2), any other a `rejected`."""
+    service, _, name = method.strip("/").partition("/")
+    if service == AUDIT_SERVICE:
+        await audit_log.record_query(peer.agency_id, f"{name} refused: {error.message}")
+        error.audited = True
+    else:
+        await receiver.record_rejections([(None, error)], peer)
+
+
+def peer_gate(exchange: ExchangeServicer, audit: AuditServicer, limits: Limits) -> PeerGate:
+    def audit_admission(peer: PeerIdentity) -> None:
+        audit.log.authorize(peer.agency_id, peer.certificate_sha256)
+
+    return PeerGate(
+        limits,
+        admissions={
+            EXCHANGE_SERVICE: exchange.receiver.admit,
+            AUDIT_SERVICE: audit_admission,
+        },
+        is_member=exchange.receiver.is_member,
+        record_refusal=partial(record_refusal, exchange.receiver, audit.log),
+        tolerant=frozenset({f"/{EXCHANGE_SERVICE}/Deliver"}),
+    )
+
+
 class ServerBuildError(Exception):
     pass
 
@@ -52,14 +94,18 @@ def build_peer_server(
     health_servicer: health.aio.HealthServicer,
     listen: str,
     *,
-    max_envelope_bytes: int,
+    limits: Limits,
     ca_pem: bytes,
     key_pem: bytes,
     cert_pem: bytes,
 ) -> grpc.aio.Server:
-    # Bounds what peers together can hold open (each stream is bounded by its window).
     server = grpc.aio.server(
-        options=server_options(max_envelope_bytes), maximum_concurrent_rpcs=MAX_PEER_RPCS
+        interceptors=[peer_gate(exchange, audit, limits)],
+        options=[
+            *server_options(limits.max_envelope_bytes),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ],
+        maximum_concurrent_rpcs=MAX_PEER_RPCS,
     )
     exchange_pb2_grpc.add_ExchangeServicer_to_server(exchange, server)
     audit_pb2_grpc.add_AuditServicer_to_server(audit, server)

@@ -107,15 +107,28 @@ def _rfc3339(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+# UTF-8 bytes of a name safe_file_name gives: with the "-N" a second file of the same name
+# gets and the temporary name written beside it (".NAME.PID.N.tmp"), well within the 255
+# bytes of a file name on common file systems. The protocol allows 200 (docs/protocol.md 5).
+MAX_NAME_BYTES = 200
+
+
 def safe_file_name(name: str, fallback: str = "file") -> str:
-    """A name that stays inside its folder: no separators, no ``..``, no leading dot.
+    """A name that stays inside its folder: no separators, no ``..``, no leading dot, at
+    most MAX_NAME_BYTES bytes (cut in the stem, the extension kept).
 
     Inbound attachment names come from another agency; a name like ``../../etc/cron.d/x``
-    must not write outside the message's folder.
+    must not write outside the message's folder, nor one too long fail every write.
     """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(ch for ch in base if ch.isprintable())
     base = _UNSAFE_CHARS.sub("_", base).lstrip(".")
+    if len(base.encode("utf-8")) > MAX_NAME_BYTES:
+        stem, suffix = os.path.splitext(base)
+        if len(suffix.encode("utf-8")) > 16:  # not an extension worth keeping
+            stem, suffix = base, ""
+        room = MAX_NAME_BYTES - len(suffix.encode("utf-8"))
+        base = stem.encode("utf-8")[:room].decode("utf-8", "ignore") + suffix
     return base or fallback
 
 

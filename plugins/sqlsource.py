@@ -307,11 +307,14 @@ class SqlSource:
         try:
             for row in rows:
                 key = row[names.index(self.query.key)]
-                if not isinstance(key, int | str | date | float | Decimal):
+                if not isinstance(key, int | str | date | float | Decimal) or (
+                    isinstance(key, float | Decimal) and not math.isfinite(key)
+                ):
                     # The cursor cannot pass it: stop the source, it is the config's fault.
                     raise SqlConfigError(
                         f"{self.query.where} key: column {self.query.key!r} holds "
-                        f"{type(key).__name__}; the cursor needs a number, text or time"
+                        f"{type(key).__name__} {key!s:.40}; the cursor needs a finite number, "
+                        "text or time"
                     )
                 key = _plain(key)
                 try:

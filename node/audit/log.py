@@ -29,11 +29,15 @@ ENTRY_VERSION = 1
 class AuditEvent(StrEnum):
     SENT = "sent"
     RECEIPT_RECEIVED = "receipt_received"
+    # A peer's answer to a delivery refused: a receipt or receiver's proof that does not hold,
+    # an upload offset beyond the file (node.exchange.delivery); the delivery stays pending.
+    ANSWER_REFUSED = "answer_refused"
     RECEIVED = "received"
     REJECTED = "rejected"
     ATTACHMENT_STORED = "attachment_stored"
     HANDED_OFF = "handed_off"
     HAND_OFF_WITHHELD = "hand_off_withheld"  # a plugin refused the item (e.g. not cleared)
+    HAND_OFF_FAILED = "hand_off_failed"  # every attempt failed: no more until re-offered
     INBOUND_DECLINED = "inbound_declined"  # declined on arrival, not handed off
     REGISTRY_ACCEPTED = "registry_accepted"
     AUDIT_QUERY = "audit_query"  # a member read this log (Audit service), or was refused

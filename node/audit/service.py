@@ -4,6 +4,11 @@ Served to federation members over mutual TLS (node.services.audit) and to the no
 operators over the local admin API. Every answer is derived from the stored tree
 (node.audit.tree) and the checkpoints the sequencer signed; nothing is recomputed from
 scratch. Members' queries are themselves written to the log.
+
+Least exposure (docs/protocol.md section 12.2): checkpoints, consistency and inclusion
+proofs are open to every member; an entry's bytes go to the node's own operator, to the
+members the registry names auditors, and to a member that is a party to the entry, which
+no other member is.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import orjson
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,6 +39,39 @@ from node.store.writer import Batch, BatchWriter
 
 MAX_ENTRIES = 1000  # entries per GetEntries answer
 FIRST_EVENT_OF_A_MESSAGE = (AuditEvent.RECEIVED, AuditEvent.SENT)
+# What the node did with a message in its own agency's system (the drop folder's file path,
+# a plugin's reason for withholding or declining it, why the hand-off failed): not part of
+# the exchange, so served to auditors only, not to the message's sender. (They name no peer
+# either; this holds should one ever be added.)
+LOCAL_EVENTS = frozenset(
+    str(e)
+    for e in (
+        AuditEvent.HANDED_OFF,
+        AuditEvent.HAND_OFF_WITHHELD,
+        AuditEvent.HAND_OFF_FAILED,
+        AuditEvent.INBOUND_DECLINED,
+    )
+)
+
+
+def is_party(reader: str, entry: bytes) -> bool:
+    """Whether the member `reader` is a party to an entry: the entry names it as its `peer`
+    (a `sent` entry names every recipient there, comma-separated; agency ids hold no comma).
+
+    Every entry about another agency names it so: the sender of what was received, refused or
+    stored, the recipients of what was sent, the peer of a receipt, a case, a deadline, an
+    audit query or a split view. An entry naming a message does not make each of the
+    message's recipients a party: a co-recipient is no party to another recipient's receipt,
+    case or deadline. Entries of the agency's own system (LOCAL_EVENTS) have no party.
+    """
+    try:
+        fields = orjson.loads(entry)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(fields, dict) or fields.get("event") in LOCAL_EVENTS:
+        return False
+    peer = fields.get("peer")
+    return isinstance(peer, str) and reader in peer.split(",")
 
 
 def _in_range(value: int, field: str) -> None:
@@ -66,19 +105,31 @@ class AuditLog:
             return self._checkpoint(session, size)
 
     def prove_inclusion(
-        self, *, index: int | None = None, message_id: str = "", size: int = 0
+        self,
+        *,
+        reader: str | None,
+        index: int | None = None,
+        message_id: str = "",
+        size: int = 0,
     ) -> LogProof:
         """A tlog-proof of one entry against a signed checkpoint: the one of `size`, or by
         default the latest that witnesses cosigned and covers the entry, else the latest.
 
         By message id, the entry is the first the node wrote about it: "received" on the
         receiving node, "sent" on the sender.
+
+        `reader` is the member asking (None: the node's own operator). The proof is open to
+        every member; the entry itself only to a reader that may see it (_sees_all,
+        is_party), else the proof comes without it. A member that is not a party asking by
+        message id is told there is no such message of its, exactly as for an unknown one:
+        whether this node exchanged a message is itself not its business.
         """
         _in_range(size, "size")
         _in_range(index or 0, "index")
+        sees_all = self._sees_all(reader)
         with self.sessions() as session:
             if message_id:
-                index = self._index_of(session, message_id)
+                index = self._index_of(session, message_id, None if sees_all else reader)
             if index is None:
                 raise ExchangeError(Reason.INVALID, "give an entry index or a message id")
             checkpoint = self._checkpoint(session, size or self._cosigned_size(session, index))
@@ -94,7 +145,10 @@ class AuditLog:
                 select(AUDIT_ENTRIES.c.entry).where(AUDIT_ENTRIES.c.idx == index)
             )
             self._check_root(checkpoint, tree)
-            return LogProof(index, tuple(hashes), checkpoint.note, bytes(entry or b""))
+            shown = bytes(entry or b"")
+            if not sees_all and not is_party(str(reader), shown):
+                return LogProof(index, tuple(hashes), checkpoint.note, None)
+            return LogProof(index, tuple(hashes), checkpoint.note, shown)
 
     def prove_consistency(self, old_size: int, new_size: int) -> list[bytes]:
         _in_range(old_size, "old_size")
@@ -111,9 +165,16 @@ class AuditLog:
             except ProofError as error:
                 raise ExchangeError(Reason.INVALID, str(error)) from None
 
-    def entries(self, start: int, limit: int) -> list[bytes]:
+    def entries(self, start: int, limit: int, *, reader: str | None) -> list[bytes]:
+        """The entries from `start` in index order, at most `limit` (at most MAX_ENTRIES).
+
+        `reader` is the member asking (None: the node's own operator). At each position where
+        it may not see the entry (_sees_all, is_party) it gets empty bytes, which no entry is: the
+        answer's positions stay the log's indices.
+        """
         _in_range(start, "start")
         limit = min(max(limit, 1), MAX_ENTRIES)
+        sees_all = self._sees_all(reader)
         with self.sessions() as session:
             rows = session.scalars(
                 select(AUDIT_ENTRIES.c.entry)
@@ -121,7 +182,17 @@ class AuditLog:
                 .order_by(AUDIT_ENTRIES.c.idx)
                 .limit(limit)
             )
-            return [bytes(row) for row in rows]
+            entries = [bytes(row) for row in rows]
+        if sees_all:
+            return entries
+        return [entry if is_party(str(reader), entry) else b"" for entry in entries]
+
+    def _sees_all(self, reader: str | None) -> bool:
+        """The node's own operator (None) and the registry's auditors see every entry; any
+        other member only those it is a party to (is_party)."""
+        if reader is None:
+            return True
+        return self.context.usable_registry(datetime.now(UTC)).is_auditor(reader)
 
     def _cosigned_size(self, session: Session, index: int) -> int:
         """The latest cosigned checkpoint covering entry `index`, or 0 (then: the latest)."""
@@ -161,21 +232,29 @@ class AuditLog:
                 "the node's operator must check its database",
             )
 
-    def _index_of(self, session: Session, message_id: str) -> int:
-        index = session.scalar(
-            select(AUDIT_ENTRIES.c.idx)
+    def _index_of(self, session: Session, message_id: str, party: str | None) -> int:
+        """The index of the first entry about a message; with `party`, only if that member
+        is a party to it (else, as for an unknown message, NOT_FOUND)."""
+        row = session.execute(
+            select(AUDIT_ENTRIES.c.idx, AUDIT_ENTRIES.c.entry)
             .where(
                 AUDIT_ENTRIES.c.message_id == message_id,
                 AUDIT_ENTRIES.c.event.in_([str(e) for e in FIRST_EVENT_OF_A_MESSAGE]),
             )
             .order_by(AUDIT_ENTRIES.c.idx)
             .limit(1)
-        )
-        if index is None:
+        ).first()
+        if party is not None and (row is None or not is_party(party, bytes(row.entry))):
+            raise ExchangeError(
+                Reason.NOT_FOUND,
+                f"no message {message_id} that {party} is a party to was sent or received by "
+                "this node",
+            )
+        if row is None:
             raise ExchangeError(
                 Reason.NOT_FOUND, f"no message {message_id} was sent or received by this node"
             )
-        return int(index)
+        return int(row.idx)
 
     # -- members' calls ---------------------------------------------------------------------
 
@@ -190,8 +269,9 @@ class AuditLog:
                 f"serial {registry.serial}; only members may read this node's audit log",
             )
 
-    async def add_cosignature(self, witness: str, size: int, line: bytes) -> None:
-        """Store a witness's tlog-cosignature/v1 of this node's checkpoint of `size`."""
+    def check_cosignature(self, witness: str, size: int, line: bytes) -> bytes:
+        """A witness's tlog-cosignature/v1 line of this node's checkpoint of `size`, checked;
+        the line to store. Run it off the event loop (it reads and verifies)."""
         _in_range(size, "size")
         now = datetime.now(UTC)
         registry = self.context.usable_registry(now)
@@ -220,7 +300,11 @@ class AuditLog:
                 f"cosignature timestamp {timestamp} is more than {skew:g} s ahead of this "
                 "node's clock; check the witness's clock (NTP)",
             )
-        stored = line.rstrip(b"\n") + b"\n"
+        return line.rstrip(b"\n") + b"\n"
+
+    async def store_cosignature(self, witness: str, size: int, line: bytes) -> None:
+        """Keep a checked cosignature (the first one a witness gave for a size)."""
+        now = datetime.now(UTC)
 
         def write(batch: Batch) -> None:
             held = batch.session.scalar(
@@ -231,7 +315,7 @@ class AuditLog:
             if held is None:
                 batch.insert(
                     COSIGNATURES,
-                    {"size": size, "witness": witness, "line": stored, "received_at": now},
+                    {"size": size, "witness": witness, "line": line, "received_at": now},
                 )
 
         await self.writer.run(write)

@@ -5,10 +5,12 @@ reported, for the auditor to compare with the one published); every checkpoint's
 the agency's registered key, and every witness's cosignature on it; the tree recomputed from
 the entries against every checkpoint (which also shows that each checkpoint extends the
 previous one); every message envelope's signature by its sender's key valid at its creation
-time; every receipt's signature and what it names; every receiver's proof that it logged a
-message. Across bundles: every message one agency sent another that the other's bundle covers
-was received with the same envelope digest, at the log index the receipt names, under the
-same receipt — and every message present on one side only is listed.
+time; every receipt's signature, by a key valid at its received_at, and what it names (the
+envelope, the sender: for a sent message this agency, the receiver: its signer); every
+receiver's proof that it logged a message, at the index its receipt names. Across bundles:
+every message one agency sent another that the other's bundle covers was received with the
+same envelope digest, at the log index the receipt names, under the same receipt — and every
+message present on one side only is listed.
 
 Signatures dominate the cost, so they are checked in worker processes (one per core) while
 this process recomputes the tree. A signed blob that two bundles share (the envelope and the
@@ -69,6 +71,7 @@ TASKS_IN_FLIGHT_PER_WORKER = 4
 RECEIVED_MARK = b'"event":"received"'
 # Allocations between collections of the youngest generation (CPython's default: 700).
 GC_THRESHOLD = 100_000
+_LATEST_SECONDS = 253402300799  # 9999-12-31T23:59:59Z: a receipt time beyond is none
 
 
 @dataclass(frozen=True)
@@ -392,11 +395,14 @@ def _check_message(
                 )
         except EnvelopeError as error:
             checked.problems.append((f"{label}: envelope signature: {error}", None))
+    # A sent message's receipts name this agency as sender; a received one's, the envelope's.
+    sender = agency if message.direction == "out" else body.sender
     for signer, raw in message.receipts.items():
         try:
             receipt_envelope = envelope_pb2.Envelope.FromString(raw)
+            signed_by = None  # None: the signature is checked under another bundle, with the time
             if signer in item.check_receipts:
-                verify_envelope(
+                signed_by = verify_envelope(
                     receipt_envelope, RECEIPT_PAYLOAD_TYPE, registry.public_keys(signer)
                 )
                 checked.signatures += 1
@@ -412,6 +418,9 @@ def _check_message(
                 (f"{label}: the receipt from {signer} names another envelope", None)
             )
             continue
+        wrong = _receipt_problem(registry, receipt, signer, sender, signed_by)
+        if wrong:
+            checked.problems.append((f"{label}: the receipt from {signer} {wrong}", None))
         receipt_sha256 = hashlib.sha256(raw).digest()
         if message.direction == "out":
             checked.sent.append(
@@ -445,11 +454,41 @@ def _check_message(
             checked.received.append(
                 (
                     (message.message_id, agency),
-                    _Received(
-                        bundle_name, digest, receipt_sha256, receipt.log_index, receipt.sender
-                    ),
+                    _Received(bundle_name, digest, receipt_sha256, receipt.log_index, sender),
                 )
             )
+    if message.direction == "out" and len(message.proofs) > len(message.receipts):
+        for signer in sorted(message.proofs.keys() - message.receipts.keys()):
+            checked.problems.append(
+                (f"{label}: a proof of receipt from {signer}, no receipt", None)
+            )
+
+
+def _receipt_problem(
+    registry: KeyHistory,
+    receipt: envelope_pb2.Receipt,
+    signer: str,
+    sender: str,
+    key_id: str | None,
+) -> str:
+    """What is wrong with a receipt that names the right envelope (protocol.md section 6.1):
+    it names another sender or receiver, or it has no time at which the key that signed it
+    (`key_id`; None: checked under another bundle) was valid. "" when nothing is."""
+    if receipt.sender != sender:
+        return f"names sender '{receipt.sender}', not {sender}"
+    if receipt.receiver != signer:
+        return f"names receiver '{receipt.receiver}'"
+    if key_id is None:
+        return ""
+    stamp = receipt.received_at
+    if not receipt.HasField("received_at"):
+        return "has no received_at"
+    if not (0 <= stamp.seconds <= _LATEST_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        return f"has received_at {stamp.seconds} s {stamp.nanos} ns, no valid time"
+    received = datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=stamp.nanos // 1000)
+    if not registry.key_valid_at(signer, key_id, received):
+        return f"is signed with a key of {signer} not valid at its received_at {received}"
+    return ""
 
 
 # -- this process: reading bundles, the tree, the cross-check -------------------------------

@@ -1,7 +1,9 @@
 """Content-addressed attachment store with resumable, verified uploads.
 
-Files live in ``blobs/<sha256 hex>`` once verified; an upload in progress lives in
-``blobs/partial/<sha256 hex>`` so a broken transfer resumes where it stopped.
+Files live in ``blobs/<sha256 hex>`` once verified. An upload in progress lives in
+``blobs/partial/<sender>/<sha256 hex>``: each sender resumes only its own bytes, and a
+file another agency uploaded is never offered to a sender as already held (which sender
+may cite which file is recorded in the database: node.exchange.inbound).
 Nothing is ever held whole in memory: data moves in chunks of at most 1 MiB.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,17 +20,27 @@ from node.exchange.errors import ExchangeError, Reason
 CHUNK_SIZE = 1024 * 1024
 
 
+def sender_folder(agency_id: str) -> str:
+    """An agency id as one folder name: ``140400/police`` -> ``140400+police`` (ids never
+    hold a ``+``, so the mapping cannot collide)."""
+    return agency_id.replace("/", "+")
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.partial_dir = root / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        # Digests with an upload stream open: two streams appending to one partial file would
-        # interleave their bytes, so a second stream for the same digest is refused.
-        self.uploading: set[str] = set()
+        # (sender, digest) with an upload stream open: two streams appending to one partial
+        # file would interleave their bytes, so a second stream for it is refused. Released
+        # by Upload.abort on every path, cancellation included (node.exchange.inbound).
+        self.uploading: set[tuple[str, str]] = set()
 
     def path_for(self, sha256_hex: str) -> Path:
         return self.root / sha256_hex
+
+    def partial_path(self, sender: str, sha256_hex: str) -> Path:
+        return self.partial_dir / sender_folder(sender) / sha256_hex
 
     def read(self, sha256_hex: str) -> bytes:
         """A stored blob whole (for small files: shared data, not evidence videos)."""
@@ -36,12 +49,45 @@ class BlobStore:
     def has(self, sha256_hex: str) -> bool:
         return self.path_for(sha256_hex).exists()
 
-    def held(self, sha256_hex: str) -> int:
-        """Bytes held for an upload in progress (0 when none, the size when complete)."""
-        if self.has(sha256_hex):
-            return self.path_for(sha256_hex).stat().st_size
-        partial = self.partial_dir / sha256_hex
-        return partial.stat().st_size if partial.exists() else 0
+    def held_by(self, sender: str, sha256_hex: str) -> int:
+        """Bytes `sender` has uploaded so far of an upload it has not finished."""
+        try:
+            return self.partial_path(sender, sha256_hex).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def partial_bytes(self, sender: str, *, besides: str = "") -> int:
+        """Bytes of `sender`'s unfinished uploads, other than the one of digest `besides`."""
+        folder = self.partial_dir / sender_folder(sender)
+        total = 0
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.name != besides:
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+        return total
+
+    def expire_partials(self, ttl_seconds: float) -> int:
+        """Delete unfinished uploads nobody has written to for `ttl_seconds`; their count.
+
+        Call in a worker thread. Uploads with a stream open are kept, whatever their age.
+        """
+        cutoff = time.time() - ttl_seconds
+        open_paths = {self.partial_path(sender, sha) for sender, sha in self.uploading}
+        removed = 0
+        for path in self.partial_dir.rglob("*"):
+            try:
+                if path.is_file() and path not in open_paths and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def ingest_file(self, source: Path) -> tuple[bytes, int]:
         """Copy a local file into the store while hashing it; return (digest, size)."""
@@ -62,27 +108,53 @@ class BlobStore:
         os.replace(temp, self.path_for(digest.hexdigest()))
         return digest.digest(), size
 
-    def begin_upload(self, sha256_hex: str, offset: int, expected_size: int) -> Upload:
-        """Open an upload (call in a worker thread: resuming re-reads what is held)."""
-        if sha256_hex in self.uploading:
+    def reserve(self, sender: str, sha256_hex: str) -> None:
+        """Claim the one upload stream of (sender, digest); Upload.abort releases it."""
+        key = (sender, sha256_hex)
+        if key in self.uploading:
             raise ExchangeError(
                 Reason.UNAVAILABLE,
                 f"an upload of attachment {sha256_hex[:16]}… is already in progress; "
                 "retry when it has finished",
             )
-        held = self.held(sha256_hex)
-        if offset > held:
-            raise ExchangeError(
-                Reason.PRECONDITION,
-                f"upload offset {offset} is beyond the {held} bytes held; resume from {held}",
-            )
-        if offset > expected_size:
-            raise ExchangeError(Reason.INVALID, "upload offset beyond the attachment's size")
-        self.uploading.add(sha256_hex)
+        self.uploading.add(key)
+
+    def begin_upload(
+        self,
+        sender: str,
+        sha256_hex: str,
+        offset: int,
+        expected_size: int,
+        *,
+        owned: bool,
+        max_partial_bytes: int,
+    ) -> Upload:
+        """Open `sender`'s upload of a digest it has reserved (call in a worker thread:
+        resuming re-reads what is held). `owned`: the sender uploaded this file before, so
+        the stream completes at once. On a refusal the reservation is released."""
         try:
-            return Upload(self, sha256_hex, offset, expected_size)
+            if offset > expected_size:
+                raise ExchangeError(Reason.INVALID, "upload offset beyond the attachment's size")
+            if owned:
+                return Upload(self, sender, sha256_hex, offset, expected_size, complete=True)
+            held = self.held_by(sender, sha256_hex)
+            if offset > held:
+                raise ExchangeError(
+                    Reason.PRECONDITION,
+                    f"upload offset {offset} is beyond the {held} bytes held; resume from {held}",
+                )
+            others = self.partial_bytes(sender, besides=sha256_hex)
+            if others + expected_size > max_partial_bytes:
+                raise ExchangeError(
+                    Reason.TOO_LARGE,
+                    f"this node holds {others} bytes of other unfinished uploads from "
+                    f"'{sender}'; with this file's {expected_size} that is over the "
+                    f"{max_partial_bytes} bytes allowed. Finish those uploads first (unfinished "
+                    "ones expire)",
+                )
+            return Upload(self, sender, sha256_hex, offset, expected_size, complete=False)
         except BaseException:
-            self.uploading.discard(sha256_hex)
+            self.uploading.discard((sender, sha256_hex))
             raise
 
     def open(self, sha256_hex: str) -> BinaryIO:
@@ -95,16 +167,27 @@ class BlobStore:
 class Upload:
     """One upload stream: appends chunks, then accepts the file only if the digest matches."""
 
-    def __init__(self, store: BlobStore, sha256_hex: str, offset: int, expected_size: int) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        sender: str,
+        sha256_hex: str,
+        offset: int,
+        expected_size: int,
+        *,
+        complete: bool,
+    ) -> None:
         self.store = store
+        self.key = (sender, sha256_hex)
         self.sha256_hex = sha256_hex
         self.expected_size = expected_size
-        self.partial = store.partial_dir / sha256_hex
+        self.partial = store.partial_path(sender, sha256_hex)
         self.digest = hashlib.sha256()
         self.size = offset
-        if store.has(sha256_hex):
+        if complete:
             self.file: BinaryIO | None = None
             return
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
         # Re-hash what is already held so the digest covers the whole file in one pass.
         with self.partial.open("a+b") as existing:
             existing.truncate(offset)
@@ -122,7 +205,7 @@ class Upload:
                 "bytes named in the signed message",
             )
         self.size += len(data)
-        if self.file is None:  # already held and verified: count, keep nothing
+        if self.file is None:  # this sender's own verified copy is held: count, keep nothing
             return
         self.file.write(data)
         self.digest.update(data)
@@ -147,6 +230,7 @@ class Upload:
                 f"attachment content does not match SHA-256 {self.sha256_hex} in the signed "
                 "message; the upload was discarded",
             )
+        # The same bytes another sender may have stored already: replacing is harmless.
         os.replace(self.partial, self.store.path_for(self.sha256_hex))
         return True
 
@@ -157,4 +241,4 @@ class Upload:
             self.file = None
         if discard:
             self.partial.unlink(missing_ok=True)
-        self.store.uploading.discard(self.sha256_hex)
+        self.store.uploading.discard(self.key)

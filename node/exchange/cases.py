@@ -15,6 +15,12 @@ peer's node checked the move against its own record, which is the authority on i
 decisions (some are recorded there without a message). Only an event its lifecycle does not
 know, or one the peer's role may not make, is recorded as "case_mismatch" instead (the
 message itself is valid and kept).
+
+Only the parties of a case move it: the peer it is held with, and, on a copy (抄送: the
+procuratorate's copy of a crime transfer, COPY_HOLDERS), the addressee proper — a recipient of
+the opening message that holds no copy itself. A reply that names a case of this node (by its
+id, or by the first version's id for a redacted version) from anyone else is recorded as
+"case_mismatch" and moves nothing.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
 from node.audit.log import AuditEvent, format_time
 from node.exchange.deadlines import Anchor, DeadlineRule, Deadlines
-from node.exchange.errors import ExchangeError, Reason
+from node.exchange.errors import ExchangeError, Reason, shown
 from node.exchange.lifecycles import LIFECYCLES, RECEIVED, SENT, Role, Transition
 from node.exchange.lifecycles.data_sharing import AWAITED
+from node.exchange.review import COPY_HOLDERS
 from node.exchange.sharing import QUARTER, last_finished_quarter, quarter_end
+from node.identity import agency_kind
 from node.plugin_api import most_restricted
 from node.store.models import CASE_EVENTS, CASES, CLOCKS, MESSAGES, NODE_STATE
 from node.store.writer import Batch
@@ -185,6 +193,15 @@ class CaseBook:
         """The addressee stored an opening message: its case, state "received", clocks on."""
         if family not in LIFECYCLES:
             return
+        if batch.isolated and self._load(batch, message.message_id, message.sender) is not None:
+            # The id of a case this node opened with the sender (message ids are the sender's
+            # choice): refused like any other message id already used, not a failed store.
+            # Only alone: a shared batch finds the clash by the primary key, then runs alone.
+            raise ExchangeError(
+                Reason.INVALID,
+                f"message id {message.message_id} is already a case between this node and "
+                f"{message.sender}; a new message needs a new id",
+            )
         case = self._new_case(
             message,
             message.sender,
@@ -326,7 +343,7 @@ class CaseBook:
         found = self._reply_case(batch, message, message.sender)
         co_addressee = False
         if found is None and message.in_reply_to:
-            found = self._copy_case(batch, message)
+            found = self._copy_case(batch, message, at)
             co_addressee = found is not None
         if found is None:
             return
@@ -397,40 +414,115 @@ class CaseBook:
         return self._with_event(case, message)
 
     def _copy_case(
-        self, batch: Batch, message: envelope_pb2.Message
+        self, batch: Batch, message: envelope_pb2.Message, at: datetime
     ) -> tuple[dict[str, Any], str, str, datetime | None] | None:
         """This node's copy of a case a co-recipient answers: the procuratorate's copy (抄送)
         of a crime transfer follows the police's filing decisions, sent to both.
 
-        When the opener sent this node a version of its own (redacted, Message.version_of),
-        the reply names the first version, which this node never saw: it is followed when
-        the reply also goes to the opener, who would see a false one.
+        The reply names a case of this node that the sender does not hold with it: either
+        this node's copy, and the sender is the addressee proper (a recipient of the opening
+        message that holds no copy itself), or the sender is no party of it and the reply is
+        recorded as a case mismatch that moves nothing. When the opener sent this node a
+        version of its own (redacted, Message.version_of), the reply names the first version,
+        which this node never saw: it is followed when the reply also goes to the opener, who
+        would see a false one, and the sender is among the version's ``all_recipients``
+        (a version without them, from an older sender, cannot tell: not followed).
         """
-        query = (
-            select(CASES.c.case_id, CASES.c.peer, MESSAGES.c.recipients)
-            .join(MESSAGES, MESSAGES.c.message_id == CASES.c.case_id)
-            .where(CASES.c.role == Role.ADDRESSEE.value, MESSAGES.c.direction == "in")
-            .limit(1)
-        )
-        # Two lookups, each on its own index, rather than one OR across the join.
-        row = batch.session.execute(query.where(CASES.c.case_id == message.in_reply_to)).first()
-        if row is not None:
-            if message.sender not in json.loads(row.recipients):
-                return None
-        else:
-            # In the query, not after it: a version some other peer claims for the same id
-            # must not hide the real one.
-            row = batch.session.execute(
-                query.where(
-                    MESSAGES.c.version_of == message.in_reply_to,
+        refusal, family = "", ""
+        for case, co_recipients, by_version in self._named_cases(batch, message):
+            if case["peer"] == message.sender:
+                continue  # its own case with this node, which it answered without an event
+            why = self._not_a_party(case, co_recipients, by_version, message.sender)
+            if not why:
+                return self._with_event(case, message)
+            if not refusal:
+                refusal = (
+                    f"case {case['case_id']} ({case['family']}) with {case['peer']}: "
+                    f"{message.sender} is not a party of it ({why}); nothing moved"
+                )
+                family = case["family"]
+        if refusal:
+            log.warning("case_mismatch", peer=message.sender, error=refusal)
+            audit.append(
+                batch,
+                AuditEvent.CASE_MISMATCH,
+                node=self.agency,
+                at=at,
+                message_id=message.message_id,
+                peer=message.sender,
+                family=family,
+                detail=refusal,
+            )
+        return None
+
+    def _named_cases(
+        self, batch: Batch, message: envelope_pb2.Message
+    ) -> list[tuple[dict[str, Any], frozenset[str], bool]]:
+        """The cases of this node that ``message.in_reply_to`` names — by their id, or as the
+        first version of the message that opened them — each with the agencies the opening
+        message went to (all its versions' where known), and whether found by version."""
+        named = message.in_reply_to
+        found: list[tuple[dict[str, Any], frozenset[str], bool]] = []
+        rows = batch.session.execute(
+            select(CASES.c.case_id, CASES.c.peer, MESSAGES.c.envelope)
+            .outerjoin(
+                MESSAGES,
+                and_(MESSAGES.c.message_id == CASES.c.case_id, MESSAGES.c.direction == "in"),
+            )
+            .where(CASES.c.case_id == named)
+            .limit(64)
+        ).all()
+        by_version = not rows
+        if by_version:
+            # In the query, not after it: versions other peers claim for the same id must not
+            # hide the real one. Only versions from an opener the reply also goes to.
+            rows = batch.session.execute(
+                select(CASES.c.case_id, CASES.c.peer, MESSAGES.c.envelope)
+                .join(MESSAGES, MESSAGES.c.message_id == CASES.c.case_id)
+                .where(
+                    MESSAGES.c.version_of == named,
+                    MESSAGES.c.direction == "in",
+                    CASES.c.role == Role.ADDRESSEE.value,
                     CASES.c.peer.in_(list(message.recipients)),
                     CASES.c.peer != message.sender,
                 )
-            ).first()
-            if row is None:
-                return None
-        case = self._load(batch, row.case_id, row.peer)
-        return None if case is None else self._with_event(case, message)
+                .limit(32)
+            ).all()
+        for row in rows:
+            case = self._load(batch, row.case_id, row.peer)
+            if case is None:
+                continue
+            co_recipients: frozenset[str] = frozenset()
+            if row.envelope is not None:
+                opening = envelope_pb2.Message.FromString(
+                    envelope_pb2.Envelope.FromString(row.envelope).payload
+                )
+                listed = list(opening.all_recipients)
+                if not by_version:
+                    listed += opening.recipients
+                co_recipients = frozenset(listed)
+            found.append((case, co_recipients, by_version))
+        return found
+
+    def _not_a_party(
+        self, case: dict[str, Any], co_recipients: frozenset[str], by_version: bool, sender: str
+    ) -> str:
+        """Why ``sender`` may not move this node's ``case`` on a copy's terms ("" if it may)."""
+        if Role(case["role"]) is Role.OPENER:
+            return f"this node opened it with {case['peer']}, who alone answers it"
+        holder = COPY_HOLDERS.get(case["family"])
+        if holder is None or agency_kind(self.agency) != holder:
+            return f"this node is its addressee; only {case['peer']} moves it with this node"
+        if agency_kind(sender) == holder:
+            return f"a {holder} holds a copy too; the addressee proper decides"
+        if sender not in co_recipients:
+            if by_version and not co_recipients:
+                return (
+                    "the version this node got does not list all recipients (all_recipients), "
+                    "so no reply to the first version can be followed"
+                )
+            return "not a recipient of the opening message"
+        return ""
 
     def _with_event(
         self, case: dict[str, Any], message: envelope_pb2.Message
@@ -468,7 +560,7 @@ class CaseBook:
         if not candidates:
             raise ExchangeError(
                 Reason.INVALID,
-                f"'{event}' is not an event of a {lifecycle.title}; its events are: "
+                f"{shown(event, 64)} is not an event of a {lifecycle.title}; its events are: "
                 + ", ".join(lifecycle.events),
             )
         for transition in candidates:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -18,6 +19,7 @@ from functools import partial
 from typing import BinaryIO, Protocol
 
 import structlog
+from google.protobuf.message import DecodeError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +32,7 @@ from node.config import Delivery
 from node.envelope import RECEIPT_PAYLOAD_TYPE, EnvelopeError, envelope_digest, verify_envelope
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
-from node.exchange.errors import ExchangeError, Reason
+from node.exchange.errors import MAX_REASON, MAX_SHOWN, ExchangeError, Reason, shown
 from node.exchange.inbound import MAX_BATCH
 from node.federation import Member, Registry
 from node.store.models import DELIVERIES, DeliveryRecord, MessageRecord
@@ -38,10 +40,25 @@ from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 0.5
+# Receipt times a receiver may state: the range a Timestamp of check 4 (section 6) allows.
+_LATEST_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def bounded(text: str, limit: int = MAX_REASON) -> str:
+    """A text that quotes a peer (a refusal, a transport error with the peer's status
+    message) fit for `last_error`, a log line or an audit entry: escaped, at most `limit`
+    UTF-8 bytes. Each value of the peer's in it is quoted with `shown` (MAX_SHOWN bytes)."""
+    return shown(text, limit)[1:-1]
 
 
 class TransportError(Exception):
     """The peer could not be reached or refused the call; the message says why."""
+
+
+class AnswerRefused(Exception):
+    """The peer answered, and this node cannot accept the answer: a receipt or proof that
+    does not hold, an upload offset beyond the file. Not a delivery: the attempt fails, is
+    retried later, and the refusal is written to the audit log."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +78,9 @@ class PeerTransport(Protocol):
 
     async def attachment_held(
         self, member: Member, envelope: envelope_pb2.Envelope, sha256: bytes
-    ) -> tuple[int, bool]: ...
+    ) -> tuple[int, bool]:
+        """The peer's answer to QueryAttachment: (bytes it says it holds, complete)."""
+        ...
 
     async def upload(
         self,
@@ -70,7 +89,10 @@ class PeerTransport(Protocol):
         sha256: bytes,
         offset: int,
         source: BinaryIO,
-    ) -> bool: ...
+    ) -> bool:
+        """Send the bytes of `source` from `offset` to its end; True when the peer says the
+        file is complete."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -99,30 +121,75 @@ class Due:
         return self.message_id, self.recipient
 
 
+# One attempt's result for one item: delivered, the peer's answer refused, or why it failed.
+Outcome = Confirmation | AnswerRefused | str
+
+
 def verify_receipt(
     registry: Registry,
     recipient: str,
     receipt: envelope_pb2.Envelope,
     message_id: str,
     digest: bytes,
+    *,
+    sender: str,
+    now: datetime,
+    clock_skew_seconds: float,
 ) -> envelope_pb2.Receipt:
-    """Check a receipt is signed by the recipient and names exactly what was sent."""
+    """Check a receipt as protocol.md section 6.1 says: signed by a key of the recipient that
+    was valid at its `received_at` (which is set, and not ahead of `now` by more than the clock
+    skew), naming exactly what was sent: this message, this envelope, `sender` (this node) and
+    the recipient. ExchangeError saying every way it falls short; peer strings are bounded."""
     try:
-        verify_envelope(receipt, RECEIPT_PAYLOAD_TYPE, registry.public_keys(recipient))
+        key_id = verify_envelope(receipt, RECEIPT_PAYLOAD_TYPE, registry.public_keys(recipient))
     except EnvelopeError as error:
-        raise ExchangeError(Reason.UNAUTHENTICATED, f"receipt from {recipient}: {error}") from None
+        raise ExchangeError(
+            Reason.UNAUTHENTICATED, f"receipt from {recipient}: {bounded(str(error), MAX_SHOWN)}"
+        ) from None
     body = envelope_pb2.Receipt()
-    body.ParseFromString(receipt.payload)
-    problems = []
-    if body.message_id != message_id:
-        problems.append(f"it names message {body.message_id}")
-    if body.envelope_sha256 != digest:
-        problems.append("its envelope digest differs from what was sent")
-    if body.receiver != recipient:
-        problems.append(f"it is signed as receiver '{body.receiver}'")
-    if problems:
+    try:
+        body.ParseFromString(receipt.payload)
+    except DecodeError:
         raise ExchangeError(
             Reason.INVALID,
+            f"receipt from {recipient} for {message_id}: its payload is not a liandong.v1.Receipt",
+        ) from None
+    problems = []
+    if body.message_id != message_id:
+        problems.append(f"it names message {shown(body.message_id)}")
+    if body.envelope_sha256 != digest:
+        problems.append(
+            f"its envelope digest {shown(body.envelope_sha256.hex())} differs from "
+            f"{digest.hex()}, the digest of what was sent"
+        )
+    if body.sender != sender:
+        problems.append(f"it names sender {shown(body.sender)}, not this node ({sender})")
+    if body.receiver != recipient:
+        problems.append(f"it is signed as receiver {shown(body.receiver)}")
+    reason = Reason.INVALID
+    stamp = body.received_at
+    if not body.HasField("received_at"):
+        problems.append("it has no received_at")
+    elif not (0 <= stamp.seconds <= _LATEST_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        problems.append(f"its received_at ({stamp.seconds} s, {stamp.nanos} ns) is no valid time")
+    else:
+        received = datetime.fromtimestamp(stamp.seconds, UTC).replace(
+            microsecond=stamp.nanos // 1000
+        )
+        if received - now > timedelta(seconds=clock_skew_seconds):
+            problems.append(
+                f"its received_at {received.isoformat()} is more than {clock_skew_seconds:g} s "
+                f"ahead of this node's clock ({now.isoformat()})"
+            )
+        elif not registry.key_valid_at(recipient, key_id, received):
+            reason = Reason.UNAUTHENTICATED
+            problems.append(
+                f"the key '{key_id}' that signed it was not valid at its received_at "
+                f"{received.isoformat()} (registry serial {registry.serial})"
+            )
+    if problems:
+        raise ExchangeError(
+            reason,
             f"receipt from {recipient} for {message_id} is wrong: " + "; ".join(problems),
         )
     return body
@@ -136,9 +203,10 @@ def check_receiver_proof(
     item: Due,
     checkpoints: OpenedCheckpoints,
 ) -> bytes:
-    """The receiver's proof if it shows its log holds this message's "received" entry at the
-    index the receipt names, under a checkpoint it signed; else b"" (logged: the receipt
-    itself is valid and the proof can be fetched again from the Audit service)."""
+    """The receiver's proof (or b"" when it sent none: a repeat, or just after it restarted)
+    once it shows its log holds this message's "received" entry at the index the receipt
+    names, under a checkpoint it signed. A proof that does not hold is ExchangeError: the
+    answer as a whole is refused (a receiver that sends one must send a true one)."""
     if not proof_text:
         return b""
     try:
@@ -151,13 +219,11 @@ def check_receiver_proof(
             opened=checkpoints,
         )
     except NoteError as error:
-        log.warning(
-            "receiver's proof refused; the receipt is kept",
-            recipient=recipient,
-            message_id=item.message_id,
-            error=str(error),
-        )
-        return b""
+        raise ExchangeError(
+            Reason.INVALID,
+            f"the proof {recipient} sent with its receipt for {item.message_id} does not "
+            f"hold: {bounded(str(error), MAX_SHOWN)}",
+        ) from None
     return proof_text
 
 
@@ -302,7 +368,7 @@ class DeliveryWorker:
 
     async def _deliver_batch(self, recipient: str, batch: list[Due]) -> None:
         """One attempt at each item of `batch` (all to `recipient`); record every outcome."""
-        outcomes: list[Confirmation | str] = []
+        outcomes: list[Outcome] = []
         receipts: list[envelope_pb2.Envelope | None] = []
         try:
             outcomes, receipts = await self._attempt(recipient, batch)
@@ -312,7 +378,8 @@ class DeliveryWorker:
             receipts = [None] * len(batch)
         units: list[Callable[[Batch], None]] = []
         confirmed: list[Confirmation] = []
-        failures: dict[str, list[Due]] = {}
+        # By what went wrong, and whether it was the peer's answer this node refused.
+        failures: dict[tuple[str, bool], list[Due]] = {}
         cases = tuple(
             (item.message_id, recipient)
             for item, outcome in zip(batch, outcomes, strict=True)
@@ -323,11 +390,15 @@ class DeliveryWorker:
                 units.append(partial(self._mark_delivered, item, receipt, outcome, cases))
                 confirmed.append(outcome)
             else:
-                failures.setdefault(str(outcome), []).append(item)
-        for problem, items in failures.items():
+                # Transport errors carry the peer's own texts too: bounded, as refusals are.
+                problem = bounded(str(outcome))
+                refused = isinstance(outcome, AnswerRefused)
+                failures.setdefault((problem, refused), []).append(item)
+        for (problem, refused), items in failures.items():
             delays = [self._backoff(item) for item in items]
-            log.info(
-                "delivery failed; will retry",
+            # A refused answer is a broken or dishonest peer, not a network fault: a warning.
+            (log.warning if refused else log.info)(
+                "answer refused; will retry" if refused else "delivery failed; will retry",
                 recipient=recipient,
                 messages=len(items),
                 message_ids=[item.message_id for item in items[:5]],
@@ -336,7 +407,7 @@ class DeliveryWorker:
                 error=problem,
             )
             units.extend(
-                partial(self._mark_failed, item, problem, delay)
+                partial(self._mark_failed, item, problem, delay, refused)
                 for item, delay in zip(items, delays, strict=True)
             )
         for result in await self.writer.run_many(units):
@@ -348,9 +419,9 @@ class DeliveryWorker:
 
     async def _attempt(
         self, recipient: str, batch: list[Due]
-    ) -> tuple[list[Confirmation | str], list[envelope_pb2.Envelope | None]]:
+    ) -> tuple[list[Outcome], list[envelope_pb2.Envelope | None]]:
         """Send `batch`; per item, a verified confirmation and its receipt, or why not."""
-        outcomes: list[Confirmation | str] = [""] * len(batch)
+        outcomes: list[Outcome] = [""] * len(batch)
         receipts: list[envelope_pb2.Envelope | None] = [None] * len(batch)
         try:
             registry = self.context.usable_registry(datetime.now(UTC))
@@ -368,6 +439,8 @@ class DeliveryWorker:
             try:
                 await self._upload_attachments(member, envelope)
                 sending.append(position)
+            except AnswerRefused as refused:
+                outcomes[position] = refused
             except (TransportError, ExchangeError) as error:
                 outcomes[position] = str(error)
         answers = await self.transport.deliver_many(
@@ -386,11 +459,13 @@ class DeliveryWorker:
         batch: list[Due],
         sending: list[int],
         answers: list[Answer | TransportError],
-        outcomes: list[Confirmation | str],
+        outcomes: list[Outcome],
         receipts: list[envelope_pb2.Envelope | None],
     ) -> None:
-        """Fill in `outcomes` and `receipts` for the items sent: verified or why not."""
+        """Fill in `outcomes` and `receipts` for the items sent: verified, or why not. An
+        answer whose receipt or proof does not hold is refused whole (AnswerRefused)."""
         delivered_at = datetime.now(UTC)
+        skew = self.context.limits.clock_skew_seconds
         checkpoints = OpenedCheckpoints()  # this recipient's: one signature check each
         for position, answer in zip(sending, answers, strict=True):
             item = batch[position]
@@ -404,13 +479,16 @@ class DeliveryWorker:
                     answer.receipt,
                     item.message_id,
                     bytes.fromhex(item.envelope_sha256),
+                    sender=self.context.agency,
+                    now=delivered_at,
+                    clock_skew_seconds=skew,
+                )
+                proof = check_receiver_proof(
+                    registry, recipient, answer.proof, body.log_index, item, checkpoints
                 )
             except ExchangeError as error:
-                outcomes[position] = str(error)
+                outcomes[position] = AnswerRefused(str(error))
                 continue
-            proof = check_receiver_proof(
-                registry, recipient, answer.proof, body.log_index, item, checkpoints
-            )
             outcomes[position] = Confirmation(
                 message_id=item.message_id,
                 recipient=recipient,
@@ -422,13 +500,23 @@ class DeliveryWorker:
             receipts[position] = answer.receipt
 
     async def _upload_attachments(self, member: Member, envelope: envelope_pb2.Envelope) -> None:
+        """Upload each attachment the peer does not hold yet, from the byte it says it holds
+        up to (protocol.md section 7). A peer that claims more bytes than the file has is
+        refused (AnswerRefused): nothing is sent, and the next attempt asks again."""
         message = envelope_pb2.Message.FromString(envelope.payload)
         for ref in message.attachments:
             held, complete = await self.transport.attachment_held(member, envelope, ref.sha256)
             if complete:
-                continue
+                continue  # the peer's word; its check 11 holds it to it
             with self.blobs.open(ref.sha256.hex()) as source:
-                source.seek(held)
+                size = min(ref.size, os.fstat(source.fileno()).st_size)
+                if held > size:
+                    raise AnswerRefused(
+                        f"{member.agency_id} answered that it holds {held} bytes of attachment "
+                        f"'{ref.file_name}' ({ref.sha256.hex()[:16]}…), which has {size}: an "
+                        "upload cannot resume beyond the end; the peer must discard its partial "
+                        "copy or answer how many bytes it truly holds"
+                    )
                 if not await self.transport.upload(member, envelope, ref.sha256, held, source):
                     raise TransportError(
                         f"upload of '{ref.file_name}' to {member.agency_id} incomplete"
@@ -477,13 +565,28 @@ class DeliveryWorker:
         delay = min(self.settings.initial_backoff_seconds * 2.0 ** min(item.attempts, 30), ceiling)
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not security)
 
-    def _mark_failed(self, item: Due, error: str, delay: float, batch: Batch) -> None:
+    def _mark_failed(
+        self, item: Due, error: str, delay: float, refused: bool, batch: Batch
+    ) -> None:
+        """One failed attempt; an answer this node refused is also written to the audit log."""
+        now = datetime.now(UTC)
         batch.update(
             DELIVERIES,
             {"message_id": item.message_id, "recipient": item.recipient},
             {
                 "attempts": item.attempts + 1,
                 "last_error": error[:2000],
-                "next_attempt_at": datetime.now(UTC) + timedelta(seconds=delay),
+                "next_attempt_at": now + timedelta(seconds=delay),
             },
         )
+        if refused:
+            audit.append(
+                batch,
+                AuditEvent.ANSWER_REFUSED,
+                node=self.context.agency,
+                at=now,
+                message_id=item.message_id,
+                envelope_sha256=item.envelope_sha256,
+                peer=item.recipient,
+                detail=error,
+            )

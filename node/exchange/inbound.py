@@ -9,13 +9,16 @@ log and leaves nothing else behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from node._pb.liandong.v1 import envelope_pb2
 from node.audit import log as audit
@@ -31,7 +34,7 @@ from node.envelope import (
 )
 from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.context import NodeContext
-from node.exchange.errors import ExchangeError, Reason
+from node.exchange.errors import ExchangeError, Reason, shown, shown_list
 from node.exchange.handoff import item_for
 from node.exchange.messages import (
     body_type_of,
@@ -43,11 +46,15 @@ from node.exchange.messages import (
 )
 from node.federation import Registry
 from node.plugin_api import InboundItem
-from node.store.models import ATTACHMENTS, MESSAGES, message_row
+from node.store.models import ATTACHMENT_UPLOADS, ATTACHMENTS, MESSAGES, message_row
 from node.store.writer import Batch, BatchWriter
 
 # Messages one delivery batch may carry (DeliveryBatch in docs/protocol.md).
 MAX_BATCH = 256
+# Signatures one envelope may carry (docs/protocol.md 4.4): Liandong signs with one key; a
+# few allow for several signers. Each signature that names a key of the sender costs a
+# verification, so 30,000 of them must not be read at all.
+MAX_SIGNATURES = 4
 
 
 @dataclass(frozen=True)
@@ -89,17 +96,27 @@ class Receiver:
         self,
         context: NodeContext,
         writer: BatchWriter,
+        sessions: sessionmaker[Session],
         blobs: BlobStore,
         on_stored: Callable[[list[InboundItem]], None] = lambda _items: None,
         proof_for: Callable[[int], bytes] = lambda _index: b"",
     ) -> None:
         self.context = context
         self.writer = writer
+        self.sessions = sessions
         self.blobs = blobs
         self.on_stored = on_stored
         self.proof_for = proof_for
 
     # -- verification -----------------------------------------------------------------
+
+    def admit(self, peer: PeerIdentity) -> None:
+        """Checks 2a and 2b, made when a call arrives, before its request is read."""
+        self.authenticate_peer(peer, datetime.now(UTC))
+
+    def is_member(self, peer: PeerIdentity) -> bool:
+        member = self.context.registry.member(peer.agency_id)
+        return member is not None and peer.certificate_sha256 in member.tls_fingerprints
 
     def authenticate_peer(self, peer: PeerIdentity, now: datetime) -> Registry:
         registry = self.context.usable_registry(now)
@@ -134,6 +151,12 @@ class Receiver:
                 f"envelope of {size} bytes exceeds this node's limit of "
                 f"{limits.max_envelope_bytes}; send large content as attachments",
             )
+        if len(envelope.signatures) > MAX_SIGNATURES:
+            raise ExchangeError(
+                Reason.TOO_LARGE,
+                f"envelope carries {len(envelope.signatures)} signatures; at most "
+                f"{MAX_SIGNATURES} are accepted",
+            )
         registry = self.authenticate_peer(peer, now)
         try:
             key_id = verify_envelope(
@@ -145,7 +168,8 @@ class Receiver:
         if message.sender != peer.agency_id:
             raise ExchangeError(
                 Reason.UNAUTHENTICATED,
-                f"message sender '{message.sender}' is not the TLS peer '{peer.agency_id}'",
+                f"message sender {shown(message.sender, 64)} is not the TLS peer "
+                f"'{peer.agency_id}'",
             )
         created = datetime.fromtimestamp(message.created_at.seconds, UTC).replace(
             microsecond=message.created_at.nanos // 1000
@@ -160,7 +184,7 @@ class Receiver:
             raise ExchangeError(
                 Reason.PRECONDITION,
                 f"this node is '{self.context.agency}', not a recipient of message "
-                f"{message.message_id} (recipients: {', '.join(message.recipients)})",
+                f"{message.message_id} (recipients: {shown_list(list(message.recipients))})",
             )
         if len(message.recipients) > limits.max_recipients:
             raise ExchangeError(Reason.TOO_LARGE, f"more than {limits.max_recipients} recipients")
@@ -193,8 +217,8 @@ class Receiver:
             if ref.size > limits.max_attachment_bytes:
                 raise ExchangeError(
                     Reason.TOO_LARGE,
-                    f"attachment '{ref.file_name}' of {ref.size} bytes exceeds the limit of "
-                    f"{limits.max_attachment_bytes}",
+                    f"attachment {shown(ref.file_name, 64)} of {ref.size} bytes exceeds the "
+                    f"limit of {limits.max_attachment_bytes}",
                 )
         return VerifiedMessage(envelope, serialized, created, message, digest, family)
 
@@ -212,7 +236,8 @@ class Receiver:
             raise
         except Exception as error:
             raise ExchangeError(
-                Reason.INVALID, f"malformed message ({error.__class__.__name__}: {error})"
+                Reason.INVALID,
+                f"malformed message ({error.__class__.__name__}: {shown(str(error))})",
             ) from None
 
     # -- receiving --------------------------------------------------------------------
@@ -286,21 +311,67 @@ class Receiver:
         results: list[VerifiedMessage | ExchangeError] = []
         for envelope in envelopes:
             try:
-                verified = self._verify_audited(envelope, peer, expected_family, now)
-                self._check_attachments_held(verified.message)
+                results.append(self._verify_audited(envelope, peer, expected_family, now))
             except ExchangeError as error:
                 results.append(error)
-                continue
-            results.append(verified)
+        verified = [r for r in results if isinstance(r, VerifiedMessage)]
+        if verified:
+            ours = self._sent_ids({v.message.message_id for v in verified})
+            for position, result in enumerate(results):
+                if isinstance(result, VerifiedMessage) and result.message.message_id in ours:
+                    results[position] = ExchangeError(
+                        Reason.INVALID,
+                        f"message id {result.message.message_id} is the id of a message this "
+                        "node sent; a new message needs a new id",
+                    )
+        cited = {
+            ref.sha256.hex()
+            for result in results
+            if isinstance(result, VerifiedMessage)
+            for ref in result.message.attachments
+        }
+        if cited:
+            owned = self.uploaded_by(peer.agency_id, cited)
+            for position, result in enumerate(results):
+                if isinstance(result, VerifiedMessage):
+                    try:
+                        self._check_attachments_held(result.message, owned)
+                    except ExchangeError as error:
+                        results[position] = error
         return results
 
-    def _check_attachments_held(self, message: envelope_pb2.Message) -> None:
+    def _sent_ids(self, message_ids: set[str]) -> set[str]:
+        """Which of `message_ids` this node used for its own messages (section 6.2: an id is
+        new only if no one, this node included, has used it)."""
+        with self.sessions() as session:
+            found = session.scalars(
+                select(MESSAGES.c.message_id).where(
+                    MESSAGES.c.direction == "out", MESSAGES.c.message_id.in_(sorted(message_ids))
+                )
+            ).all()
+        return set(found)
+
+    def uploaded_by(self, sender: str, digests: set[str]) -> set[str]:
+        """Which of `digests` (hex) `sender` itself uploaded and this node holds verified."""
+        with self.sessions() as session:
+            found = session.scalars(
+                select(ATTACHMENT_UPLOADS.c.sha256).where(
+                    ATTACHMENT_UPLOADS.c.sender == sender,
+                    ATTACHMENT_UPLOADS.c.sha256.in_(sorted(digests)),
+                )
+            ).all()
+        return {digest for digest in found if self.blobs.has(digest)}
+
+    def _check_attachments_held(self, message: envelope_pb2.Message, owned: set[str]) -> None:
+        """Check 11: the sender uploaded every file it cites, itself (a file another agency
+        uploaded is not the sender's to cite, and this node does not say that it holds it)."""
         for ref in message.attachments:
-            if not self.blobs.has(ref.sha256.hex()):
+            if ref.sha256.hex() not in owned:
                 raise ExchangeError(
                     Reason.PRECONDITION,
-                    f"attachment '{ref.file_name}' ({ref.sha256.hex()[:16]}…) has not been "
-                    "uploaded; upload it with UploadAttachment before delivering the message",
+                    f"attachment {shown(ref.file_name, 64)} ({ref.sha256.hex()[:16]}…) has not "
+                    "been uploaded by the sender; upload it with UploadAttachment before "
+                    "delivering the message",
                 )
 
     async def record_rejection(
@@ -333,6 +404,8 @@ class Receiver:
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
+        for _envelope, error in refused:
+            error.audited = True
 
     def _store(self, verified: VerifiedMessage, peer: PeerIdentity, batch: Batch) -> _Stored:
         message = verified.message
@@ -412,6 +485,8 @@ class Receiver:
         return _Stored(receipt, index, now)
 
     # -- attachments ------------------------------------------------------------------
+    # Every check runs in a worker thread: a signature check, or a flood of them, must
+    # never hold the event loop (health checks and every other caller wait on it).
 
     def authorize_attachment(
         self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity, now: datetime
@@ -427,16 +502,26 @@ class Receiver:
             f"{verified.message.message_id}",
         )
 
+    def _upload_state(
+        self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity
+    ) -> tuple[envelope_pb2.AttachmentRef, bool]:
+        """(the signed reference, whether the peer has uploaded this file itself)."""
+        ref = self.authorize_attachment(envelope, sha256, peer, datetime.now(UTC))
+        return ref, bool(self.uploaded_by(peer.agency_id, {sha256.hex()}))
+
     async def attachment_status(
         self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity
     ) -> tuple[int, bool]:
-        """Bytes held and whether complete, for a digest the peer may upload."""
+        """Bytes of this file the peer has uploaded, and whether its upload is complete;
+        never what another agency uploaded."""
         try:
-            self.authorize_attachment(envelope, sha256, peer, datetime.now(UTC))
+            ref, owned = await asyncio.to_thread(self._upload_state, envelope, sha256, peer)
         except ExchangeError as error:
             await self.record_rejection(envelope, peer, error)
             raise
-        return self.blobs.held(sha256.hex()), self.blobs.has(sha256.hex())
+        if owned:
+            return ref.size, True
+        return self.blobs.held_by(peer.agency_id, sha256.hex()), False
 
     async def accept_upload(
         self,
@@ -449,13 +534,24 @@ class Receiver:
         """Store a (possibly resumed) upload; return (bytes held, verified and complete).
 
         A refusal at any point (not authorised, offset beyond what is held, more bytes than
-        signed, chunk too large, digest mismatch) is audited and discards nothing already held
-        except a file that failed its digest.
+        signed, chunk too large, digest mismatch, too many unfinished uploads) is audited and
+        discards nothing already held except a file that failed its digest. The stream's
+        reservation is released on every path, a caller's cancellation included.
         """
         try:
-            ref = self.authorize_attachment(envelope, sha256, peer, datetime.now(UTC))
-            upload = await asyncio.to_thread(
-                self.blobs.begin_upload, sha256.hex(), offset, ref.size
+            ref, owned = await asyncio.to_thread(self._upload_state, envelope, sha256, peer)
+            self.blobs.reserve(peer.agency_id, sha256.hex())
+            upload = await _to_thread_to_the_end(
+                partial(
+                    self.blobs.begin_upload,
+                    peer.agency_id,
+                    sha256.hex(),
+                    offset,
+                    ref.size,
+                    owned=owned,
+                    max_partial_bytes=self.context.limits.max_partial_upload_bytes,
+                ),
+                on_cancel=lambda opened: opened.abort(),
             )
             try:
                 async for data in chunks:
@@ -464,13 +560,13 @@ class Receiver:
                             Reason.TOO_LARGE, f"upload chunks are at most {CHUNK_SIZE} bytes"
                         )
                     upload.write(data)
-                complete = await asyncio.to_thread(upload.finish)
+                complete = await _to_thread_to_the_end(upload.finish)
             finally:
                 upload.abort()
         except ExchangeError as error:
             await self.record_rejection(envelope, peer, error)
             raise
-        if complete:
+        if complete and not owned:
             await self._record_attachment(ref, envelope, peer)
         return upload.size, complete
 
@@ -479,39 +575,61 @@ class Receiver:
     ) -> None:
         """A recipient may fetch what this node sent it: the envelope must be ours, to them."""
         try:
-            registry = self.authenticate_peer(peer, datetime.now(UTC))
-            try:
-                verify_envelope(
-                    envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(self.context.agency)
-                )
-            except EnvelopeError as error:
-                raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
-            message = parse_message(envelope.payload)
-            if peer.agency_id not in message.recipients:
-                raise ExchangeError(
-                    Reason.PERMISSION_DENIED,
-                    f"'{peer.agency_id}' is not a recipient of message {message.message_id}",
-                )
-            if all(ref.sha256 != sha256 for ref in message.attachments):
-                raise ExchangeError(Reason.NOT_FOUND, "that digest is not attached to this message")
+            await asyncio.to_thread(self._check_download, envelope, sha256, peer)
         except ExchangeError as error:
             await self.record_rejection(envelope, peer, error)
             raise
 
+    def _check_download(
+        self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity
+    ) -> None:
+        registry = self.authenticate_peer(peer, datetime.now(UTC))
+        if len(envelope.signatures) > MAX_SIGNATURES:
+            raise ExchangeError(
+                Reason.TOO_LARGE,
+                f"envelope carries {len(envelope.signatures)} signatures; at most "
+                f"{MAX_SIGNATURES} are accepted",
+            )
+        try:
+            verify_envelope(
+                envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(self.context.agency)
+            )
+        except EnvelopeError as error:
+            raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+        message = parse_message(envelope.payload)
+        if peer.agency_id not in message.recipients:
+            raise ExchangeError(
+                Reason.PERMISSION_DENIED,
+                f"'{peer.agency_id}' is not a recipient of message {message.message_id}",
+            )
+        if all(ref.sha256 != sha256 for ref in message.attachments):
+            raise ExchangeError(Reason.NOT_FOUND, "that digest is not attached to this message")
+        if not self.blobs.has(sha256.hex()):
+            raise ExchangeError(Reason.NOT_FOUND, f"attachment {sha256.hex()} is not held")
+
     async def _record_attachment(
         self, ref: envelope_pb2.AttachmentRef, envelope: envelope_pb2.Envelope, peer: PeerIdentity
     ) -> None:
+        """Record that `peer` uploaded this file (what it may now cite), audited once."""
         message = envelope_pb2.Message.FromString(envelope.payload)
 
         def write(batch: Batch) -> None:
             sha_hex = ref.sha256.hex()
-            held = batch.session.scalar(
-                select(ATTACHMENTS.c.sha256).where(ATTACHMENTS.c.sha256 == sha_hex)
-            )
-            if held is not None:
+            owner = {"sender": peer.agency_id, "sha256": sha_hex}
+            if (
+                batch.session.scalar(select(ATTACHMENT_UPLOADS.c.sha256).filter_by(**owner))
+                is not None
+            ):
                 return
             now = datetime.now(UTC)
-            batch.insert(ATTACHMENTS, {"sha256": sha_hex, "size": ref.size, "stored_at": now})
+            batch.insert(ATTACHMENT_UPLOADS, {**owner, "size": ref.size, "stored_at": now})
+            if (
+                batch.session.scalar(
+                    select(ATTACHMENTS.c.sha256).where(ATTACHMENTS.c.sha256 == sha_hex)
+                )
+                is None
+            ):
+                batch.insert(ATTACHMENTS, {"sha256": sha_hex, "size": ref.size, "stored_at": now})
             audit.append(
                 batch,
                 AuditEvent.ATTACHMENT_STORED,
@@ -520,10 +638,40 @@ class Receiver:
                 message_id=message.message_id,
                 envelope_sha256=envelope_digest(envelope).hex(),
                 peer=peer.agency_id,
-                detail=f"sha256={sha_hex} size={ref.size} name={ref.file_name}",
+                detail=f"sha256={sha_hex} size={ref.size} name={shown(ref.file_name, 200)}",
             )
 
         await self.writer.run(write)
+
+
+Opened = TypeVar("Opened")
+
+
+async def _to_thread_to_the_end(
+    work: Callable[[], Opened], on_cancel: Callable[[Opened], None] | None = None
+) -> Opened:
+    """`work` in a worker thread, which a cancelled caller still waits out.
+
+    A caller's cancellation (its deadline, a closed stream) must not leave file work running
+    behind it: the thread finishes, `on_cancel` undoes what it opened (releasing the upload's
+    reservation), and only then does the cancellation go on.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            # A callback, not code after an await: a second cancellation cannot skip it.
+            undo = on_cancel
+
+            def undo_when_done(done: asyncio.Future[Opened]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    undo(done.result())
+
+            task.add_done_callback(undo_when_done)
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 def _parse_envelope(data: bytes) -> envelope_pb2.Envelope:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import itertools
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from node._pb.liandong.v1 import envelope_pb2
-from node.exchange.errors import ExchangeError, Reason
+from node.exchange.errors import ExchangeError, Reason, shown
 from node.exchange.families import BODY_FAMILIES, FAMILY_BODIES, default_body_type
 from node.identity import IdentityError, validate_agency_id
 from node.plugin_api import cleared, most_restricted
@@ -29,6 +30,19 @@ MAX_TIMESTAMP_SECONDS = 253402300800  # 10000-01-01T00:00:00Z, protobuf Timestam
 # \Z, not $: "$" also matches before a final newline, and a 37-character id would then fail
 # the database column instead of getting INVALID_ARGUMENT.
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+# What a receiver must be able to store (docs/protocol.md section 5, check 4 of section 6).
+# An attachment's file name becomes a file in the local system's folder: at most this many
+# UTF-8 bytes, leaving room within a file system's 255 for the "-N" a folder adds to a second
+# file of the same name and for a temporary name beside it.
+MAX_FILE_NAME_BYTES = 200
+# No path separators, no control characters (C0, DEL, C1; NUL among them).
+_BAD_FILE_NAME_CHARS = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
+MAX_CASE_REF_CHARS = 128  # messages.case_ref, String(128)
+# Message.all_recipients: far more than any submission has; checked before each id is read.
+MAX_ALL_RECIPIENTS = 256
+# Attachment sizes are stored as signed 64-bit integers.
+MAX_ATTACHMENT_SIZE = (1 << 63) - 1
 
 CONFIDENTIALITY_NAMES: dict[str, int] = {
     "public": envelope_pb2.CONFIDENTIALITY_PUBLIC,
@@ -86,8 +100,14 @@ def compose_message(
     deadline: datetime | None = None,
     field_markings: Mapping[str, str] | None = None,
     version_of: str = "",
+    all_recipients: Sequence[str] = (),
 ) -> envelope_pb2.Message:
-    """Build a Message, or raise ExchangeError(INVALID) naming the bad field."""
+    """Build a Message, or raise ExchangeError(INVALID) naming the bad field.
+
+    A draft a receiver would refuse (check 4 of docs/protocol.md section 6) is refused here,
+    so that a node never signs what its peers cannot take. ``all_recipients`` goes with
+    ``version_of``: every recipient of every version (sorted here).
+    """
     if family not in FAMILY_BODIES:
         raise _invalid(f"family '{family}' is unknown; use one of {', '.join(FAMILY_BODIES)}")
     body_type = body_type or default_body_type(family)
@@ -106,7 +126,12 @@ def compose_message(
     if sender in recipients:
         raise _invalid("a node does not send to itself")
     if in_reply_to and not UUID_RE.match(in_reply_to):
-        raise _invalid(f"in_reply_to '{in_reply_to}' is not a message id")
+        raise _invalid(f"in_reply_to {shown(in_reply_to, 64)} is not a message id")
+    if len(case_ref) > MAX_CASE_REF_CHARS:
+        raise _invalid(
+            f"case_ref is {len(case_ref)} characters; a case reference has at most "
+            f"{MAX_CASE_REF_CHARS}"
+        )
     if family == "reply" and not in_reply_to:
         raise _invalid("a reply needs in_reply_to: the id of the message it answers")
     if confidentiality not in CONFIDENTIALITY_NAMES:
@@ -151,16 +176,22 @@ def compose_message(
     message.field_markings.sort(key=lambda marked: marked.field)
     if version_of:
         if not UUID_RE.match(version_of):
-            raise _invalid(f"version_of '{version_of}' is not a message id")
+            raise _invalid(f"version_of {shown(version_of, 64)} is not a message id")
         message.version_of = version_of
+    if all_recipients:
+        message.all_recipients.extend(sorted(all_recipients))
     check_markings(message)
     for attachment in attachments:
+        problem = file_name_problem(attachment.file_name)
+        if problem:
+            raise _invalid(f"attachment file name {shown(attachment.file_name, 64)} {problem}")
         message.attachments.add(
             sha256=attachment.sha256,
             size=attachment.size,
             media_type=attachment.media_type,
             file_name=attachment.file_name,
         )
+    check_contents(message, message.SerializeToString())
     return message
 
 
@@ -262,7 +293,7 @@ def check_markings(message: envelope_pb2.Message) -> None:
     if message.version_of and (
         not UUID_RE.match(message.version_of) or message.version_of == message.message_id
     ):
-        raise _invalid(f"version_of '{message.version_of[:40]}' is not another message's id")
+        raise _invalid(f"version_of {shown(message.version_of, 64)} is not another message's id")
 
 
 def parse_message(payload: bytes) -> envelope_pb2.Message:
@@ -273,7 +304,7 @@ def parse_message(payload: bytes) -> envelope_pb2.Message:
     except DecodeError:
         raise _invalid("payload is not a liandong.v1.Message") from None
     if not UUID_RE.match(message.message_id):
-        raise _invalid(f"message_id '{message.message_id[:40]}' is not a lower-case UUID")
+        raise _invalid(f"message_id {shown(message.message_id, 64)} is not a lower-case UUID")
     if message.WhichOneof("body") is None:
         raise _invalid("message has no body")
     if not message.HasField("created_at"):
@@ -299,9 +330,106 @@ def parse_message(payload: bytes) -> envelope_pb2.Message:
             raise _invalid(f"recipient: {error}") from None
     for ref in message.attachments:
         if len(ref.sha256) != 32:
-            raise _invalid(f"attachment '{ref.file_name}' has no valid SHA-256 digest")
+            raise _invalid(f"attachment {shown(ref.file_name, 64)} has no valid SHA-256 digest")
     check_markings(message)
+    check_contents(message, payload)
     return message
+
+
+def file_name_problem(name: str) -> str:
+    """Why no receiver could store an attachment under ``name`` ("" when one can)."""
+    if not name:
+        return "is empty; name the file"
+    if name in (".", ".."):
+        return "is not a file name"
+    size = len(name.encode("utf-8"))
+    if size > MAX_FILE_NAME_BYTES:
+        return (
+            f"is {size} bytes of UTF-8, over the {MAX_FILE_NAME_BYTES} a receiver can store; "
+            "shorten it"
+        )
+    bad = _BAD_FILE_NAME_CHARS.search(name)
+    if bad is not None:
+        return f"contains {bad.group()!a}: no path separators or control characters"
+    return ""
+
+
+def check_contents(message: envelope_pb2.Message, payload: bytes) -> None:
+    """What a receiver must be able to store and act on, besides the structure: recipients
+    each listed once and never the sender, a reply naming another message by its id, a
+    case_ref that fits, attachment names a folder can hold, all_recipients as section 5.3
+    says, and no NUL character in any text (PostgreSQL cannot store one). Raises
+    ExchangeError(INVALID); ``payload`` is the message's serialized form (any encoding)."""
+    recipients = message.recipients
+    if len(set(recipients)) != len(recipients):
+        raise _invalid("a recipient is listed twice; list each once")
+    if message.sender in recipients:
+        raise _invalid(
+            f"the sender {shown(message.sender, 64)} is among the recipients; a node does not "
+            "send to itself"
+        )
+    if message.all_recipients:
+        _check_all_recipients(message)
+    if message.in_reply_to and (
+        not UUID_RE.match(message.in_reply_to) or message.in_reply_to == message.message_id
+    ):
+        raise _invalid(
+            f"in_reply_to {shown(message.in_reply_to, 64)} is not another message's id "
+            "(a lower-case UUID)"
+        )
+    if len(message.case_ref) > MAX_CASE_REF_CHARS:
+        raise _invalid(
+            f"case_ref is {len(message.case_ref)} characters; at most {MAX_CASE_REF_CHARS}"
+        )
+    for ref in message.attachments:
+        problem = file_name_problem(ref.file_name)
+        if problem:
+            raise _invalid(f"attachment file name {shown(ref.file_name, 64)} {problem}")
+        if ref.size > MAX_ATTACHMENT_SIZE:
+            raise _invalid(f"attachment {shown(ref.file_name, 64)} declares {ref.size} bytes")
+    # Text is UTF-8, where a 0 byte is only ever NUL: a payload without one has none.
+    if b"\x00" in payload:
+        where = _nul_field(message)
+        if where:
+            raise _invalid(
+                f"{where} contains a NUL character (U+0000), which a receiver cannot store"
+            )
+
+
+def _check_all_recipients(message: envelope_pb2.Message) -> None:
+    listed = list(message.all_recipients)
+    if len(listed) > MAX_ALL_RECIPIENTS:
+        raise _invalid(f"all_recipients lists {len(listed)} agencies; at most {MAX_ALL_RECIPIENTS}")
+    for recipient in listed:
+        try:
+            validate_agency_id(recipient)
+        except IdentityError as error:
+            raise _invalid(f"all_recipients: {error}") from None
+    if any(a >= b for a, b in itertools.pairwise(listed)):
+        raise _invalid("all_recipients must be sorted, each recipient listed once")
+    if message.sender in listed:
+        raise _invalid("all_recipients lists the sender; it lists the recipients only")
+    missing = set(message.recipients) - set(listed)
+    if missing:
+        raise _invalid(
+            f"all_recipients leaves out {shown(sorted(missing)[0], 64)}, a recipient of this "
+            "message; it lists every recipient of every version"
+        )
+
+
+def _nul_field(message: ProtoMessage, prefix: str = "") -> str:
+    """The first string field (``clue.title``, ``attachments.file_name``) holding a NUL."""
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if any("\x00" in text for text in values):
+                return prefix + field.name
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for inner in values:
+                found = _nul_field(inner, f"{prefix}{field.name}.")
+                if found:
+                    return found
+    return ""
 
 
 def body_type_of(message: envelope_pb2.Message) -> str:

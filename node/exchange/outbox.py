@@ -30,7 +30,12 @@ from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Due
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.messages import AttachmentInput, compose_message, effective_marking
+from node.exchange.messages import (
+    AttachmentInput,
+    compose_message,
+    effective_marking,
+    file_name_problem,
+)
 from node.federation import Registry
 from node.store.models import ATTACHMENTS, DELIVERIES, MESSAGES, message_row
 from node.store.writer import Batch, BatchWriter
@@ -162,12 +167,19 @@ class Outbox:
                 results.append(attachments)
                 continue
             try:
+                self._check_distinct(submission)  # before the plugins see it
                 versions: list[_Prepared] = []
                 for version in self._versions(submission):
                     held = dict(zip(submission.attachment_paths, attachments, strict=True))
                     version_files = [held[path] for path in version.attachment_paths]
                     first = versions[0].message.message_id if versions else ""
-                    versions.append(self._prepare(version, version_files, version_of=first))
+                    # A later version names the first, and every recipient of every version,
+                    # so that its recipients follow replies to the first from those (and
+                    # only those) who got one (docs/protocol.md 5.3).
+                    everyone = tuple(submission.recipients) if first else ()
+                    versions.append(
+                        self._prepare(version, version_files, version_of=first, everyone=everyone)
+                    )
                 results.append(versions)
             except ExchangeError as error:
                 results.append(error)
@@ -210,7 +222,11 @@ class Outbox:
         return versions
 
     def _prepare(
-        self, submission: Submission, attachments: list[AttachmentInput], version_of: str = ""
+        self,
+        submission: Submission,
+        attachments: list[AttachmentInput],
+        version_of: str = "",
+        everyone: Sequence[str] = (),
     ) -> _Prepared:
         """Check, compose and sign one submission: the row to store (nothing stored yet)."""
         now = datetime.now(UTC)
@@ -229,6 +245,7 @@ class Outbox:
             deadline=submission.deadline,
             field_markings=submission.field_markings,
             version_of=version_of,
+            all_recipients=everyone,
         )
         for recipient in submission.recipients:
             if not registry.is_permitted(submission.family, self.context.agency, recipient):
@@ -268,7 +285,18 @@ class Outbox:
         )
         return _Prepared(row, list(message.recipients), attachments, message)
 
+    def _check_distinct(self, submission: Submission) -> None:
+        """Each recipient once, and never this node (receivers refuse both, check 4)."""
+        if len(set(submission.recipients)) != len(submission.recipients):
+            raise ExchangeError(Reason.INVALID, "a recipient is listed twice; list each once")
+        if self.context.agency in submission.recipients:
+            raise ExchangeError(
+                Reason.INVALID,
+                f"'{self.context.agency}' is this node: a node does not send to itself",
+            )
+
     def _check_recipients(self, submission: Submission, now: datetime) -> Registry:
+        self._check_distinct(submission)
         registry = self.context.usable_registry(now)
         for recipient in submission.recipients:
             if registry.member(recipient) is None:
@@ -280,6 +308,12 @@ class Outbox:
         return registry
 
     def _ingest(self, path: Path) -> AttachmentInput:
+        # Before copying anything: a name no receiver can store refuses the whole message.
+        problem = file_name_problem(path.name)
+        if problem:
+            raise ExchangeError(
+                Reason.INVALID, f"attachment {path}: the file name {problem}; rename the file"
+            )
         if not path.is_file():
             raise ExchangeError(Reason.INVALID, f"attachment {path}: no such file")
         size = path.stat().st_size

@@ -46,6 +46,10 @@ class ItemView:
     handed_off: str | None
     field_markings: dict[str, str]
     version_of: str
+    # Inbound: failed hand-off attempts, the last one's error, the next attempt (if any).
+    handoff_attempts: int = 0
+    handoff_error: str = ""
+    handoff_retry_at: datetime | None = None
 
 
 def _view(record: MessageRecord) -> ItemView:
@@ -81,6 +85,9 @@ def _view(record: MessageRecord) -> ItemView:
         handed_off=record.handed_off,
         field_markings=field_markings_of(message),
         version_of=message.version_of,
+        handoff_attempts=record.handoff_attempts,
+        handoff_error=record.handoff_error,
+        handoff_retry_at=record.handoff_retry_at,
     )
 
 

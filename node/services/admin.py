@@ -22,7 +22,8 @@ from node.exchange import queries
 from node.exchange.cases import CaseView
 from node.exchange.context import NodeContext
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.messages import CONFIDENTIALITY_LABELS
+from node.exchange.handoff import reoffer
+from node.exchange.messages import CONFIDENTIALITY_LABELS, UUID_RE
 from node.exchange.outbox import Outbox, Submission
 from node.exchange.supervision import supervision_report
 from node.services.audit import checkpoint_message, inclusion_message
@@ -87,6 +88,9 @@ def item_message(view: queries.ItemView) -> admin_pb2.Item:
         handed_off=view.handed_off or "",
         field_markings=view.field_markings,
         version_of=view.version_of,
+        handoff_attempts=view.handoff_attempts,
+        handoff_error=view.handoff_error,
+        handoff_retry_at=_time(view.handoff_retry_at),
     )
 
 
@@ -165,8 +169,12 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         audit_log: AuditLog,
         log_identity: Callable[[], LogIdentity],
         writer: BatchWriter,
+        poll_hand_off: Callable[[], None] = lambda: None,
     ) -> None:
         self.writer = writer
+        # Tells the hand-off worker to look now (HandOffWorker.poll); without it a message
+        # re-offered is found by its next round, within [handoff] retry_seconds.
+        self.poll_hand_off = poll_hand_off
         self.context = context
         self.outbox = outbox
         self.audit_log = audit_log
@@ -244,6 +252,19 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
             return item_message(view)
         raise AssertionError("unreachable")
 
+    async def RetryHandOff(
+        self, request: admin_pb2.RetryHandOffRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Item:
+        async with domain_errors(context, "RetryHandOff"):
+            message_id = request.message_id
+            if not UUID_RE.match(message_id):
+                raise ExchangeError(Reason.INVALID, f"'{message_id}' is not a message id (a UUID)")
+            await self.writer.run(partial(reoffer, message_id))
+            self.poll_hand_off()
+            view = await asyncio.to_thread(self._read, queries.get_item, message_id)
+            return item_message(view)
+        raise AssertionError("unreachable")
+
     async def NodeInfo(
         self, request: admin_pb2.NodeInfoRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.NodeInfoResponse:
@@ -272,7 +293,7 @@ class LocalAdminServicer(admin_pb2_grpc.LocalAdminServicer):
         self, request: audit_pb2.InclusionProofRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.InclusionProof:
         async with domain_errors(context, "GetInclusionProof"):
-            return await asyncio.to_thread(inclusion_message, self.audit_log, request)
+            return await asyncio.to_thread(inclusion_message, self.audit_log, request, None)
         raise AssertionError("unreachable")
 
     async def ExportAudit(

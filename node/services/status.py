@@ -21,6 +21,7 @@ STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Reason.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -45,8 +45,10 @@ async def answer_concurrently(
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+    reading_task = asyncio.create_task(read())
+
     async def read_all() -> None:
-        reading = asyncio.create_task(read())
+        reading = reading_task
         stopping = asyncio.create_task(draining.wait())
         try:
             await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -64,3 +66,10 @@ async def answer_concurrently(
             slots.release()  # only now: an unsent answer still occupies its slot
     finally:
         reader.cancel()
+    # Reading failed (the gate refused the stream, say): answered what was in flight, the
+    # stream ends with that refusal rather than a silent OK.
+    failure = (
+        reading_task.exception() if reading_task.done() and not reading_task.cancelled() else None
+    )
+    if failure is not None:
+        raise failure

@@ -46,6 +46,11 @@ class MessageRecord(Base):
     handed_off: Mapped[str | None] = mapped_column(String(1024), default=None)
     # A version redacted for some recipients: the first version's id (Message.version_of).
     version_of: Mapped[str | None] = mapped_column(String(36), default=None)
+    # Inbound: failed attempts to hand it to the local system, the last one's error and when
+    # the next is due (node.exchange.handoff); no next once handed off or failed for good.
+    handoff_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    handoff_error: Mapped[str] = mapped_column(Text, default="", server_default="")
+    handoff_retry_at: Mapped[datetime | None] = mapped_column(default=None)
 
     deliveries: Mapped[list[DeliveryRecord]] = relationship(
         primaryjoin="and_(MessageRecord.message_id == foreign(DeliveryRecord.message_id), "
@@ -86,6 +91,21 @@ class AttachmentRecord(Base):
 
     __tablename__ = "attachments"
 
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    stored_at: Mapped[datetime]
+
+
+class AttachmentUploadRecord(Base):
+    """A sender that uploaded a verified file itself: what it may cite, query and resume.
+
+    The blob store is shared (content-addressed); this is what keeps one member from
+    learning, or citing, a file another agency uploaded (docs/protocol.md section 7).
+    """
+
+    __tablename__ = "attachment_uploads"
+
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     stored_at: Mapped[datetime]
@@ -242,6 +262,7 @@ class ClockRecord(Base):
 MESSAGES = cast(Table, MessageRecord.__table__)
 DELIVERIES = cast(Table, DeliveryRecord.__table__)
 ATTACHMENTS = cast(Table, AttachmentRecord.__table__)
+ATTACHMENT_UPLOADS = cast(Table, AttachmentUploadRecord.__table__)
 AUDIT_ENTRIES = cast(Table, AuditEntryRecord.__table__)
 NODE_STATE = cast(Table, NodeStateRecord.__table__)
 MERKLE_NODES = cast(Table, MerkleNodeRecord.__table__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -241,8 +242,14 @@ def test_members_get_checkpoints_and_proofs_that_verify_offline(
     )
     verify_consistency(old_size, new_size, old_root, new_root, list(consistency.hashes))
 
+    # Entries: the police's own, at their indices; empty bytes where it is no party (entry 0,
+    # the procuratorate's registry_accepted, for one).
     entries = stub.GetEntries(audit_pb2.GetEntriesRequest(start=0, limit=5), timeout=30)
-    assert [json.loads(e)["v"] for e in entries.entries] == [1] * 5
+    assert len(entries.entries) == 5
+    assert entries.entries[0] == b""
+    shown = [json.loads(e) for e in entries.entries if e]
+    assert shown
+    assert all(e["v"] == 1 and e["peer"] == POLICE for e in shown)
 
     # Each call is in the log, with who asked.
     queries = [e for e in audit_events(procuratorate.setup) if e["event"] == "audit_query"]
@@ -347,11 +354,13 @@ def test_auditor_cli_prints_the_checkpoint_and_a_proof(
     assert "give either a MESSAGE_ID or --index N" in neither.stderr
 
 
-def test_the_auditing_guide_snippet_checks_a_real_proof(
-    running: dict[str, NodeProcess],
-) -> None:
-    """docs/auditing.md's dozen lines, run as printed, on a proof from a running node."""
-    police, procuratorate = running[POLICE], running[PROCURATORATE]
+def test_the_auditing_guide_snippet_checks_a_real_proof(make_federation: MakeFederation) -> None:
+    """docs/auditing.md's dozen lines, run as printed, on a proof from a running node, by a
+    member the registry names an auditor (it gets every entry with its proof)."""
+    nodes = make_federation((POLICE, PROCURATORATE), auditors=(POLICE,))
+    for node in nodes.values():
+        node.start()
+    police, procuratorate = nodes[POLICE], nodes[PROCURATORATE]
     deliver(police, procuratorate, 5)
     guide = (Path(__file__).parents[2] / "docs" / "auditing.md").read_text(encoding="utf-8")
     section = guide.split("## Check one inclusion proof", 1)[1]
@@ -367,6 +376,121 @@ def test_the_auditing_guide_snippet_checks_a_real_proof(
         hashes = list(answer.hashes)
         assert verify_inclusion(answer.entry, index, latest.size, hashes, latest.root)
         assert not verify_inclusion(answer.entry + b" ", index, latest.size, hashes, latest.root)
+
+
+def operator_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "federation", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_members_read_their_own_entries_and_auditors_every_entry(
+    running: dict[str, NodeProcess],
+) -> None:
+    """Least exposure: a member reads the entries it is a party to, empty bytes at the others'
+    indices; checkpoints and proofs are open to it; the member the operator names an auditor
+    (`liandong federation auditor`, then publish) reads the whole log."""
+    ecology, police, procuratorate = running[ECOLOGY], running[POLICE], running[PROCURATORATE]
+    key = signing_key(police.setup)
+    theirs = clue_message(POLICE, [PROCURATORATE])
+    exchange_stub(police.setup, procuratorate.setup).TransferClue(sign(theirs, key), timeout=30)
+    mine = clue_message(ECOLOGY, [PROCURATORATE])
+    exchange_stub(ecology.setup, procuratorate.setup).TransferClue(
+        sign(mine, signing_key(ecology.setup)), timeout=30
+    )
+
+    def handed_off() -> set[str]:
+        events = audit_events(procuratorate.setup)
+        return {e["message_id"] for e in events if e["event"] == "handed_off"}
+
+    wait_for(lambda: handed_off() >= {mine.message_id, theirs.message_id}, what="hand-offs")
+    stored = [
+        row[0]
+        for row in database_rows(
+            procuratorate.setup, "SELECT entry FROM audit_entries ORDER BY idx"
+        )
+    ]
+    index = {
+        (json.loads(e)["event"], json.loads(e).get("message_id")): n for n, e in enumerate(stored)
+    }
+
+    ecology_stub = audit_stub(ecology.setup, procuratorate.setup)
+    answer = ecology_stub.GetEntries(audit_pb2.GetEntriesRequest(limit=1000), timeout=30)
+    assert answer.start == 0 and len(answer.entries) >= len(stored)
+    for n, entry in enumerate(stored):
+        fields = json.loads(entry)
+        party = fields.get("peer") == ECOLOGY and fields["event"] != "handed_off"
+        assert answer.entries[n] == (entry if party else b""), (n, fields)
+    assert (
+        answer.entries[index["received", mine.message_id]]
+        == stored[index["received", mine.message_id]]
+    )
+    # Its own message's hand-off is the procuratorate's own system (a file path): not shown.
+    assert answer.entries[index["handed_off", mine.message_id]] == b""
+    assert answer.entries[index["received", theirs.message_id]] == b""
+    # Its query is logged once answered, under its name, and it may read that entry.
+    again = ecology_stub.GetEntries(
+        audit_pb2.GetEntriesRequest(start=len(stored), limit=1000), timeout=30
+    )
+    later = [json.loads(e) for e in again.entries if e]
+    assert {
+        "event": "audit_query",
+        "peer": ECOLOGY,
+        "detail": "GetEntries start=0 limit=1000",
+    }.items() <= later[0].items()
+
+    # A proof is open to it, without the entry; by message id it learns nothing of another's.
+    at = index["received", theirs.message_id]
+    proof = ecology_stub.GetInclusionProof(audit_pb2.InclusionProofRequest(index=at), timeout=30)
+    assert proof.entry == b"" and b"\nextra " not in proof.tlog_proof
+    verify_proof(parse_proof(proof.tlog_proof), verifier_of(procuratorate.setup), stored[at])
+    with pytest.raises(grpc.RpcError) as caught:
+        ecology_stub.GetInclusionProof(
+            audit_pb2.InclusionProofRequest(message_id=theirs.message_id), timeout=30
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert f"that {ECOLOGY} is a party to" in (caught.value.details() or "")
+    own = ecology_stub.GetInclusionProof(
+        audit_pb2.InclusionProofRequest(message_id=mine.message_id), timeout=30
+    )
+    assert own.entry == stored[index["received", mine.message_id]]
+
+    # The operator names the police an auditor and publishes; the node takes the registry.
+    operator = procuratorate.setup.directory.parent / "operator"
+    named = operator_cli("auditor", POLICE, "--add", "--dir", str(operator))
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.startswith(f"{POLICE} is an auditor")
+    unknown = operator_cli("auditor", "140400/court", "--add", "--dir", str(operator))
+    assert unknown.returncode == 1
+    assert "'140400/court' is not a member" in unknown.stderr
+    out = operator / "registry.json"
+    published = operator_cli("publish", "--dir", str(operator), "--out", str(out))
+    assert published.returncode == 0, published.stderr
+    for node in running.values():
+        shutil.copy(out, node.setup.directory / "registry.json")
+    wait_for(
+        lambda: procuratorate.client().node_info().registry_serial == 2,
+        seconds=30,
+        what="the new registry",
+    )
+
+    police_stub = audit_stub(police.setup, procuratorate.setup)
+    latest = police_stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=30)
+    whole = police_stub.GetEntries(audit_pb2.GetEntriesRequest(limit=latest.size), timeout=30)
+    assert len(whole.entries) == latest.size and all(whole.entries)
+    assert whole.entries[: len(stored)] == stored
+    # An auditor can recompute the signed tree from what it read.
+    assert naive_root([leaf_hash(e) for e in whole.entries]) == latest.root
+    proof = police_stub.GetInclusionProof(
+        audit_pb2.InclusionProofRequest(message_id=mine.message_id), timeout=30
+    )
+    assert proof.entry == stored[index["received", mine.message_id]]
+    # The others still read only theirs.
+    again = ecology_stub.GetEntries(audit_pb2.GetEntriesRequest(limit=1000), timeout=30)
+    assert again.entries[at] == b""
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

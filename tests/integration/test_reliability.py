@@ -223,7 +223,10 @@ def test_a_second_upload_of_the_same_digest_waits_its_turn(
     )
     first.start()
     first_chunk_sent.wait(30)
-    wait_for(lambda: (receiver.setup.directory / "blobs" / "partial" / digest.hex()).exists())
+    partial_upload = (
+        receiver.setup.directory / "blobs" / "partial" / "140400+ecology" / digest.hex()
+    )
+    wait_for(partial_upload.exists)
     second = iter(
         [exchange_pb2.AttachmentChunk(envelope=envelope, sha256=digest, offset=0, data=data)]
     )

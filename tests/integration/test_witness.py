@@ -80,13 +80,17 @@ def test_peers_cosign_each_others_checkpoints(
     assert b"\n\xe2\x80\x94 demo-federation/140400/" in proof.tlog_proof.split(b"\n\n", 1)[1]
     assert len(note.split_note(proof.tlog_proof.split(b"\n\n", 1)[1])[1]) >= 2
 
-    # The cosignatures travel in the audit bundle, and `audit verify` checks them.
+    # The cosignatures travel in the audit bundle, and `audit verify` checks them. (Both
+    # witnesses may have cosigned the same checkpoint: count the checkpoints, not the lines.)
+    [(cosigned_sizes,)] = database_rows(
+        procuratorate, "SELECT count(DISTINCT size) FROM cosignatures"
+    )
     bundle = tmp_path / "procuratorate.bundle"
     exported = cli("audit", "export", "--out", str(bundle), config=procuratorate.config)
     assert exported.returncode == 0, exported.stderr
     code, report = verify(bundle)
     assert code == 0, report
-    assert report["bundles"][0]["cosigned_checkpoints"] >= 2
+    assert report["bundles"][0]["cosigned_checkpoints"] >= cosigned_sizes >= 1
 
     def spoil_a_cosignature(name: str, content: bytes) -> bytes:
         if name != "checkpoints.jsonl":

@@ -76,3 +76,18 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> No
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_the_peer_port_limits_are_read_and_checked(tmp_path: Path) -> None:
+    from node.config import Limits
+
+    base = '[node]\nagency = "140400/ecology"\nlisten = "h:1"\n[limits]\n'
+    limits = load_config(
+        write(tmp_path, base + "peer_streams = 3\nfirst_message_seconds = 2.5\n")
+    ).limits
+    assert (limits.peer_streams, limits.first_message_seconds) == (3, 2.5)
+    assert limits.peer_calls == Limits().peer_calls
+    with pytest.raises(ConfigError, match=r"'limits\.peer_calls' must be at least 1"):
+        load_config(write(tmp_path, base + "peer_calls = 0\n"))
+    with pytest.raises(ConfigError, match=r"'limits\.max_partial_upload_bytes' must be at least"):
+        load_config(write(tmp_path, base + "max_partial_upload_bytes = 1000\n"))

@@ -257,6 +257,25 @@ def test_write_inbound_sanitizes_attachment_names(tmp_path: Path) -> None:
     assert doc["attachments"][0]["file_name"] == "../../../escape.sh"  # the sender's name
 
 
+def test_a_name_too_long_for_the_file_system_is_cut_keeping_its_extension(
+    tmp_path: Path,
+) -> None:
+    # A 362-byte name once made every hand-off fail with "File name too long", for ever.
+    assert len(safe_file_name("a" * 362).encode()) == 200
+    cut = safe_file_name("报" * 120 + ".pdf")
+    assert cut.endswith(".pdf") and len(cut.encode()) <= 200
+    assert cut.encode().decode() == cut  # no character split
+    folder = DropFolder(tmp_path / "local")
+    long_name = "报告" * 60 + ".pdf"  # 364 bytes
+    first = make_attachment(tmp_path, long_name, b"one")
+    second = make_attachment(tmp_path, "x/" + long_name, b"two")
+    doc = json.loads(folder.write_inbound(make_item((first, second))).read_text("utf-8"))
+    names = [Path(a["path"]).name for a in doc["attachments"]]
+    assert names[1] == names[0][: -len(".pdf")] + "-2.pdf"
+    assert all(len(name.encode()) <= 210 and name.endswith(".pdf") for name in names)
+    assert [Path(a["path"]).read_bytes() for a in doc["attachments"]] == [b"one", b"two"]
+
+
 # -- drafts --------------------------------------------------------------------------------
 
 

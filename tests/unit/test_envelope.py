@@ -168,3 +168,51 @@ def test_json_malformed(data: bytes, fragment: str) -> None:
     with pytest.raises(EnvelopeError) as info:
         envelope_from_json(data)
     assert fragment in str(info.value)
+
+
+def test_each_known_key_is_tried_once_however_many_signatures_name_it(
+    key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30,000 bad signatures under the sender's key id cost one verification, not 30,000."""
+    from node import ed25519
+
+    envelope = sign_envelope(b"payload", MESSAGE_PAYLOAD_TYPE, key)
+    bad = envelope_pb2.Signature(keyid=key.key_id, sig=b"\x01" * 64)
+    flooded = envelope_pb2.Envelope(
+        payload=envelope.payload,
+        payload_type=envelope.payload_type,
+        signatures=[bad] * 30_000 + list(envelope.signatures),
+    )
+    calls = []
+    real_verify = ed25519.verify
+
+    def counting(*args: object) -> None:
+        calls.append(1)
+        real_verify(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ed25519, "verify", counting)
+    with pytest.raises(EnvelopeError, match="does not verify"):
+        verify_envelope(flooded, MESSAGE_PAYLOAD_TYPE, keys_of(key))
+    assert len(calls) == 1
+
+
+def test_refusals_quote_at_most_a_few_bounded_key_ids(key: SigningKey) -> None:
+    envelope = sign_envelope(b"payload", MESSAGE_PAYLOAD_TYPE, key)
+    strangers = envelope_pb2.Envelope(
+        payload=envelope.payload,
+        payload_type=envelope.payload_type,
+        signatures=[envelope_pb2.Signature(keyid=f"{n:0>5}" * 2000, sig=b"") for n in range(9)],
+    )
+    with pytest.raises(EnvelopeError) as caught:
+        verify_envelope(strangers, MESSAGE_PAYLOAD_TYPE, keys_of(key))
+    text = str(caught.value)
+    assert "and 6 more" in text
+    assert len(text) < 400
+
+
+def test_a_huge_payload_type_is_not_echoed(key: SigningKey) -> None:
+    envelope = sign_envelope(b"payload", MESSAGE_PAYLOAD_TYPE, key)
+    envelope.payload_type = "x" * 3_000_000
+    with pytest.raises(EnvelopeError) as caught:
+        verify_envelope(envelope, MESSAGE_PAYLOAD_TYPE, keys_of(key))
+    assert len(str(caught.value)) < 300

@@ -189,6 +189,15 @@ def test_malformed_field_is_named(operator: SigningKey) -> None:
             "members[0].supervisor: expected a string",
         ),
         (
+            lambda d: d["members"][1].update(auditor="yes"),
+            'members[1].auditor: expected true or false, got "yes"',
+        ),
+        (lambda d: d["members"][1].update(auditor=1), "members[1].auditor: expected true or false"),
+        (
+            lambda d: d["members"][1].update(auditor=None),
+            "members[1].auditor: expected true or false, got null",
+        ),
+        (
             lambda d: d["permissions"][0].update(family="gossip"),
             "permissions[0].family: unknown family 'gossip'",
         ),
@@ -218,6 +227,39 @@ def test_a_members_supervisor_round_trips_and_is_absent_when_unset() -> None:
     assert parsed.supervisor_of("140400/ecology") == "140400/procuratorate"
     assert parsed.supervisor_of("140400/police") == ""
     assert parsed.supervisor_of("140400/unknown") == ""
+
+
+def test_a_members_auditor_flag_round_trips_and_is_absent_when_unset() -> None:
+    plain = registry()
+    assert b"auditor" not in plain.to_json_bytes()  # older registries keep their bytes
+    assert plain.auditors == ()
+    assert not plain.is_auditor("140400/police")
+    members = (plain.members[0], replace(plain.members[1], auditor=True), plain.members[2])
+    audited = registry(members=members)
+    data = audited.to_json_bytes()
+    assert data.count(b'"auditor":true') == 1
+    parsed = Registry.from_json_bytes(data)
+    assert parsed == audited
+    assert parsed.auditors == ("140400/police",)
+    assert parsed.is_auditor("140400/police")
+    assert not parsed.is_auditor("140400/ecology")
+    assert not parsed.is_auditor("140400/discipline")  # not a member: never an auditor
+    # `false` written by another tool reads as no auditor, and is not written back.
+    doc = json.loads(data)
+    doc["members"][0]["auditor"] = False
+    again = Registry.from_json_bytes(json.dumps(doc).encode())
+    assert again == audited
+    assert again.to_json_bytes() == data
+
+
+def test_only_a_member_can_be_an_auditor() -> None:
+    """The role is a member's own field, so a registry cannot name a non-member; a
+    top-level list (an unknown field, which readers ignore) names nobody."""
+    doc = json.loads(registry().to_json_bytes())
+    doc["auditors"] = ["140400/police", "140400/discipline"]
+    parsed = Registry.from_json_bytes(json.dumps(doc).encode())
+    assert parsed.auditors == ()
+    assert not parsed.is_auditor("140400/discipline")
 
 
 def test_naive_time_is_rejected() -> None:

@@ -12,6 +12,7 @@ import pytest
 from node.exchange.errors import ExchangeError, Reason
 from node.exchange.messages import (
     UUID_RE,
+    AttachmentInput,
     compose_message,
     effective_marking,
     family_of,
@@ -172,3 +173,127 @@ def test_a_title_marked_above_its_message_is_not_the_case_title() -> None:
     assert (
         _title(compose(body={"title": "某厂线索"}, field_markings={"title": "confidential"})) == ""
     )
+
+
+# -- what a receiver must be able to store (check 4): the peer's side and the sender's ----
+
+ATTACHMENT = {"sha256": bytes(32), "size": 10, "media_type": "application/pdf"}
+
+
+def attach(file_name: str) -> Any:
+    return lambda m: m.attachments.add(file_name=file_name, **ATTACHMENT)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "phrase"),
+    [
+        # A node accepted a message from itself, and one naming a recipient twice.
+        (lambda m: m.recipients.append("140400/ecology"), "the sender '140400/ecology' is among"),
+        (lambda m: m.recipients.append("140400/procuratorate"), "a recipient is listed twice"),
+        # Attachment names the receiver's folder cannot hold.
+        (attach("a" * 362 + ".pdf"), "is 366 bytes of UTF-8, over the 200"),
+        (attach("报" * 67 + ".pdf"), "is 205 bytes of UTF-8"),
+        (attach("../../etc/cron.d/x"), "contains '/'"),
+        (attach("..\\boot.ini"), "contains '\\\\'"),
+        (attach(".."), "is not a file name"),
+        (attach("."), "is not a file name"),
+        (attach(""), "is empty"),
+        (attach("a\nb.txt"), "contains '\\n'"),
+        (attach("a\x7fb.txt"), "contains '\\x7f'"),
+        (attach("a\x85b.txt"), "contains '\\x85'"),
+        (attach("nul\x00.txt"), "contains '\\x00'"),
+        (
+            lambda m: m.attachments.add(
+                file_name="big.bin", sha256=bytes(32), size=2**63, media_type=""
+            ),
+            "declares 9223372036854775808 bytes",
+        ),
+        # Strings that end up in bounded columns.
+        (lambda m: setattr(m, "in_reply_to", "x" * 37), "in_reply_to 'xxx"),
+        (lambda m: setattr(m, "in_reply_to", uuid7().upper()), "is not another message's id"),
+        (lambda m: setattr(m, "in_reply_to", m.message_id), "is not another message's id"),
+        (lambda m: setattr(m, "case_ref", "案" * 129), "case_ref is 129 characters; at most 128"),
+        # NUL anywhere: PostgreSQL text cannot hold it.
+        (lambda m: setattr(m.clue, "facts", "a\x00b"), "clue.facts contains a NUL"),
+        (lambda m: m.clue.evidence.append("\x00"), "clue.evidence contains a NUL"),
+        (lambda m: setattr(m, "case_ref", "CZ\x00"), "case_ref contains a NUL"),
+        (
+            lambda m: m.attachments.add(file_name="a.pdf", sha256=bytes(32), media_type="x\x00"),
+            "attachments.media_type contains a NUL",
+        ),
+    ],
+)
+def test_parse_refuses_what_the_receiver_could_not_store(tamper: Any, phrase: str) -> None:
+    message = compose()
+    tamper(message)
+    with pytest.raises(ExchangeError) as caught:
+        parse_message(message.SerializeToString())
+    assert caught.value.reason is Reason.INVALID
+    assert phrase in caught.value.message, caught.value.message
+
+
+def test_the_longest_names_and_references_a_receiver_can_store_pass() -> None:
+    message = compose()
+    message.case_ref = "案" * 128
+    message.in_reply_to = uuid7()
+    message.attachments.add(file_name="报" * 66 + ".p", sha256=bytes(32), size=2**63 - 1)
+    message.attachments.add(file_name="a" * 200, sha256=bytes(32), size=1)
+    message.attachments.add(file_name="..a.pdf", sha256=bytes(32), size=1)
+    message.clue.facts = "tab\tnewline\n"  # control characters are fine in text
+    parse_message(message.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        ({"case_ref": "x" * 129}, "case_ref is 129 characters"),
+        ({"body": {"title": "线索\x00"}}, "clue.title contains a NUL"),
+        ({"case_ref": "CZ\x00"}, "case_ref contains a NUL"),
+        ({"in_reply_to": "0" * 36}, "is not a message id"),
+        ({"attachments": [AttachmentInput(bytes(32), 1, "", "x" * 201)]}, "is 201 bytes"),
+        ({"attachments": [AttachmentInput(bytes(32), 1, "", "a/b")]}, "contains '/'"),
+        (
+            {"version_of": uuid7(), "all_recipients": ["140400/police"]},
+            "all_recipients leaves out '140400/procuratorate'",
+        ),
+        (
+            {"version_of": uuid7(), "all_recipients": ["140400/procuratorate"] * 2},
+            "all_recipients must be sorted, each recipient listed once",
+        ),
+        (
+            {"version_of": uuid7(), "all_recipients": ["140400/ecology", "140400/procuratorate"]},
+            "all_recipients lists the sender",
+        ),
+    ],
+)
+def test_compose_refuses_what_a_receiver_would(overrides: dict[str, object], phrase: str) -> None:
+    # The sender's node never signs a message its peers must refuse.
+    with pytest.raises(ExchangeError) as caught:
+        compose(**overrides)
+    assert caught.value.reason is Reason.INVALID
+    assert phrase in caught.value.message, caught.value.message
+
+
+def test_all_recipients_are_sorted_by_the_sender_and_checked_by_the_receiver() -> None:
+    first = uuid7()
+    message = compose(version_of=first, all_recipients=["140400/procuratorate", "140400/police"])
+    assert list(message.all_recipients) == ["140400/police", "140400/procuratorate"]
+    parsed = parse_message(message.SerializeToString())
+    assert parsed.version_of == first
+    message.all_recipients[:] = ["140400/procuratorate", "140400/police"]
+    with pytest.raises(ExchangeError, match="must be sorted"):
+        parse_message(message.SerializeToString())
+    message.all_recipients[:] = [f"140400/police/u{n:03d}" for n in range(257)]
+    with pytest.raises(ExchangeError, match="all_recipients lists 257 agencies; at most 256"):
+        parse_message(message.SerializeToString())
+    message.all_recipients[:] = ["140400/police", "police"]
+    with pytest.raises(ExchangeError, match="all_recipients: agency id 'police' is malformed"):
+        parse_message(message.SerializeToString())
+
+
+def test_a_refusal_quotes_a_long_name_cut() -> None:
+    message = compose()
+    message.attachments.add(file_name="a" * 100_000, sha256=bytes(32), size=1)
+    with pytest.raises(ExchangeError) as caught:
+        parse_message(message.SerializeToString())
+    assert len(caught.value.message) < 400

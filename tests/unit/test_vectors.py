@@ -112,6 +112,9 @@ def test_marked_vector_payload_fields() -> None:
     assert [(m.field, m.confidentiality) for m in msg.field_markings] == [("location", 3)]
     first = envelope_pb2.Message.FromString(bytes.fromhex(load("envelope.json")["payload"]))
     assert msg.version_of == first.message_id != msg.message_id
+    # Field 12, all_recipients: both versions' recipients, sorted, one string each.
+    assert bytes.fromhex("6211") + b"140400/discipline" in payload
+    assert list(msg.all_recipients) == ["140400/discipline", *first.recipients]
 
 
 def test_receipt_vector_names_the_message_envelope() -> None:

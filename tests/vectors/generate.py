@@ -53,7 +53,8 @@ def fixed_message() -> envelope_pb2.Message:
 
 def marked_version() -> envelope_pb2.Message:
     """A redacted version (docs/protocol.md 5.3): internal, with one field marked
-    confidential, naming the first version in version_of."""
+    confidential, naming the first version in version_of and every recipient of both
+    versions in all_recipients."""
     message = fixed_message()
     message.message_id = "01956b2e-4c00-7000-8000-000000000002"
     message.recipients[:] = ["140400/discipline"]
@@ -62,6 +63,7 @@ def marked_version() -> envelope_pb2.Message:
         field="location", confidentiality=envelope_pb2.CONFIDENTIALITY_CONFIDENTIAL
     )
     message.version_of = MESSAGE_ID
+    message.all_recipients[:] = sorted([RECIPIENT, "140400/discipline"])
     return message
 
 
@@ -109,8 +111,8 @@ def build() -> dict[str, dict[str, Any]]:
         key,
     )
     marked_vector = vector(
-        "Message with a field marking (location: CONFIDENTIAL) and version_of: a version of "
-        "envelope.json's message redacted for 140400/discipline",
+        "Message with a field marking (location: CONFIDENTIAL), version_of and all_recipients: "
+        "a version of envelope.json's message redacted for 140400/discipline",
         marked_version().SerializeToString(deterministic=True),
         MESSAGE_PAYLOAD_TYPE,
         key,

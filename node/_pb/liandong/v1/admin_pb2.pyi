@@ -24,6 +24,25 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RetryHandOffRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryHandOffRequest: _TypeAlias = RetryHandOffRequest  # noqa: Y015
+
+@_typing.final
 class SupervisionReportRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -789,6 +808,9 @@ class Item(_message.Message):
     HANDED_OFF_FIELD_NUMBER: _builtins.int
     FIELD_MARKINGS_FIELD_NUMBER: _builtins.int
     VERSION_OF_FIELD_NUMBER: _builtins.int
+    HANDOFF_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    HANDOFF_ERROR_FIELD_NUMBER: _builtins.int
+    HANDOFF_RETRY_AT_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     direction: _builtins.str
     """"inbox" or "outbox" """
@@ -810,6 +832,12 @@ class Item(_message.Message):
     """inbox only: local system reference"""
     version_of: _builtins.str
     """the message this one is a redacted version of"""
+    handoff_attempts: _builtins.int
+    """Inbox only: failed attempts to hand it to the local system, the last one's error, and
+    when the next is due (RFC 3339; empty when none is: handed off, or failed for good).
+    """
+    handoff_error: _builtins.str
+    handoff_retry_at: _builtins.str
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -843,10 +871,13 @@ class Item(_message.Message):
         handed_off: _builtins.str = ...,
         field_markings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         version_of: _builtins.str = ...,
+        handoff_attempts: _builtins.int = ...,
+        handoff_error: _builtins.str = ...,
+        handoff_retry_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "confidentiality", b"confidentiality", "created_at", b"created_at", "deliveries", b"deliveries", "direction", b"direction", "envelope_sha256", b"envelope_sha256", "family", b"family", "field_markings", b"field_markings", "handed_off", b"handed_off", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender", "version_of", b"version_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body_json", b"body_json", "body_type", b"body_type", "case_ref", b"case_ref", "confidentiality", b"confidentiality", "created_at", b"created_at", "deliveries", b"deliveries", "direction", b"direction", "envelope_sha256", b"envelope_sha256", "family", b"family", "field_markings", b"field_markings", "handed_off", b"handed_off", "handoff_attempts", b"handoff_attempts", "handoff_error", b"handoff_error", "handoff_retry_at", b"handoff_retry_at", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender", "version_of", b"version_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,6 +96,11 @@ class LocalAdminStub:
                 request_serializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportRequest.SerializeToString,
                 response_deserializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportResponse.FromString,
                 _registered_method=True)
+        self.RetryHandOff = channel.unary_unary(
+                '/liandong.v1.LocalAdmin/RetryHandOff',
+                request_serializer=liandong_dot_v1_dot_admin__pb2.RetryHandOffRequest.SerializeToString,
+                response_deserializer=liandong_dot_v1_dot_admin__pb2.Item.FromString,
+                _registered_method=True)
 
 
 class LocalAdminServicer:
@@ -183,6 +188,16 @@ class LocalAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryHandOff(self, request, context):
+        """Offer an inbound message to the local system again: one whose hand-off failed for good
+        (handed_off "failed: ..."), or one still being retried (at once, attempts counted anew).
+        FAILED_PRECONDITION when it was handed off, withheld or declined; NOT_FOUND when no
+        inbound message has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +260,11 @@ def add_LocalAdminServicer_to_server(servicer, server):
                     servicer.SupervisionReport,
                     request_deserializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportRequest.FromString,
                     response_serializer=liandong_dot_v1_dot_admin__pb2.SupervisionReportResponse.SerializeToString,
+            ),
+            'RetryHandOff': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryHandOff,
+                    request_deserializer=liandong_dot_v1_dot_admin__pb2.RetryHandOffRequest.FromString,
+                    response_serializer=liandong_dot_v1_dot_admin__pb2.Item.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +591,33 @@ class LocalAdmin:
             '/liandong.v1.LocalAdmin/SupervisionReport',
             liandong_dot_v1_dot_admin__pb2.SupervisionReportRequest.SerializeToString,
             liandong_dot_v1_dot_admin__pb2.SupervisionReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryHandOff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liandong.v1.LocalAdmin/RetryHandOff',
+            liandong_dot_v1_dot_admin__pb2.RetryHandOffRequest.SerializeToString,
+            liandong_dot_v1_dot_admin__pb2.Item.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,12 @@ class LocalAdminStub:
     """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
     penalty records over a crime threshold that were never transferred.
     """
+    RetryHandOff: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryHandOffRequest, _admin_pb2.Item]
+    """Offer an inbound message to the local system again: one whose hand-off failed for good
+    (handed_off "failed: ..."), or one still being retried (at once, attempts counted anew).
+    FAILED_PRECONDITION when it was handed off, withheld or declined; NOT_FOUND when no
+    inbound message has that id.
+    """
 
 @_typing.type_check_only
 class LocalAdminAsyncStub(LocalAdminStub):
@@ -88,6 +94,12 @@ class LocalAdminAsyncStub(LocalAdminStub):
     SupervisionReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.SupervisionReportRequest, _admin_pb2.SupervisionReportResponse]  # type: ignore[assignment]
     """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
     penalty records over a crime threshold that were never transferred.
+    """
+    RetryHandOff: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryHandOffRequest, _admin_pb2.Item]  # type: ignore[assignment]
+    """Offer an inbound message to the local system again: one whose hand-off failed for good
+    (handed_off "failed: ..."), or one still being retried (at once, attempts counted anew).
+    FAILED_PRECONDITION when it was handed off, withheld or declined; NOT_FOUND when no
+    inbound message has that id.
     """
 
 class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -186,6 +198,18 @@ class LocalAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.SupervisionReportResponse, _abc.Awaitable[_admin_pb2.SupervisionReportResponse]]:
         """Filing supervision (立案监督): transfers not decided in time, those not filed, and shared
         penalty records over a crime threshold that were never transferred.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryHandOff(
+        self,
+        request: _admin_pb2.RetryHandOffRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Item, _abc.Awaitable[_admin_pb2.Item]]:
+        """Offer an inbound message to the local system again: one whose hand-off failed for good
+        (handed_off "failed: ..."), or one still being retried (at once, attempts counted anew).
+        FAILED_PRECONDITION when it was handed off, withheld or declined; NOT_FOUND when no
+        inbound message has that id.
         """
 
 def add_LocalAdminServicer_to_server(servicer: LocalAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

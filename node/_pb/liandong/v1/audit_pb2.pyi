@@ -148,7 +148,7 @@ class InclusionProof(_message.Message):
     index: _builtins.int
     size: _builtins.int
     entry: _builtins.bytes
-    """the entry itself"""
+    """the entry itself; empty unless the caller is a party or an auditor"""
     tlog_proof: _builtins.bytes
     """all of the above with the checkpoint, in C2SP tlog-proof form"""
     @_builtins.property
@@ -251,7 +251,9 @@ class AuditEntries(_message.Message):
     start: _builtins.int
     @_builtins.property
     def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """canonical JSON, each a Merkle leaf"""
+        """Canonical JSON, each a Merkle leaf, from `start` on; an entry the caller may not read
+        (it is no party to it, and no auditor) is empty bytes, so positions stay indices.
+        """
 
     def __init__(
         self,

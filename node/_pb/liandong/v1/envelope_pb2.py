@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aliandong/v1/envelope.proto\x12\x0bliandong.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12*\n\nsignatures\x18\x03 \x03(\x0b\x32\x16.liandong.v1.Signature\"\'\n\tSignature\x12\r\n\x05keyid\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"T\n\rAttachmentRef\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\"T\n\x0c\x46ieldMarking\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x35\n\x0f\x63onfidentiality\x18\x02 \x01(\x0e\x32\x1c.liandong.v1.Confidentiality\"\x9f\x06\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61se_ref\x18\x05 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x06 \x01(\t\x12\x35\n\x0f\x63onfidentiality\x18\x07 \x01(\x0e\x32\x1c.liandong.v1.Confidentiality\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x61ttachments\x18\t \x03(\x0b\x32\x1a.liandong.v1.AttachmentRef\x12\x31\n\x0e\x66ield_markings\x18\n \x03(\x0b\x32\x19.liandong.v1.FieldMarking\x12\x12\n\nversion_of\x18\x0b \x01(\t\x12)\n\x04\x63lue\x18\x14 \x01(\x0b\x32\x19.liandong.v1.ClueTransferH\x00\x12\x34\n\x0e\x63rime_transfer\x18\x15 \x01(\x0b\x32\x1a.liandong.v1.CrimeTransferH\x00\x12%\n\x06notice\x18\x16 \x01(\x0b\x32\x13.liandong.v1.NoticeH\x00\x12\x38\n\x10\x65vidence_request\x18\x17 \x01(\x0b\x32\x1c.liandong.v1.EvidenceRequestH\x00\x12:\n\x11\x65vidence_response\x18\x18 \x01(\x0b\x32\x1d.liandong.v1.EvidenceResponseH\x00\x12\x35\n\x0erecommendation\x18\x19 \x01(\x0b\x32\x1b.liandong.v1.RecommendationH\x00\x12@\n\x14recommendation_reply\x18\x1a \x01(\x0b\x32 .liandong.v1.RecommendationReplyH\x00\x12)\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x1b \x01(\x0b\x32\x15.liandong.v1.FeedbackH\x00\x42\x06\n\x04\x62ody\"v\n\x0c\x43lueTransfer\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63ts\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x13\n\x0blegal_basis\x18\x05 \x01(\t\x12\x10\n\x08\x65vidence\x18\x06 \x03(\t\"\xdf\x01\n\rCrimeTransfer\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63ts\x18\x02 \x01(\t\x12\x0f\n\x07suspect\x18\x03 \x01(\t\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x19\n\x11suspected_offence\x18\x05 \x01(\t\x12\x1a\n\x12transfer_letter_no\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12/\n\x0b\x61pproved_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vidence\x18\t \x03(\t\"\xf4\x01\n\x06Notice\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.liandong.v1.Notice.Kind\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xa4\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13KIND_MAJOR_INCIDENT\x10\x01\x12\x14\n\x10KIND_CASE_STATUS\x10\x02\x12\x15\n\x11KIND_DATA_SHARING\x10\x03\x12\x18\n\x14KIND_MEETING_MINUTES\x10\x04\x12\x11\n\rKIND_REMINDER\x10\x05\x12\x13\n\x0fKIND_ESCALATION\x10\x06\"W\n\x0f\x45videnceRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0f\n\x07matters\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x04 \x01(\t\"5\n\x10\x45videnceResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x10\n\x08\x66indings\x18\x02 \x01(\t\"e\n\x0eRecommendation\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63ts\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x03(\t\x12\x0e\n\x06urgent\x18\x05 \x01(\x08\"8\n\x13RecommendationReply\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x10\n\x08measures\x18\x02 \x01(\t\"Q\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x03\x64ue\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x01\n\x07Receipt\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65nvelope_sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x10\n\x08receiver\x18\x04 \x01(\t\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tlog_index\x18\x06 \x01(\x04\x12\x12\n\ncheckpoint\x18\x07 \x01(\t*\x8e\x01\n\x0f\x43onfidentiality\x12\x1f\n\x1b\x43ONFIDENTIALITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONFIDENTIALITY_PUBLIC\x10\x01\x12\x1c\n\x18\x43ONFIDENTIALITY_INTERNAL\x10\x02\x12 \n\x1c\x43ONFIDENTIALITY_CONFIDENTIAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aliandong/v1/envelope.proto\x12\x0bliandong.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12*\n\nsignatures\x18\x03 \x03(\x0b\x32\x16.liandong.v1.Signature\"\'\n\tSignature\x12\r\n\x05keyid\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"T\n\rAttachmentRef\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\"T\n\x0c\x46ieldMarking\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x35\n\x0f\x63onfidentiality\x18\x02 \x01(\x0e\x32\x1c.liandong.v1.Confidentiality\"\xb7\x06\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61se_ref\x18\x05 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x06 \x01(\t\x12\x35\n\x0f\x63onfidentiality\x18\x07 \x01(\x0e\x32\x1c.liandong.v1.Confidentiality\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x61ttachments\x18\t \x03(\x0b\x32\x1a.liandong.v1.AttachmentRef\x12\x31\n\x0e\x66ield_markings\x18\n \x03(\x0b\x32\x19.liandong.v1.FieldMarking\x12\x12\n\nversion_of\x18\x0b \x01(\t\x12\x16\n\x0e\x61ll_recipients\x18\x0c \x03(\t\x12)\n\x04\x63lue\x18\x14 \x01(\x0b\x32\x19.liandong.v1.ClueTransferH\x00\x12\x34\n\x0e\x63rime_transfer\x18\x15 \x01(\x0b\x32\x1a.liandong.v1.CrimeTransferH\x00\x12%\n\x06notice\x18\x16 \x01(\x0b\x32\x13.liandong.v1.NoticeH\x00\x12\x38\n\x10\x65vidence_request\x18\x17 \x01(\x0b\x32\x1c.liandong.v1.EvidenceRequestH\x00\x12:\n\x11\x65vidence_response\x18\x18 \x01(\x0b\x32\x1d.liandong.v1.EvidenceResponseH\x00\x12\x35\n\x0erecommendation\x18\x19 \x01(\x0b\x32\x1b.liandong.v1.RecommendationH\x00\x12@\n\x14recommendation_reply\x18\x1a \x01(\x0b\x32 .liandong.v1.RecommendationReplyH\x00\x12)\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x1b \x01(\x0b\x32\x15.liandong.v1.FeedbackH\x00\x42\x06\n\x04\x62ody\"v\n\x0c\x43lueTransfer\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63ts\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x13\n\x0blegal_basis\x18\x05 \x01(\t\x12\x10\n\x08\x65vidence\x18\x06 \x03(\t\"\xdf\x01\n\rCrimeTransfer\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63ts\x18\x02 \x01(\t\x12\x0f\n\x07suspect\x18\x03 \x01(\t\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x19\n\x11suspected_offence\x18\x05 \x01(\t\x12\x1a\n\x12transfer_letter_no\x18\x06 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x07 \x01(\t\x12/\n\x0b\x61pproved_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vidence\x18\t \x03(\t\"\xf4\x01\n\x06Notice\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.liandong.v1.Notice.Kind\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xa4\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13KIND_MAJOR_INCIDENT\x10\x01\x12\x14\n\x10KIND_CASE_STATUS\x10\x02\x12\x15\n\x11KIND_DATA_SHARING\x10\x03\x12\x18\n\x14KIND_MEETING_MINUTES\x10\x04\x12\x11\n\rKIND_REMINDER\x10\x05\x12\x13\n\x0fKIND_ESCALATION\x10\x06\"W\n\x0f\x45videnceRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0f\n\x07matters\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x04 \x01(\t\"5\n\x10\x45videnceResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x10\n\x08\x66indings\x18\x02 \x01(\t\"e\n\x0eRecommendation\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63ts\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x03(\t\x12\x0e\n\x06urgent\x18\x05 \x01(\x08\"8\n\x13RecommendationReply\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x10\n\x08measures\x18\x02 \x01(\t\"Q\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x03\x64ue\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x01\n\x07Receipt\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65nvelope_sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x10\n\x08receiver\x18\x04 \x01(\t\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tlog_index\x18\x06 \x01(\x04\x12\x12\n\ncheckpoint\x18\x07 \x01(\t*\x8e\x01\n\x0f\x43onfidentiality\x12\x1f\n\x1b\x43ONFIDENTIALITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONFIDENTIALITY_PUBLIC\x10\x01\x12\x1c\n\x18\x43ONFIDENTIALITY_INTERNAL\x10\x02\x12 \n\x1c\x43ONFIDENTIALITY_CONFIDENTIAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'liandong.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONFIDENTIALITY']._serialized_start=2347
-  _globals['_CONFIDENTIALITY']._serialized_end=2489
+  _globals['_CONFIDENTIALITY']._serialized_start=2371
+  _globals['_CONFIDENTIALITY']._serialized_end=2513
   _globals['_ENVELOPE']._serialized_start=76
   _globals['_ENVELOPE']._serialized_end=169
   _globals['_SIGNATURE']._serialized_start=171
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIELDMARKING']._serialized_start=298
   _globals['_FIELDMARKING']._serialized_end=382
   _globals['_MESSAGE']._serialized_start=385
-  _globals['_MESSAGE']._serialized_end=1184
-  _globals['_CLUETRANSFER']._serialized_start=1186
-  _globals['_CLUETRANSFER']._serialized_end=1304
-  _globals['_CRIMETRANSFER']._serialized_start=1307
-  _globals['_CRIMETRANSFER']._serialized_end=1530
-  _globals['_NOTICE']._serialized_start=1533
-  _globals['_NOTICE']._serialized_end=1777
-  _globals['_NOTICE_KIND']._serialized_start=1613
-  _globals['_NOTICE_KIND']._serialized_end=1777
-  _globals['_EVIDENCEREQUEST']._serialized_start=1779
-  _globals['_EVIDENCEREQUEST']._serialized_end=1866
-  _globals['_EVIDENCERESPONSE']._serialized_start=1868
-  _globals['_EVIDENCERESPONSE']._serialized_end=1921
-  _globals['_RECOMMENDATION']._serialized_start=1923
-  _globals['_RECOMMENDATION']._serialized_end=2024
-  _globals['_RECOMMENDATIONREPLY']._serialized_start=2026
-  _globals['_RECOMMENDATIONREPLY']._serialized_end=2082
-  _globals['_FEEDBACK']._serialized_start=2084
-  _globals['_FEEDBACK']._serialized_end=2165
-  _globals['_RECEIPT']._serialized_start=2168
-  _globals['_RECEIPT']._serialized_end=2344
+  _globals['_MESSAGE']._serialized_end=1208
+  _globals['_CLUETRANSFER']._serialized_start=1210
+  _globals['_CLUETRANSFER']._serialized_end=1328
+  _globals['_CRIMETRANSFER']._serialized_start=1331
+  _globals['_CRIMETRANSFER']._serialized_end=1554
+  _globals['_NOTICE']._serialized_start=1557
+  _globals['_NOTICE']._serialized_end=1801
+  _globals['_NOTICE_KIND']._serialized_start=1637
+  _globals['_NOTICE_KIND']._serialized_end=1801
+  _globals['_EVIDENCEREQUEST']._serialized_start=1803
+  _globals['_EVIDENCEREQUEST']._serialized_end=1890
+  _globals['_EVIDENCERESPONSE']._serialized_start=1892
+  _globals['_EVIDENCERESPONSE']._serialized_end=1945
+  _globals['_RECOMMENDATION']._serialized_start=1947
+  _globals['_RECOMMENDATION']._serialized_end=2048
+  _globals['_RECOMMENDATIONREPLY']._serialized_start=2050
+  _globals['_RECOMMENDATIONREPLY']._serialized_end=2106
+  _globals['_FEEDBACK']._serialized_start=2108
+  _globals['_FEEDBACK']._serialized_end=2189
+  _globals['_RECEIPT']._serialized_start=2192
+  _globals['_RECEIPT']._serialized_end=2368
 # @@protoc_insertion_point(module_scope)

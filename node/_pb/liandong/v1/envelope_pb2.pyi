@@ -174,6 +174,7 @@ class Message(_message.Message):
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     FIELD_MARKINGS_FIELD_NUMBER: _builtins.int
     VERSION_OF_FIELD_NUMBER: _builtins.int
+    ALL_RECIPIENTS_FIELD_NUMBER: _builtins.int
     CLUE_FIELD_NUMBER: _builtins.int
     CRIME_TRANSFER_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
@@ -215,6 +216,14 @@ class Message(_message.Message):
         """
 
     @_builtins.property
+    def all_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set on a version that sets version_of: every recipient of every version of the message
+        (this one's included, the sender never), sorted and each listed once. A recipient of
+        this version follows a reply to the first version only when its sender is listed here
+        (docs/protocol.md 5.3).
+        """
+
+    @_builtins.property
     def clue(self) -> Global___ClueTransfer: ...
     @_builtins.property
     def crime_transfer(self) -> Global___CrimeTransfer: ...
@@ -244,6 +253,7 @@ class Message(_message.Message):
         attachments: _abc.Iterable[Global___AttachmentRef] | None = ...,
         field_markings: _abc.Iterable[Global___FieldMarking] | None = ...,
         version_of: _builtins.str = ...,
+        all_recipients: _abc.Iterable[_builtins.str] | None = ...,
         clue: Global___ClueTransfer | None = ...,
         crime_transfer: Global___CrimeTransfer | None = ...,
         notice: Global___Notice | None = ...,
@@ -255,7 +265,7 @@ class Message(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clue", b"clue", "created_at", b"created_at", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "notice", b"notice", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body", b"body", "case_ref", b"case_ref", "clue", b"clue", "confidentiality", b"confidentiality", "created_at", b"created_at", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "field_markings", b"field_markings", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "sender", b"sender", "version_of", b"version_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_recipients", b"all_recipients", "attachments", b"attachments", "body", b"body", "case_ref", b"case_ref", "clue", b"clue", "confidentiality", b"confidentiality", "created_at", b"created_at", "crime_transfer", b"crime_transfer", "deadline", b"deadline", "evidence_request", b"evidence_request", "evidence_response", b"evidence_response", "feedback", b"feedback", "field_markings", b"field_markings", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "notice", b"notice", "recipients", b"recipients", "recommendation", b"recommendation", "recommendation_reply", b"recommendation_reply", "sender", b"sender", "version_of", b"version_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["clue", "crime_transfer", "notice", "evidence_request", "evidence_response", "recommendation", "recommendation_reply", "feedback"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
