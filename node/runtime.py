@@ -18,7 +18,7 @@ from typing import Any, cast
 import structlog
 from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -62,6 +62,7 @@ from node.server import build_admin_server, build_peer_server
 from node.services.admin import LocalAdminServicer
 from node.services.audit import AuditServicer
 from node.services.exchange import ExchangeServicer
+from node.services.health import NodeHealth
 from node.store.db import SequencerBusy, SequencerLock, make_engine, session_factory, upgrade
 from node.store.models import NODE_STATE, REGISTRIES, NodeStateRecord
 from node.store.writer import Batch, BatchWriter
@@ -391,7 +392,7 @@ class Node:
             self.delivery.enqueue,
             self._redact_for if self.hooks.redacts else None,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = NodeHealth()
         self.exchange_servicer = ExchangeServicer(self.receiver, self.blobs)
         self.audit_log = AuditLog(self.context, self.sessions, self.writer)
         self.peer_server = build_peer_server(

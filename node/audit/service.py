@@ -33,7 +33,8 @@ from node.audit.note import (
 from node.audit.proof import LogProof
 from node.audit.tree import NodeCache, StoredTree
 from node.exchange.context import NodeContext
-from node.exchange.errors import ExchangeError, Reason
+from node.exchange.errors import ExchangeError, Reason, shown
+from node.exchange.messages import UUID_RE
 from node.store.models import AUDIT_ENTRIES, CHECKPOINTS, COSIGNATURES
 from node.store.writer import Batch, BatchWriter
 
@@ -127,6 +128,11 @@ class AuditLog:
         _in_range(size, "size")
         _in_range(index or 0, "index")
         sees_all = self._sees_all(reader)
+        if message_id and not UUID_RE.match(message_id):
+            raise ExchangeError(
+                Reason.INVALID,
+                f"message_id {shown(message_id, 64)} is not a message id (a lower-case UUID)",
+            )
         with self.sessions() as session:
             if message_id:
                 index = self._index_of(session, message_id, None if sees_all else reader)
@@ -145,10 +151,10 @@ class AuditLog:
                 select(AUDIT_ENTRIES.c.entry).where(AUDIT_ENTRIES.c.idx == index)
             )
             self._check_root(checkpoint, tree)
-            shown = bytes(entry or b"")
-            if not sees_all and not is_party(str(reader), shown):
+            revealed = bytes(entry or b"")
+            if not sees_all and not is_party(str(reader), revealed):
                 return LogProof(index, tuple(hashes), checkpoint.note, None)
-            return LogProof(index, tuple(hashes), checkpoint.note, shown)
+            return LogProof(index, tuple(hashes), checkpoint.note, revealed)
 
     def prove_consistency(self, old_size: int, new_size: int) -> list[bytes]:
         _in_range(old_size, "old_size")

@@ -24,6 +24,7 @@ class Reason(Enum):
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"  # shutting down, try again
     TIMEOUT = "timeout"  # the caller sent nothing in time
+    UNIMPLEMENTED = "unimplemented"  # a method this node does not serve
 
 
 def _escaped(text: str) -> str:

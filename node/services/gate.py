@@ -41,7 +41,7 @@ import structlog
 from cryptography import x509
 
 from node.config import Limits
-from node.exchange.errors import ExchangeError, Reason
+from node.exchange.errors import ExchangeError, Reason, shown
 from node.exchange.inbound import PeerIdentity
 from node.pki import agency_from_certificate, certificate_fingerprint
 from node.services.status import STATUS_FOR_REASON
@@ -229,8 +229,20 @@ class PeerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
-            return None  # gRPC answers UNIMPLEMENTED
+            return self._unknown(details.method)
         return self._guarded(handler, details.method)
+
+    def _unknown(self, method: str) -> grpc.RpcMethodHandler:
+        """A method no service here has: UNIMPLEMENTED, audited like any refusal."""
+
+        named = shown(method, 128)  # the caller chose it: quoted and cut wherever it goes
+
+        async def refuse(_source: AsyncIterator[bytes], context: Any) -> None:
+            _current_peer.set(identify(context)[0])
+            error = ExchangeError(Reason.UNIMPLEMENTED, f"this node serves no method {named}")
+            await self._refuse(context, named, error)
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
     # -- one call ---------------------------------------------------------------------------
 
@@ -286,6 +298,8 @@ class PeerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, context: grpc.aio.ServicerContext, method: str, error: BaseException
     ) -> None:
         """Map what escaped a servicer: refusals, a stopping writer, and bugs."""
+        if isinstance(error, NotImplementedError):  # a generated servicer's default method
+            error = ExchangeError(Reason.UNIMPLEMENTED, f"{method} is not implemented here")
         if isinstance(error, ExchangeError):
             await self._refuse(context, method, error)
         elif isinstance(error, WriterStopped):

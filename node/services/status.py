@@ -22,6 +22,7 @@ STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Reason.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

@@ -30,7 +30,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from node._pb.liandong.v1 import audit_pb2, envelope_pb2, exchange_pb2, exchange_pb2_grpc
+from node._pb.liandong.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    envelope_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+)
 from node.envelope import envelope_digest
 from node.exchange.errors import MAX_REASON
 from node.federation_setup import NodeSetup, create_federation
@@ -593,3 +599,51 @@ def test_a_peer_cannot_reuse_the_id_of_a_message_this_node_sent(fed: Federation)
         fed.target, f"SELECT direction FROM messages WHERE message_id = '{ours}'"
     ) == [("out",)]
     assert_healthy_and_open(fed)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/liandong.v1.Audit/NoSuchMethod", "/x" * 2000],
+    ids=["unknown-method", "huge-path"],
+)
+def test_a_method_the_node_does_not_serve_is_unimplemented_and_audited(
+    fed: Federation, path: str
+) -> None:
+    logged = len(audit_events(fed.target))
+    with channel(fed) as ch:
+        error = refusal(lambda: raw_unary(ch, path, b"", server_streaming=False))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED, error.details()
+    assert len(error.details().encode()) <= MAX_REASON
+    [entry] = entries_after(fed, logged)
+    assert (entry["event"], entry["peer"]) == ("rejected", POLICE)
+    assert entry["detail"].startswith("unimplemented: ")
+    assert "Traceback" not in fed.receiver.log_path.read_text(encoding="utf-8")
+    assert_healthy_and_open(fed)
+
+
+def test_an_inclusion_proof_by_a_message_id_that_is_no_id_is_refused(fed: Federation) -> None:
+    """A NUL or a 300 KB "message id" never reaches the database (PostgreSQL refuses NUL)."""
+    for message_id in ("\x00", "x" * 300_000):
+        logged = len(audit_events(fed.target))
+        with channel(fed) as ch:
+            stub = audit_pb2_grpc.AuditStub(ch)
+            request = audit_pb2.InclusionProofRequest(message_id=message_id)
+            error = refusal(lambda r=request, s=stub: s.GetInclusionProof(r, timeout=TIMEOUT))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "is not a message id" in error.details()
+        assert len(error.details().encode()) < 300
+        [entry] = entries_after(fed, logged)
+        assert (entry["event"], entry["peer"]) == ("audit_query", POLICE)
+        assert len(entry["detail"].encode()) < 600
+    assert_healthy_and_open(fed)
+
+
+def test_health_list_answers_every_service(fed: Federation) -> None:
+    """grpc.health.v1.Health/List (which the health library leaves unimplemented) answers."""
+    with channel(fed) as ch:
+        answer = health_pb2_grpc.HealthStub(ch).List(
+            health_pb2.HealthListRequest(), timeout=TIMEOUT
+        )
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert answer.statuses[""].status == serving
+    assert answer.statuses["liandong.v1.Exchange"].status == serving
