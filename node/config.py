@@ -45,10 +45,11 @@ class Limits:
     # A call's first request must arrive this soon; a stream idle this long is ended.
     first_message_seconds: float = 30.0
     stream_idle_seconds: float = 600.0
-    # Unfinished uploads: bytes one member may leave partially uploaded, and for how long
-    # an upload nobody resumes is kept (node.exchange.attachments).
-    max_partial_upload_bytes: int = 16 * 1024 * 1024 * 1024
-    partial_upload_ttl_seconds: float = 7 * 86400.0
+    # Uploads no received message cites yet (unfinished, or verified and waiting for their
+    # message): bytes one member may hold, and how long one nobody touches is kept
+    # (node.exchange.attachments).
+    max_pending_upload_bytes: int = 16 * 1024 * 1024 * 1024
+    pending_upload_ttl_seconds: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -198,14 +199,14 @@ def load_config(path: Path) -> NodeConfig:
         ("limits", "peer_checks", limits.peer_checks),
         ("limits", "first_message_seconds", limits.first_message_seconds),
         ("limits", "stream_idle_seconds", limits.stream_idle_seconds),
-        ("limits", "max_partial_upload_bytes", limits.max_partial_upload_bytes),
-        ("limits", "partial_upload_ttl_seconds", limits.partial_upload_ttl_seconds),
+        ("limits", "max_pending_upload_bytes", limits.max_pending_upload_bytes),
+        ("limits", "pending_upload_ttl_seconds", limits.pending_upload_ttl_seconds),
     ):
         if value <= 0:
             raise ConfigError(f"config {path}: key '{section}.{key}' must be at least 1")
-    if limits.max_partial_upload_bytes < limits.max_attachment_bytes:
+    if limits.max_pending_upload_bytes < limits.max_attachment_bytes:
         raise ConfigError(
-            f"config {path}: key 'limits.max_partial_upload_bytes' must be at least "
+            f"config {path}: key 'limits.max_pending_upload_bytes' must be at least "
             f"'limits.max_attachment_bytes' ({limits.max_attachment_bytes}), or no file that "
             "large could be uploaded"
         )

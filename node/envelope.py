@@ -28,8 +28,25 @@ RECEIPT_PAYLOAD_TYPE = "application/vnd.liandong.receipt+protobuf"
 REGISTRY_PAYLOAD_TYPE = "application/vnd.liandong.registry+json"
 
 
+# Signatures one envelope may carry (docs/protocol.md 4.4): Liandong signs with one key, a
+# few allow for several signers; 30,000 must not be read at all.
+MAX_SIGNATURES = 4
+
+
 class EnvelopeError(Exception):
     """An envelope that cannot be accepted; str() says what is wrong and what to check."""
+
+
+class TooManySignatures(EnvelopeError):
+    """More signatures than MAX_SIGNATURES: a size limit, refused before any is verified."""
+
+
+def check_signature_count(envelope: envelope_pb2.Envelope) -> None:
+    if len(envelope.signatures) > MAX_SIGNATURES:
+        raise TooManySignatures(
+            f"envelope carries {len(envelope.signatures)} signatures; at most "
+            f"{MAX_SIGNATURES} are accepted"
+        )
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -78,10 +95,10 @@ def verify_envelope(
 
     `public_keys` are the sender's keys from the registry; signatures by other key ids
     are ignored as DSSE allows, but at least one must be known and valid. Each known key is
-    tried once, with the first signature naming it: however many signatures an envelope
-    carries, the work is bounded by the sender's keys (a receiver also caps their number,
-    node.exchange.inbound.MAX_SIGNATURES).
+    tried once, with the first signature naming it, and more than MAX_SIGNATURES
+    signatures is TooManySignatures: the work is bounded by the sender's keys.
     """
+    check_signature_count(envelope)
     if envelope.payload_type != payload_type:
         raise EnvelopeError(
             f"envelope payload type is {shown(envelope.payload_type, 80)}, "

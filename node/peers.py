@@ -36,10 +36,14 @@ RPC_FOR_FAMILY = {
 # default), so a batch is never sent on a stream the receiver is about to end.
 STREAM_REUSE_SECONDS = 300.0
 
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
 CHANNEL_OPTIONS = [
     # The receiver enforces the size limits, with a precise refusal; the client does not.
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    # What a peer answers is small (a batch's receipts and proofs: a few hundred KiB): a
+    # hostile receiver's 256 MiB "receipt" is cut off by gRPC, not read and hashed.
+    ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     # Reconnect quickly when a peer comes back: the outbox is waiting.
     ("grpc.initial_reconnect_backoff_ms", 200),

@@ -34,7 +34,7 @@ from node.audit.tree import TreeSequencer
 from node.audit.witness import Witness, split_views
 from node.config import NodeConfig, default_plugins
 from node.envelope import sign_note
-from node.exchange.attachments import BlobStore
+from node.exchange.attachments import BlobStore, expire_pending
 from node.exchange.case_changes import CaseChangeFeed
 from node.exchange.context import NodeContext
 from node.exchange.delivery import Confirmation, DeliveryWorker
@@ -70,7 +70,8 @@ from node.store.writer import Batch, BatchWriter
 log = structlog.get_logger(__name__)
 REGISTRY_SERIAL_KEY = "registry_serial"
 HEALTH_INTERVAL_SECONDS = 5.0
-PARTIAL_SWEEP_SECONDS = 3600.0
+PENDING_SWEEP_SECONDS = 3600.0
+REFUSAL_FLUSH_SECONDS = 5.0
 # Health service that says whether every peer has shown this node one consistent history.
 WITNESS_HEALTH = "liandong.v1.Witness"
 
@@ -462,7 +463,8 @@ class Node:
             loop.create_task(self._poll()),
             loop.create_task(self._watch()),
             loop.create_task(self._notify_confirmations()),
-            loop.create_task(self._expire_partial_uploads()),
+            loop.create_task(self._expire_pending_uploads()),
+            loop.create_task(self._write_refusal_counts()),
         ]
         await asyncio.to_thread(self.hooks.node_started, self.api)
         log.info(
@@ -619,18 +621,54 @@ class Node:
                 log.error("poll_local_system hook failed", error=str(error))
             await asyncio.sleep(self.config.poll_seconds)
 
-    async def _expire_partial_uploads(self) -> None:
-        """Unfinished uploads nobody resumes are deleted after `[limits]
-        partial_upload_ttl_seconds`: a peer must not fill the disk with halves of files."""
-        ttl = self.config.limits.partial_upload_ttl_seconds
+    async def _write_refusal_counts(self) -> None:
+        """Refusals past a caller's audit budget are counted; each kind's count is written
+        as one entry every few seconds (node.audit.refusals)."""
+        while True:
+            await asyncio.sleep(REFUSAL_FLUSH_SECONDS)
+            await self._flush_refusal_counts()
+
+    async def _flush_refusal_counts(self) -> None:
+        summaries = self.context.refusals.take_summaries()
+        if not summaries:
+            return
+
+        def write(batch: Batch) -> None:
+            for summary in summaries:
+                audit.append(
+                    batch,
+                    summary.event,
+                    node=self.config.agency,
+                    peer=summary.peer,
+                    detail=summary.detail,
+                )
+
+        try:
+            await self.writer.run(write)
+        except Exception:  # the counts are in the log line at least
+            log.exception(
+                "refusal counts not written",
+                counts={f"{s.peer} {s.event}": s.count for s in summaries},
+            )
+            return
+        log.warning(
+            "refusals over their audit budget counted",
+            counts={f"{s.peer} {s.event}": s.count for s in summaries},
+        )
+
+    async def _expire_pending_uploads(self) -> None:
+        """What a peer uploaded and no message it delivered cites (unfinished, or verified
+        and never cited) is deleted after `[limits] pending_upload_ttl_seconds`: a peer must
+        not fill the disk with files it never sends a message for."""
+        ttl = self.config.limits.pending_upload_ttl_seconds
         while True:
             try:
-                removed = await asyncio.to_thread(self.blobs.expire_partials, ttl)
+                removed = await expire_pending(self.blobs, ttl)
                 if removed:
-                    log.info("unfinished uploads expired", files=removed, ttl_seconds=ttl)
-            except OSError as error:
-                log.error("expiring unfinished uploads failed", error=str(error))
-            await asyncio.sleep(min(max(ttl / 4, 1.0), PARTIAL_SWEEP_SECONDS))
+                    log.info("uploads no message cited expired", files=removed, ttl_seconds=ttl)
+            except Exception:  # keep sweeping; the next round may succeed
+                log.exception("expiring uploads failed")
+            await asyncio.sleep(min(max(ttl / 4, 1.0), PENDING_SWEEP_SECONDS))
 
     async def _watch(self) -> None:
         while True:
@@ -731,6 +769,7 @@ class Node:
             leftovers.append(self._confirmations.get_nowait())
         await asyncio.to_thread(self._call_confirmation_hooks, leftovers)
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
+        await self._flush_refusal_counts()  # what was counted since the last flush
         await self.writer.stop()
         await self.transport.close()
         self.sequencer_lock.release()

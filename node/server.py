@@ -62,8 +62,7 @@ async def record_refusal(
     like every call to that service (docs/protocol.md 12.2), any other a `rejected`."""
     service, _, name = method.strip("/").partition("/")
     if service == AUDIT_SERVICE:
-        await audit_log.record_query(peer.agency_id, f"{name} refused: {error.message}")
-        error.audited = True
+        await audit_log.record_refused_query(peer.agency_id, name, error)
     else:
         await receiver.record_rejections([(None, error)], peer)
 

@@ -82,6 +82,7 @@ from hypothesis.strategies import SearchStrategy
 from node._pb.liandong.v1 import audit_pb2, envelope_pb2, exchange_pb2, exchange_pb2_grpc
 from node.audit.checkpoint import log_origin
 from node.audit.note import split_note
+from node.audit.refusals import COUNTED
 from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
     RECEIPT_PAYLOAD_TYPE,
@@ -113,7 +114,7 @@ FUZZ_LIMITS = f"""
 [limits]
 max_envelope_bytes = 262144
 max_attachment_bytes = 1048576
-max_partial_upload_bytes = 8388608
+max_pending_upload_bytes = 8388608
 max_recipients = 8
 peer_calls = {PEER_CALLS}
 peer_streams = {PEER_STREAMS}
@@ -1926,12 +1927,15 @@ class Runner:
             i if isinstance(i, Pause) else self.forge.piece(i) for i in plan.items
         ]
         batches = [i for i in items if isinstance(i, bytes)]
-        expected: list[int] = []  # results per answer: one per request, one for garbage
+        # Results per answer: one per request; one (seq 0) for garbage or a batch over
+        # MAX_BATCH requests, refused whole before its requests are read.
+        expected: list[int] = []
         for data in batches:
             try:
-                expected.append(len(exchange_pb2.DeliveryBatch.FromString(data).requests))
+                count = len(exchange_pb2.DeliveryBatch.FromString(data).requests)
             except DecodeError:
-                expected.append(1)
+                count = 1
+            expected.append(1 if count > MAX_BATCH else count)
 
         def requests() -> Iterator[bytes]:
             for item in items:
@@ -1980,7 +1984,6 @@ class Runner:
                 for r in exchange_pb2.DeliveryBatch.FromString(data).requests:
                     envelopes[r.seq].append(r.envelope)
         for answer in answers:
-            over = len(answer.results) > MAX_BATCH
             for result in answer.results:
                 name = CODE_NAMES.get(result.code, f"code {result.code}")
                 self.report.count("Exchange.Deliver (items)", name, result.message)
@@ -2001,12 +2004,9 @@ class Runner:
                         self.check_receipt(
                             rpc, candidates[0].SerializeToString(), result.receipt, plan
                         )
-                elif not over:
+                else:
                     with self.report.lock:
                         self.report.refusals["rejected"] += 1
-            if over:
-                with self.report.lock:
-                    self.report.refusals["rejected"] += 1
 
     def upload(self, rpc: Rpc, plan: Plan) -> None:
         item = plan.items[0] if plan.items else None
@@ -2228,6 +2228,13 @@ def _count_entries(setup: NodeSetup) -> int:
     return int(database_rows(setup, "SELECT count(*) FROM audit_entries")[0][0])
 
 
+def _refusals_in(entry: dict[str, Any]) -> int:
+    """How many refusals an entry stands for: one, or a summary's count (past a caller's
+    audit budget the node counts refusals of a kind: node.audit.refusals)."""
+    counted = COUNTED.match(entry.get("detail", ""))
+    return int(counted.group(1)) if counted else 1
+
+
 def _refusal_entries(setup: NodeSetup, start: int) -> list[dict[str, Any]]:
     rows = database_rows(
         setup,
@@ -2428,9 +2435,11 @@ def run_fuzz(
     for problem in log_problems(text):
         report.violation(Violation("traceback", problem))
     new = _refusal_entries(node.setup, entries_start)
-    report.audited["rejected"] = sum(e["event"] == "rejected" for e in new)
+    report.audited["rejected"] = sum(_refusals_in(e) for e in new if e["event"] == "rejected")
     report.audited["audit_query"] = sum(
-        e["event"] == "audit_query" and " refused: " in e.get("detail", "") for e in new
+        _refusals_in(e)
+        for e in new
+        if e["event"] == "audit_query" and " refused: " in e.get("detail", "")
     )
     for where in ("rejected", "audit_query"):
         if report.refusals[where] != report.audited[where]:

@@ -326,6 +326,13 @@ class AuditLog:
 
         await self.writer.run(write)
 
+    async def record_refused_query(self, peer: str, what: str, error: ExchangeError) -> None:
+        """Write a refused query, within the caller's budget (node.audit.refusals)."""
+        detail = f"{what} refused: {error.message}"
+        if self.context.refusals.spend(AuditEvent.AUDIT_QUERY, peer, error.reason.value, detail):
+            await self.record_query(peer, detail)
+        error.audited = True
+
     async def record_query(self, peer: str, what: str) -> None:
         """Write a member's query (or a refused one) to the log itself."""
 

@@ -57,6 +57,7 @@ from node.envelope import (
     EnvelopeError,
     verify_envelope,
 )
+from node.exchange.messages import time_of
 from node.federation import Registry, RegistryError, verify_registry
 from node.identity import key_id_for
 
@@ -71,7 +72,6 @@ TASKS_IN_FLIGHT_PER_WORKER = 4
 RECEIVED_MARK = b'"event":"received"'
 # Allocations between collections of the youngest generation (CPython's default: 700).
 GC_THRESHOLD = 100_000
-_LATEST_SECONDS = 253402300799  # 9999-12-31T23:59:59Z: a receipt time beyond is none
 
 
 @dataclass(frozen=True)
@@ -483,9 +483,9 @@ def _receipt_problem(
     stamp = receipt.received_at
     if not receipt.HasField("received_at"):
         return "has no received_at"
-    if not (0 <= stamp.seconds <= _LATEST_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+    received = time_of(stamp)
+    if received is None:
         return f"has received_at {stamp.seconds} s {stamp.nanos} ns, no valid time"
-    received = datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=stamp.nanos // 1000)
     if not registry.key_valid_at(signer, key_id, received):
         return f"is signed with a key of {signer} not valid at its received_at {received}"
     return ""

@@ -1,23 +1,29 @@
 """Content-addressed attachment store with resumable, verified uploads.
 
-Files live in ``blobs/<sha256 hex>`` once verified. An upload in progress lives in
-``blobs/partial/<sender>/<sha256 hex>``: each sender resumes only its own bytes, and a
-file another agency uploaded is never offered to a sender as already held (which sender
-may cite which file is recorded in the database: node.exchange.inbound).
-Nothing is ever held whole in memory: data moves in chunks of at most 1 MiB.
+Files that a stored message cites live in ``blobs/<sha256 hex>``, one copy whoever sent them.
+Everything else a sender has uploaded stays in its own folder, ``blobs/partial/<sender>/``:
+``<sha256 hex>`` while the upload is unfinished, ``<sha256 hex>.verified`` once its digest
+matched, until a message citing it is received and the file is adopted into the store. So
+each sender resumes only its own bytes, a file another agency uploaded is never offered to a
+sender as already held (which sender may cite which file is recorded in the database:
+node.exchange.inbound), and what a sender holds here without a message to show for it is
+bounded and expires. Nothing is ever held whole in memory: data moves in chunks of 1 MiB.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from node.exchange.errors import ExchangeError, Reason
 
 CHUNK_SIZE = 1024 * 1024
+VERIFIED = ".verified"
 
 
 def sender_folder(agency_id: str) -> str:
@@ -31,16 +37,20 @@ class BlobStore:
         self.root = root
         self.partial_dir = root / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        # (sender, digest) with an upload stream open: two streams appending to one partial
-        # file would interleave their bytes, so a second stream for it is refused. Released
-        # by Upload.abort on every path, cancellation included (node.exchange.inbound).
-        self.uploading: set[tuple[str, str]] = set()
+        # (sender, digest) -> declared size, for each upload stream open: two streams
+        # appending to one file would interleave their bytes, so a second is refused; and an
+        # open upload counts at its full size against the sender's bound. Released by
+        # Upload.abort on every path, cancellation included (node.exchange.inbound).
+        self.uploading: dict[tuple[str, str], int] = {}
 
     def path_for(self, sha256_hex: str) -> Path:
         return self.root / sha256_hex
 
     def partial_path(self, sender: str, sha256_hex: str) -> Path:
         return self.partial_dir / sender_folder(sender) / sha256_hex
+
+    def verified_path(self, sender: str, sha256_hex: str) -> Path:
+        return self.partial_dir / sender_folder(sender) / (sha256_hex + VERIFIED)
 
     def read(self, sha256_hex: str) -> bytes:
         """A stored blob whole (for small files: shared data, not evidence videos)."""
@@ -49,6 +59,10 @@ class BlobStore:
     def has(self, sha256_hex: str) -> bool:
         return self.path_for(sha256_hex).exists()
 
+    def held_for(self, sender: str, sha256_hex: str) -> bool:
+        """Whether a verified copy is here for `sender` to cite: adopted, or its own."""
+        return self.has(sha256_hex) or self.verified_path(sender, sha256_hex).exists()
+
     def held_by(self, sender: str, sha256_hex: str) -> int:
         """Bytes `sender` has uploaded so far of an upload it has not finished."""
         try:
@@ -56,38 +70,42 @@ class BlobStore:
         except FileNotFoundError:
             return 0
 
-    def partial_bytes(self, sender: str, *, besides: str = "") -> int:
-        """Bytes of `sender`'s unfinished uploads, other than the one of digest `besides`."""
-        folder = self.partial_dir / sender_folder(sender)
-        total = 0
+    def pending_bytes(self, sender: str, *, besides: str = "") -> int:
+        """Bytes `sender` holds here without a received message citing them — unfinished
+        uploads, verified ones not yet cited, and open uploads at their declared size —
+        other than those of digest `besides`."""
+        open_sizes = {sha: size for (who, sha), size in self.uploading.items() if who == sender}
+        total = sum(size for sha, size in open_sizes.items() if sha != besides)
         try:
-            entries = list(os.scandir(folder))
+            entries = list(os.scandir(self.partial_dir / sender_folder(sender)))
         except FileNotFoundError:
-            return 0
+            return total
         for entry in entries:
-            if entry.name != besides:
-                try:
-                    total += entry.stat().st_size
-                except FileNotFoundError:
-                    continue
-        return total
-
-    def expire_partials(self, ttl_seconds: float) -> int:
-        """Delete unfinished uploads nobody has written to for `ttl_seconds`; their count.
-
-        Call in a worker thread. Uploads with a stream open are kept, whatever their age.
-        """
-        cutoff = time.time() - ttl_seconds
-        open_paths = {self.partial_path(sender, sha) for sender, sha in self.uploading}
-        removed = 0
-        for path in self.partial_dir.rglob("*"):
+            digest = entry.name.removesuffix(VERIFIED)
+            if digest == besides or digest in open_sizes:
+                continue
             try:
-                if path.is_file() and path not in open_paths and path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
+                total += entry.stat().st_size
             except FileNotFoundError:
                 continue
-        return removed
+        return total
+
+    def stale_uploads(self, ttl_seconds: float) -> list[tuple[str, str, Path]]:
+        """(sender, digest, file) of what senders left here untouched for `ttl_seconds`:
+        unfinished uploads and verified files no message cited. Call in a worker thread; the
+        caller deletes each under the upload's reservation (node.runtime)."""
+        cutoff = time.time() - ttl_seconds
+        stale: list[tuple[str, str, Path]] = []
+        for folder in self.partial_dir.iterdir():
+            if not folder.is_dir():
+                if folder.name.startswith("local-") and _older(folder, cutoff):
+                    stale.append(("", "", folder))  # a local copy a crash left behind
+                continue
+            sender = folder.name.replace("+", "/")
+            for path in folder.iterdir():
+                if _older(path, cutoff):
+                    stale.append((sender, path.name.removesuffix(VERIFIED), path))
+        return stale
 
     def ingest_file(self, source: Path) -> tuple[bytes, int]:
         """Copy a local file into the store while hashing it; return (digest, size)."""
@@ -108,7 +126,20 @@ class BlobStore:
         os.replace(temp, self.path_for(digest.hexdigest()))
         return digest.digest(), size
 
-    def reserve(self, sender: str, sha256_hex: str) -> None:
+    def adopt(self, sender: str, sha256_hex: str) -> bool:
+        """Make `sender`'s verified copy the store's, for a message that cites it; False
+        when there is none (it expired): the sender must upload the file again."""
+        mine = self.verified_path(sender, sha256_hex)
+        try:
+            if self.has(sha256_hex):
+                mine.unlink(missing_ok=True)  # the same bytes are held already
+            else:
+                os.replace(mine, self.path_for(sha256_hex))
+        except FileNotFoundError:
+            return self.has(sha256_hex)
+        return True
+
+    def reserve(self, sender: str, sha256_hex: str, declared_size: int) -> None:
         """Claim the one upload stream of (sender, digest); Upload.abort releases it."""
         key = (sender, sha256_hex)
         if key in self.uploading:
@@ -117,7 +148,10 @@ class BlobStore:
                 f"an upload of attachment {sha256_hex[:16]}… is already in progress; "
                 "retry when it has finished",
             )
-        self.uploading.add(key)
+        self.uploading[key] = declared_size
+
+    def release(self, sender: str, sha256_hex: str) -> None:
+        self.uploading.pop((sender, sha256_hex), None)
 
     def begin_upload(
         self,
@@ -127,11 +161,12 @@ class BlobStore:
         expected_size: int,
         *,
         owned: bool,
-        max_partial_bytes: int,
+        max_pending_bytes: int,
     ) -> Upload:
         """Open `sender`'s upload of a digest it has reserved (call in a worker thread:
-        resuming re-reads what is held). `owned`: the sender uploaded this file before, so
-        the stream completes at once. On a refusal the reservation is released."""
+        resuming re-reads what is held). `owned`: the sender uploaded this file before and
+        its copy is held, so the stream completes at once. On a refusal the reservation is
+        released."""
         try:
             if offset > expected_size:
                 raise ExchangeError(Reason.INVALID, "upload offset beyond the attachment's size")
@@ -143,18 +178,18 @@ class BlobStore:
                     Reason.PRECONDITION,
                     f"upload offset {offset} is beyond the {held} bytes held; resume from {held}",
                 )
-            others = self.partial_bytes(sender, besides=sha256_hex)
-            if others + expected_size > max_partial_bytes:
+            others = self.pending_bytes(sender, besides=sha256_hex)
+            if others + expected_size > max_pending_bytes:
                 raise ExchangeError(
                     Reason.TOO_LARGE,
-                    f"this node holds {others} bytes of other unfinished uploads from "
-                    f"'{sender}'; with this file's {expected_size} that is over the "
-                    f"{max_partial_bytes} bytes allowed. Finish those uploads first (unfinished "
-                    "ones expire)",
+                    f"this node holds {others} bytes of '{sender}' that no message it "
+                    f"delivered cites yet; with this file's {expected_size} that is over the "
+                    f"{max_pending_bytes} bytes allowed. Deliver the messages those uploads "
+                    "are for first (what none cites expires)",
                 )
             return Upload(self, sender, sha256_hex, offset, expected_size, complete=False)
         except BaseException:
-            self.uploading.discard((sender, sha256_hex))
+            self.release(sender, sha256_hex)
             raise
 
     def open(self, sha256_hex: str) -> BinaryIO:
@@ -164,8 +199,37 @@ class BlobStore:
             raise ExchangeError(Reason.NOT_FOUND, f"attachment {sha256_hex} is not held") from None
 
 
+async def expire_pending(store: BlobStore, ttl_seconds: float) -> int:
+    """Delete what senders left untouched for `ttl_seconds` (BlobStore.stale_uploads); the
+    number of files deleted. Each is deleted while holding its upload's reservation, so no
+    upload of it can start (or be running) meanwhile; one in progress is skipped."""
+    cutoff_age = ttl_seconds
+    removed = 0
+    for sender, digest, path in await asyncio.to_thread(store.stale_uploads, cutoff_age):
+        if sender:
+            try:
+                store.reserve(sender, digest, 0)
+            except ExchangeError:  # an upload of it is open: not stale after all
+                continue
+        try:
+            if await asyncio.to_thread(_older, path, time.time() - cutoff_age):
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                removed += 1
+        finally:
+            if sender:
+                store.release(sender, digest)
+    return removed
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
 class Upload:
-    """One upload stream: appends chunks, then accepts the file only if the digest matches."""
+    """One upload stream: appends chunks, then keeps the file only if the digest matches."""
 
     def __init__(
         self,
@@ -178,7 +242,7 @@ class Upload:
         complete: bool,
     ) -> None:
         self.store = store
-        self.key = (sender, sha256_hex)
+        self.sender = sender
         self.sha256_hex = sha256_hex
         self.expected_size = expected_size
         self.partial = store.partial_path(sender, sha256_hex)
@@ -196,27 +260,29 @@ class Upload:
                 self.digest.update(chunk)
         self.file = self.partial.open("ab")
 
-    def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.expected_size:
-            self.abort(discard=True)
-            raise ExchangeError(
-                Reason.INVALID,
-                f"attachment {self.sha256_hex[:16]}… is larger than the {self.expected_size} "
-                "bytes named in the signed message",
-            )
-        self.size += len(data)
-        if self.file is None:  # this sender's own verified copy is held: count, keep nothing
-            return
-        self.file.write(data)
-        self.digest.update(data)
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Append chunks (call in a worker thread: it writes and hashes)."""
+        for data in chunks:
+            if self.size + len(data) > self.expected_size:
+                self.abort(discard=True)
+                raise ExchangeError(
+                    Reason.INVALID,
+                    f"attachment {self.sha256_hex[:16]}… is larger than the "
+                    f"{self.expected_size} bytes named in the signed message",
+                )
+            self.size += len(data)
+            if self.file is None:  # this sender's own verified copy is held: count only
+                continue
+            self.file.write(data)
+            self.digest.update(data)
 
     def finish(self) -> bool:
-        """Close the stream; True when the file is complete, verified and stored.
+        """Close the stream; True when the file is complete, verified and kept.
 
         Call in a worker thread (it fsyncs).
         """
         if self.file is None:
-            return self.store.has(self.sha256_hex)
+            return self.store.held_for(self.sender, self.sha256_hex)
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -230,8 +296,7 @@ class Upload:
                 f"attachment content does not match SHA-256 {self.sha256_hex} in the signed "
                 "message; the upload was discarded",
             )
-        # The same bytes another sender may have stored already: replacing is harmless.
-        os.replace(self.partial, self.store.path_for(self.sha256_hex))
+        os.replace(self.partial, self.store.verified_path(self.sender, self.sha256_hex))
         return True
 
     def abort(self, *, discard: bool = False) -> None:
@@ -241,4 +306,4 @@ class Upload:
             self.file = None
         if discard:
             self.partial.unlink(missing_ok=True)
-        self.store.uploading.discard(self.key)
+        self.store.release(self.sender, self.sha256_hex)

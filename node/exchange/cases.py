@@ -428,31 +428,28 @@ class CaseBook:
         would see a false one, and the sender is among the version's ``all_recipients``
         (a version without them, from an older sender, cannot tell: not followed).
         """
-        refusal, family = "", ""
+        refused = False
         for case, co_recipients, by_version in self._named_cases(batch, message):
             if case["peer"] == message.sender:
                 continue  # its own case with this node, which it answered without an event
             why = self._not_a_party(case, co_recipients, by_version, message.sender)
             if not why:
                 return self._with_event(case, message)
-            if not refusal:
-                refusal = (
-                    f"case {case['case_id']} ({case['family']}) with {case['peer']}: "
-                    f"{message.sender} is not a party of it ({why}); nothing moved"
+            if not refused:
+                refused = True
+                # The entry names the sender as its peer, so the sender may read it (Audit
+                # service): it says what the sender already knows, nothing of the case.
+                log.warning("case_mismatch", peer=message.sender, case=case["case_id"], error=why)
+                audit.append(
+                    batch,
+                    AuditEvent.CASE_MISMATCH,
+                    node=self.agency,
+                    at=at,
+                    message_id=message.message_id,
+                    peer=message.sender,
+                    detail=f"reply to {message.in_reply_to}: {message.sender} is no party of "
+                    "the case it names; nothing moved",
                 )
-                family = case["family"]
-        if refusal:
-            log.warning("case_mismatch", peer=message.sender, error=refusal)
-            audit.append(
-                batch,
-                AuditEvent.CASE_MISMATCH,
-                node=self.agency,
-                at=at,
-                message_id=message.message_id,
-                peer=message.sender,
-                family=family,
-                detail=refusal,
-            )
         return None
 
     def _named_cases(

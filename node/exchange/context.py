@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from node.audit.refusals import RefusalBudget
 from node.config import Limits
 from node.exchange.cases import CaseBook
 from node.exchange.deadlines import Deadlines
@@ -23,6 +24,8 @@ class NodeContext:
     limits: Limits
     deadlines: Deadlines = field(default_factory=Deadlines)
     thresholds: tuple[Threshold, ...] = LEGAL_THRESHOLDS  # for 应移未移 (node.exchange.supervision)
+    # Which refusals get an audit entry each, and which are counted (node.audit.refusals).
+    refusals: RefusalBudget = field(default_factory=RefusalBudget)
 
     def __post_init__(self) -> None:
         # The lifecycles and clocks of this node's cases, moved in the writer's units.

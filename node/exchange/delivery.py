@@ -32,23 +32,15 @@ from node.config import Delivery
 from node.envelope import RECEIPT_PAYLOAD_TYPE, EnvelopeError, envelope_digest, verify_envelope
 from node.exchange.attachments import BlobStore
 from node.exchange.context import NodeContext
-from node.exchange.errors import MAX_REASON, MAX_SHOWN, ExchangeError, Reason, shown
+from node.exchange.errors import MAX_SHOWN, ExchangeError, Reason, bounded, shown
 from node.exchange.inbound import MAX_BATCH
+from node.exchange.messages import time_of
 from node.federation import Member, Registry
 from node.store.models import DELIVERIES, DeliveryRecord, MessageRecord
 from node.store.writer import Batch, BatchWriter
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 0.5
-# Receipt times a receiver may state: the range a Timestamp of check 4 (section 6) allows.
-_LATEST_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
-
-
-def bounded(text: str, limit: int = MAX_REASON) -> str:
-    """A text that quotes a peer (a refusal, a transport error with the peer's status
-    message) fit for `last_error`, a log line or an audit entry: escaped, at most `limit`
-    UTF-8 bytes. Each value of the peer's in it is quoted with `shown` (MAX_SHOWN bytes)."""
-    return shown(text, limit)[1:-1]
 
 
 class TransportError(Exception):
@@ -168,14 +160,12 @@ def verify_receipt(
         problems.append(f"it is signed as receiver {shown(body.receiver)}")
     reason = Reason.INVALID
     stamp = body.received_at
+    received = time_of(stamp)
     if not body.HasField("received_at"):
         problems.append("it has no received_at")
-    elif not (0 <= stamp.seconds <= _LATEST_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+    elif received is None:
         problems.append(f"its received_at ({stamp.seconds} s, {stamp.nanos} ns) is no valid time")
     else:
-        received = datetime.fromtimestamp(stamp.seconds, UTC).replace(
-            microsecond=stamp.nanos // 1000
-        )
         if received - now > timedelta(seconds=clock_skew_seconds):
             problems.append(
                 f"its received_at {received.isoformat()} is more than {clock_skew_seconds:g} s "

@@ -25,6 +25,7 @@ class Reason(Enum):
     UNAVAILABLE = "unavailable"  # shutting down, try again
     TIMEOUT = "timeout"  # the caller sent nothing in time
     UNIMPLEMENTED = "unimplemented"  # a method this node does not serve
+    INTERNAL = "internal"  # a bug in this node (logged with its traceback)
 
 
 def _escaped(text: str) -> str:
@@ -44,11 +45,24 @@ def cut(text: str, limit: int) -> str:
     return data[:room].decode("utf-8", "ignore") + marker
 
 
+def bounded(text: str, limit: int = MAX_REASON) -> str:
+    """`text` escaped and cut to `limit` bytes, without walking more of it than can show: a
+    character takes at least one byte, so only the first `limit` can appear (and the marker
+    still counts the whole)."""
+    head = _escaped(text[: limit + 1])
+    if len(text) <= limit + 1:
+        return cut(head, limit)
+    whole = len(text.encode("utf-8", "backslashreplace"))
+    marker = f"…[{whole} bytes]"
+    room = max(0, limit - len(marker.encode()))
+    return head.encode("utf-8", "backslashreplace")[:room].decode("utf-8", "ignore") + marker
+
+
 def shown(value: str | bytes, limit: int = MAX_SHOWN) -> str:
     """A value a peer chose, as a refusal may quote it: escaped, cut, in quotes."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
-    return "'" + cut(_escaped(value), limit) + "'"
+    return "'" + bounded(value, limit) + "'"
 
 
 def shown_list(values: list[str], limit: int = 3) -> str:
@@ -61,12 +75,13 @@ def shown_list(values: list[str], limit: int = 3) -> str:
 class ExchangeError(Exception):
     """A refusal with a reason and a sentence a person can act on.
 
-    `audited` is set once the refusal has its audit entry, so the edge that answers the
-    caller writes one for every refusal that has none yet, and never a second.
+    `audited` is set once the refusal is accounted for in the audit log (its own entry, or
+    counted: node.audit.refusals), or needs none; the edge that answers the caller writes an
+    entry for every refusal not yet accounted for, and never a second.
     """
 
     def __init__(self, reason: Reason, message: str) -> None:
-        message = cut(_escaped(message), MAX_REASON)
+        message = bounded(message, MAX_REASON)
         super().__init__(message)
         self.reason = reason
         self.message = message

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +28,8 @@ from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
     RECEIPT_PAYLOAD_TYPE,
     EnvelopeError,
+    TooManySignatures,
+    check_signature_count,
     envelope_digest,
     serialize_envelope,
     sign_envelope,
@@ -51,10 +54,16 @@ from node.store.writer import Batch, BatchWriter
 
 # Messages one delivery batch may carry (DeliveryBatch in docs/protocol.md).
 MAX_BATCH = 256
-# Signatures one envelope may carry (docs/protocol.md 4.4): Liandong signs with one key; a
-# few allow for several signers. Each signature that names a key of the sender costs a
-# verification, so 30,000 of them must not be read at all.
-MAX_SIGNATURES = 4
+QUERY_SLICE = 1000  # values in one SQL IN (...) list
+CHUNKS_PER_WRITE = 4  # upload chunks written (and hashed) in one worker-thread hop
+
+
+def batch_too_large(count: int) -> ExchangeError:
+    return ExchangeError(
+        Reason.TOO_LARGE,
+        f"a batch of {count} messages is over the limit of {MAX_BATCH}; "
+        "send the rest in another batch",
+    )
 
 
 @dataclass(frozen=True)
@@ -151,19 +160,12 @@ class Receiver:
                 f"envelope of {size} bytes exceeds this node's limit of "
                 f"{limits.max_envelope_bytes}; send large content as attachments",
             )
-        if len(envelope.signatures) > MAX_SIGNATURES:
-            raise ExchangeError(
-                Reason.TOO_LARGE,
-                f"envelope carries {len(envelope.signatures)} signatures; at most "
-                f"{MAX_SIGNATURES} are accepted",
-            )
-        registry = self.authenticate_peer(peer, now)
         try:
-            key_id = verify_envelope(
-                envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(peer.agency_id)
-            )
-        except EnvelopeError as error:
-            raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+            check_signature_count(envelope)
+        except TooManySignatures as error:
+            raise ExchangeError(Reason.TOO_LARGE, str(error)) from None
+        registry = self.authenticate_peer(peer, now)
+        key_id = _verified_by(envelope, registry.public_keys(peer.agency_id))
         message = parse_message(envelope.payload)
         if message.sender != peer.agency_id:
             raise ExchangeError(
@@ -262,11 +264,7 @@ class Receiver:
         Each envelope is checked, stored or refused on its own; refusals are audited.
         """
         if len(envelopes) > MAX_BATCH:
-            error = ExchangeError(
-                Reason.TOO_LARGE,
-                f"a batch of {len(envelopes)} messages is over the limit of {MAX_BATCH}; "
-                "send the rest in another batch",
-            )
+            error = batch_too_large(len(envelopes))
             await self.record_rejections([(None, error)], peer)
             return [error] * len(envelopes)
         # Off the event loop: Ed25519 releases the GIL, so checking signatures overlaps
@@ -331,11 +329,11 @@ class Receiver:
             for ref in result.message.attachments
         }
         if cited:
-            owned = self.uploaded_by(peer.agency_id, cited)
+            owned = self._uploaded(peer.agency_id, cited)
             for position, result in enumerate(results):
                 if isinstance(result, VerifiedMessage):
                     try:
-                        self._check_attachments_held(result.message, owned)
+                        self._check_attachments_held(result.message, peer.agency_id, owned)
                     except ExchangeError as error:
                         results[position] = error
         return results
@@ -353,20 +351,34 @@ class Receiver:
 
     def uploaded_by(self, sender: str, digests: set[str]) -> set[str]:
         """Which of `digests` (hex) `sender` itself uploaded and this node holds verified."""
-        with self.sessions() as session:
-            found = session.scalars(
-                select(ATTACHMENT_UPLOADS.c.sha256).where(
-                    ATTACHMENT_UPLOADS.c.sender == sender,
-                    ATTACHMENT_UPLOADS.c.sha256.in_(sorted(digests)),
-                )
-            ).all()
-        return {digest for digest in found if self.blobs.has(digest)}
+        return {d for d in self._uploaded(sender, digests) if self.blobs.held_for(sender, d)}
 
-    def _check_attachments_held(self, message: envelope_pb2.Message, owned: set[str]) -> None:
+    def _uploaded(self, sender: str, digests: set[str]) -> set[str]:
+        """Which of `digests` (hex) `sender` itself uploaded (verified) at some time."""
+        wanted = sorted(digests)
+        found: list[str] = []
+        with self.sessions() as session:
+            # In slices: a batch may cite 256 x 1000 files, and PostgreSQL takes at most
+            # 65,535 parameters a statement.
+            for start in range(0, len(wanted), QUERY_SLICE):
+                found += session.scalars(
+                    select(ATTACHMENT_UPLOADS.c.sha256).where(
+                        ATTACHMENT_UPLOADS.c.sender == sender,
+                        ATTACHMENT_UPLOADS.c.sha256.in_(wanted[start : start + QUERY_SLICE]),
+                    )
+                ).all()
+        return set(found)
+
+    def _check_attachments_held(
+        self, message: envelope_pb2.Message, sender: str, uploaded: set[str]
+    ) -> None:
         """Check 11: the sender uploaded every file it cites, itself (a file another agency
-        uploaded is not the sender's to cite, and this node does not say that it holds it)."""
+        uploaded is not the sender's to cite, and this node does not say that it holds it).
+        Each verified copy it cites becomes the store's here (adopted), so what it uploaded
+        counts against its bound only until a message cites it."""
         for ref in message.attachments:
-            if ref.sha256.hex() not in owned:
+            digest = ref.sha256.hex()
+            if digest not in uploaded or not self.blobs.adopt(sender, digest):
                 raise ExchangeError(
                     Reason.PRECONDITION,
                     f"attachment {shown(ref.file_name, 64)} ({ref.sha256.hex()[:16]}…) has not "
@@ -384,7 +396,9 @@ class Receiver:
         refused: Sequence[tuple[envelope_pb2.Envelope | None, ExchangeError]],
         peer: PeerIdentity,
     ) -> None:
-        """One audit entry per refusal, naming the envelope's digest when there is one."""
+        """An audit entry per refusal, naming the envelope's digest when there is one; past
+        the caller's budget for that kind of refusal, counted for a summary entry instead
+        (node.audit.refusals)."""
 
         def write(
             envelope: envelope_pb2.Envelope | None, error: ExchangeError, batch: Batch
@@ -398,8 +412,18 @@ class Receiver:
                 detail=f"{error.reason.value}: {error.message}",
             )
 
+        budget = self.context.refusals
         outcomes = await self.writer.run_many(
-            [partial(write, envelope, error) for envelope, error in refused]
+            [
+                partial(write, envelope, error)
+                for envelope, error in refused
+                if budget.spend(
+                    AuditEvent.REJECTED,
+                    peer.agency_id,
+                    error.reason.value,
+                    f"{error.reason.value}: {error.message}",
+                )
+            ]
         )
         for outcome in outcomes:
             if isinstance(outcome, Exception):
@@ -540,7 +564,7 @@ class Receiver:
         """
         try:
             ref, owned = await asyncio.to_thread(self._upload_state, envelope, sha256, peer)
-            self.blobs.reserve(peer.agency_id, sha256.hex())
+            self.blobs.reserve(peer.agency_id, sha256.hex(), ref.size)
             upload = await _to_thread_to_the_end(
                 partial(
                     self.blobs.begin_upload,
@@ -549,17 +573,24 @@ class Receiver:
                     offset,
                     ref.size,
                     owned=owned,
-                    max_partial_bytes=self.context.limits.max_partial_upload_bytes,
+                    max_pending_bytes=self.context.limits.max_pending_upload_bytes,
                 ),
                 on_cancel=lambda opened: opened.abort(),
             )
             try:
+                # Writing and hashing happen in a worker thread, a few chunks a hop: a disk
+                # that throttles writes must not stall the event loop.
+                pending: list[bytes] = []
                 async for data in chunks:
                     if len(data) > CHUNK_SIZE:
                         raise ExchangeError(
                             Reason.TOO_LARGE, f"upload chunks are at most {CHUNK_SIZE} bytes"
                         )
-                    upload.write(data)
+                    pending.append(data)
+                    if len(pending) >= CHUNKS_PER_WRITE:
+                        await _to_thread_to_the_end(partial(upload.write, pending))
+                        pending = []
+                await _to_thread_to_the_end(partial(upload.write, pending))
                 complete = await _to_thread_to_the_end(upload.finish)
             finally:
                 upload.abort()
@@ -584,18 +615,7 @@ class Receiver:
         self, envelope: envelope_pb2.Envelope, sha256: bytes, peer: PeerIdentity
     ) -> None:
         registry = self.authenticate_peer(peer, datetime.now(UTC))
-        if len(envelope.signatures) > MAX_SIGNATURES:
-            raise ExchangeError(
-                Reason.TOO_LARGE,
-                f"envelope carries {len(envelope.signatures)} signatures; at most "
-                f"{MAX_SIGNATURES} are accepted",
-            )
-        try:
-            verify_envelope(
-                envelope, MESSAGE_PAYLOAD_TYPE, registry.public_keys(self.context.agency)
-            )
-        except EnvelopeError as error:
-            raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+        _verified_by(envelope, registry.public_keys(self.context.agency))
         message = parse_message(envelope.payload)
         if peer.agency_id not in message.recipients:
             raise ExchangeError(
@@ -605,7 +625,7 @@ class Receiver:
         if all(ref.sha256 != sha256 for ref in message.attachments):
             raise ExchangeError(Reason.NOT_FOUND, "that digest is not attached to this message")
         if not self.blobs.has(sha256.hex()):
-            raise ExchangeError(Reason.NOT_FOUND, f"attachment {sha256.hex()} is not held")
+            raise ExchangeError(Reason.NOT_FOUND, f"attachment {sha256.hex()[:16]}… is not held")
 
     async def _record_attachment(
         self, ref: envelope_pb2.AttachmentRef, envelope: envelope_pb2.Envelope, peer: PeerIdentity
@@ -644,6 +664,16 @@ class Receiver:
         await self.writer.run(write)
 
 
+def _verified_by(envelope: envelope_pb2.Envelope, keys: Mapping[str, Ed25519PublicKey]) -> str:
+    """The key id of the signature that verifies (section 4.4), as a refusal when none does."""
+    try:
+        return verify_envelope(envelope, MESSAGE_PAYLOAD_TYPE, keys)
+    except TooManySignatures as error:
+        raise ExchangeError(Reason.TOO_LARGE, str(error)) from None
+    except EnvelopeError as error:
+        raise ExchangeError(Reason.UNAUTHENTICATED, str(error)) from None
+
+
 Opened = TypeVar("Opened")
 
 
@@ -660,17 +690,13 @@ async def _to_thread_to_the_end(
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if on_cancel is not None:
-            # A callback, not code after an await: a second cancellation cannot skip it.
-            undo = on_cancel
-
-            def undo_when_done(done: asyncio.Future[Opened]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    undo(done.result())
-
-            task.add_done_callback(undo_when_done)
-        with contextlib.suppress(BaseException):
-            await task
+        # The task itself is never cancelled (only shielded awaits of it are), so however
+        # often the caller is cancelled again, the thread's result is waited for and undone.
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(task)
+        if on_cancel is not None and task.exception() is None:
+            on_cancel(task.result())
         raise
 
 

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
@@ -29,6 +29,9 @@ from node.plugin_api import cleared, most_restricted
 MAX_TIMESTAMP_SECONDS = 253402300800  # 10000-01-01T00:00:00Z, protobuf Timestamp's bound
 # \Z, not $: "$" also matches before a final newline, and a 37-character id would then fail
 # the database column instead of getting INVALID_ARGUMENT.
+# Attachments one message may list: a case file of photos runs to hundreds; a bound keeps
+# the receiver's per-message work (and its database queries) small.
+MAX_ATTACHMENTS = 1000
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 # What a receiver must be able to store (docs/protocol.md section 5, check 4 of section 6).
@@ -195,6 +198,14 @@ def compose_message(
     return message
 
 
+def time_of(stamp: Timestamp) -> datetime | None:
+    """A Timestamp from the wire as a UTC datetime; None outside 1970-01-01 .. 9999-12-31
+    (or with nanos out of range), which no peer's valid time can be."""
+    if not (0 <= stamp.seconds < MAX_TIMESTAMP_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        return None
+    return datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=stamp.nanos // 1000)
+
+
 def set_timestamp(field: Timestamp, moment: datetime) -> None:
     """Timestamp.FromDatetime (a naive datetime is taken as UTC), at a fraction of its cost."""
     field.seconds = calendar.timegm(moment.utctimetuple())
@@ -358,7 +369,8 @@ def check_contents(message: envelope_pb2.Message, payload: bytes) -> None:
     """What a receiver must be able to store and act on, besides the structure: recipients
     each listed once and never the sender, a reply naming another message by its id, a
     case_ref that fits, attachment names a folder can hold, all_recipients as section 5.3
-    says, and no NUL character in any text (PostgreSQL cannot store one). Raises
+    says, at most MAX_ATTACHMENTS attachments, and no NUL character in any text (PostgreSQL
+    cannot store one). Raises
     ExchangeError(INVALID); ``payload`` is the message's serialized form (any encoding)."""
     recipients = message.recipients
     if len(set(recipients)) != len(recipients):
@@ -380,6 +392,11 @@ def check_contents(message: envelope_pb2.Message, payload: bytes) -> None:
     if len(message.case_ref) > MAX_CASE_REF_CHARS:
         raise _invalid(
             f"case_ref is {len(message.case_ref)} characters; at most {MAX_CASE_REF_CHARS}"
+        )
+    if len(message.attachments) > MAX_ATTACHMENTS:
+        raise _invalid(
+            f"the message lists {len(message.attachments)} attachments; at most "
+            f"{MAX_ATTACHMENTS} (send the rest with another message)"
         )
     for ref in message.attachments:
         problem = file_name_problem(ref.file_name)

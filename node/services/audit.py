@@ -56,8 +56,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         try:
             result = await asyncio.to_thread(answer)
         except ExchangeError as error:
-            await self.log.record_query(peer, f"{what} refused: {error.message}")
-            error.audited = True
+            await self.log.record_refused_query(peer, what, error)
             raise
         await self.log.record_query(peer, what)
         return result

@@ -15,7 +15,7 @@ import grpc
 from node._pb.liandong.v1 import envelope_pb2, exchange_pb2, exchange_pb2_grpc
 from node.exchange.attachments import CHUNK_SIZE, BlobStore
 from node.exchange.errors import ExchangeError, Reason
-from node.exchange.inbound import Receiver
+from node.exchange.inbound import MAX_BATCH, Receiver, batch_too_large
 from node.services.gate import Undecodable, current_peer
 from node.services.status import item_status
 from node.services.streams import answer_concurrently
@@ -59,24 +59,31 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     ) -> AsyncIterator[exchange_pb2.DeliveryResults]:
         """Batches of messages on one stream; each batch answered whole, in completion order.
 
-        A batch that does not parse has no seqs to answer by: it gets one result with seq 0
-        (never a sender's seq) carrying the refusal, and the stream goes on.
+        A batch refused whole — it does not parse, or holds more than MAX_BATCH requests —
+        gets one result with seq 0 (never a sender's seq) carrying the refusal, and the stream
+        goes on. The count is checked before any request is touched: 4 million empty requests
+        fit in one gRPC message.
         """
         peer = current_peer()
+
+        async def refuse_batch(refusal: ExchangeError) -> exchange_pb2.DeliveryResults:
+            try:
+                await self.receiver.record_rejections([(None, refusal)], peer)
+            except Exception as error:  # the node is stopping: the answer still goes
+                refusal = ExchangeError(Reason.UNAVAILABLE, str(error))
+            code, message = item_status(refusal, "Deliver")
+            return exchange_pb2.DeliveryResults(
+                results=[exchange_pb2.DeliveryResult(seq=0, code=code, message=message)]
+            )
 
         async def receive_batch(
             batch: exchange_pb2.DeliveryBatch | Undecodable,
         ) -> exchange_pb2.DeliveryResults:
-            results = exchange_pb2.DeliveryResults()
             if isinstance(batch, Undecodable):
-                refusal = batch.refusal()
-                try:
-                    await self.receiver.record_rejections([(None, refusal)], peer)
-                except Exception as error:  # the node is stopping: the answer still goes
-                    refusal = ExchangeError(Reason.UNAVAILABLE, str(error))
-                code, message = item_status(refusal, "Deliver")
-                results.results.add(seq=0, code=code, message=message)
-                return results
+                return await refuse_batch(batch.refusal())
+            if len(batch.requests) > MAX_BATCH:
+                return await refuse_batch(batch_too_large(len(batch.requests)))
+            results = exchange_pb2.DeliveryResults()
             requests = batch.requests
             try:
                 outcomes = await self.receiver.receive_many([r.envelope for r in requests], peer)

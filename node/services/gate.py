@@ -44,13 +44,11 @@ from node.config import Limits
 from node.exchange.errors import ExchangeError, Reason, shown
 from node.exchange.inbound import PeerIdentity
 from node.pki import agency_from_certificate, certificate_fingerprint
-from node.services.status import STATUS_FOR_REASON
-from node.store.writer import WriterStopped
+from node.services.status import STATUS_FOR_REASON, as_refusal
 
 log = structlog.get_logger(__name__)
 
 UNKNOWN = "unknown"  # the peer an audit entry names when the certificate names no agency
-NON_MEMBERS = ""  # the one share that every caller outside the registry falls into
 
 _current_peer: ContextVar[PeerIdentity] = ContextVar("liandong_peer")
 
@@ -125,10 +123,9 @@ class _Shares:
     def hold(self, holder: str, kinds: list[tuple[str, int]]) -> Iterator[None]:
         for kind, limit in kinds:
             if self._open.get((holder, kind), 0) >= limit:
-                who = f"'{holder}'" if holder else "callers outside the federation"
                 raise ExchangeError(
                     Reason.TOO_LARGE,
-                    f"{who} already have {limit} {kind} open on this node, the most allowed "
+                    f"{holder} already has {limit} {kind} open on this node, the most allowed "
                     "at once; wait for answers before opening more",
                 )
         for kind, _limit in kinds:
@@ -251,12 +248,15 @@ class PeerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service = method.strip("/").split("/", 1)[0]
         admission = self.admissions.get(service)
         if admission is None:  # open: counted in the caller's own share of checks
-            member = not problem and self.is_member(peer)
-            return (peer.agency_id if member else NON_MEMBERS), service
+            # A member's own share; outside the registry, one per certificate the CA issued
+            # (so one stranger cannot squat on the checks of another, a monitor, say).
+            if not problem and self.is_member(peer):
+                return f"'{peer.agency_id}'", service
+            return f"certificate {peer.certificate_sha256[:16]}…", service
         if problem:
             raise ExchangeError(Reason.UNAUTHENTICATED, problem)
         admission(peer)
-        return peer.agency_id, service
+        return f"'{peer.agency_id}'", service
 
     def _kinds(self, service: str, streaming: bool) -> list[tuple[str, int]]:
         if service not in self.admissions:
@@ -297,18 +297,8 @@ class PeerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _failed(
         self, context: grpc.aio.ServicerContext, method: str, error: BaseException
     ) -> None:
-        """Map what escaped a servicer: refusals, a stopping writer, and bugs."""
-        if isinstance(error, NotImplementedError):  # a generated servicer's default method
-            error = ExchangeError(Reason.UNIMPLEMENTED, f"{method} is not implemented here")
-        if isinstance(error, ExchangeError):
-            await self._refuse(context, method, error)
-        elif isinstance(error, WriterStopped):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        else:
-            log.error("internal error", rpc=method, exc_info=error)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error in {method}; see the node's log"
-            )
+        """Answer (and audit) whatever escaped a servicer (node.services.status)."""
+        await self._refuse(context, method, as_refusal(error, method))
 
     def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         parse = _lenient(handler.request_deserializer)

@@ -418,7 +418,7 @@ def test_a_member_cannot_hold_more_than_its_share(fed: Federation) -> None:
             held.append((call, gate))
         extra = refusal(lambda: list(deliver(iter([b""]), timeout=TIMEOUT)))
         assert extra.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, extra.details()
-        assert f"already have {PEER_STREAMS} streams open" in extra.details()
+        assert f"already has {PEER_STREAMS} streams open" in extra.details()
         # The police's own health checks and another member's messages are not affected.
         health = health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(), timeout=TIMEOUT
@@ -647,3 +647,62 @@ def test_health_list_answers_every_service(fed: Federation) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     assert answer.statuses[""].status == serving
     assert answer.statuses["liandong.v1.Exchange"].status == serving
+
+
+def test_a_batch_of_millions_of_requests_is_refused_before_they_are_read(
+    fed: Federation,
+) -> None:
+    """Four million empty requests fit in one 8 MB message: refused by count, at once, with
+    one answer (seq 0) and one entry, and the stream goes on."""
+    key = signing_key(fed.setups[POLICE])
+    good = exchange_pb2.DeliveryBatch(
+        requests=[
+            exchange_pb2.DeliveryRequest(
+                seq=7, envelope=sign(clue_message(POLICE, [PROCURATORATE]), key)
+            )
+        ]
+    ).SerializeToString()
+    logged = len(audit_events(fed.target))
+    path = "/liandong.v1.Exchange/Deliver"
+    with channel(fed) as ch:
+        deliver = ch.stream_stream(path, request_serializer=_raw, response_deserializer=_raw)
+        answers = [
+            exchange_pb2.DeliveryResults.FromString(a)
+            for a in deliver(iter([b"\x0a\x00" * 4_000_000, good]), timeout=TIMEOUT)
+        ]
+    results = sorted((r.seq, r.code) for a in answers for r in a.results)
+    assert results == [(0, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), (7, 0)]
+    [refused] = [r for a in answers for r in a.results if r.seq == 0]
+    assert "a batch of 4000000 messages is over the limit of 256" in refused.message
+    entries = entries_after(fed, logged)
+    assert sorted(e["event"] for e in entries) == ["received", "rejected"]
+    assert_healthy_and_open(fed)
+
+
+def test_a_flood_of_refusals_is_counted_not_written_one_by_one(fed: Federation) -> None:
+    """A stranger's certificate refused 400 times in a row: every refusal is accounted for in
+    the audit log, most of them in one counted entry, not 400 entries."""
+    from node.audit.refusals import COUNTED
+
+    credentials = stranger_credentials(fed.target, "urn:liandong:agency:140400/water")
+    envelope = sign(clue_message(POLICE, [PROCURATORATE]), signing_key(fed.setups[POLICE]))
+    logged = len(audit_events(fed.target))
+    with channel(fed, credentials) as ch:
+        stub = exchange_pb2_grpc.ExchangeStub(ch)
+        for _ in range(400):
+            with pytest.raises(grpc.RpcError):
+                stub.TransferClue(envelope, timeout=TIMEOUT)
+
+    def accounted() -> tuple[int, int]:
+        mine = [
+            e
+            for e in audit_events(fed.target)[logged:]
+            if e["event"] == "rejected" and e["peer"] == "140400/water"
+        ]
+        counted = [int(m.group(1)) for e in mine if (m := COUNTED.match(e["detail"]))]
+        return len(mine) - len(counted), sum(counted)
+
+    wait_for(lambda: sum(accounted()) == 400, seconds=30, what="every refusal accounted for")
+    singles, counted = accounted()
+    assert counted > 0 and singles < 400
+    assert_healthy_and_open(fed)

@@ -203,7 +203,7 @@ def test_only_the_parties_of_a_case_move_it(make_federation: Any, tmp_path: Path
     wait_for(lambda: len(mismatches(procuratorate)) == 1, what="the procuratorate recording one")
     assert [e["message_id"] for e in mismatches(police)] == attacks[:3]
     assert [e["peer"] for e in mismatches(police)] == [WATER, WATER, PROCURATORATE]
-    assert all("is not a party of it" in e["detail"] for e in mismatches(police))
+    assert all("is no party of the case it names" in e["detail"] for e in mismatches(police))
     assert mismatches(procuratorate)[0]["message_id"] == attacks[3]
     assert state(police, version, ECOLOGY) == "received"
     assert state(procuratorate, first, ECOLOGY) == "received"

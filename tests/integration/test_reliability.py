@@ -237,5 +237,8 @@ def test_a_second_upload_of_the_same_digest_waits_its_turn(
     release.set()
     first.join(60)
     assert result[0].complete
+    # Verified, and kept as the sender's until a message citing it arrives.
+    assert partial_upload.with_name(digest.hex() + ".verified").read_bytes() == data
+    stub.TransferClue(envelope, timeout=30)
     stored = receiver.setup.directory / "blobs" / digest.hex()
     assert stored.read_bytes() == data

@@ -83,9 +83,10 @@ def test_an_oversized_delivery_batch_is_refused_whole_and_audited(
 
     [answer] = exchange_stub(police.setup, procuratorate.setup).Deliver(iter([batch]), timeout=60)
 
-    assert len(answer.results) == 257
-    assert {r.code for r in answer.results} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
-    assert "over the limit of 256" in answer.results[0].message
+    # Refused before any request is read: one result, seq 0 (no sender's seq).
+    [result] = answer.results
+    assert (result.seq, result.code) == (0, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    assert "a batch of 257 messages is over the limit of 256" in result.message
     rejected = [e for e in audit_events(procuratorate.setup) if e["event"] == "rejected"]
     assert len(rejected) == 1
     assert "over the limit of 256" in rejected[0]["detail"]

@@ -145,9 +145,13 @@ def test_the_police_case_moves_only_by_the_ecology_bureau_and_the_police(
     assert police.state(case) == "received"
     details = [entry["detail"] for entry in police.mismatches()]
     assert len(details) == 3
-    assert all("is not a party of it" in d and "nothing moved" in d for d in details)
-    assert f"{WATER} is not a party" in details[0]
-    assert "only 140400/ecology moves it" in details[2]
+    # Each says what its sender already knows, nothing of the case (the sender can read the
+    # entry: it is its peer).
+    assert (
+        details[0] == f"reply to {first}: {WATER} is no party of the case it names; nothing moved"
+    )
+    assert details[2].startswith(f"reply to {first}: {PROCURATORATE} is no party")
+    assert not any(ECOLOGY in d or "crime_transfer" in d for d in details)
     # The bureau, the case's peer, moves it (the police node follows the opener's event).
     police.receive(feedback(ECOLOGY, [POLICE], case, "reconsideration_requested"))
     assert police.state(case) == "reconsideration_requested"
@@ -165,7 +169,7 @@ def test_the_procuratorate_copy_follows_the_police_and_no_one_else(
     procuratorate.receive(feedback(WATER, [PROCURATORATE, ECOLOGY], first, "not_filed"))
     assert procuratorate.state(copy.message_id) == "received"
     [entry] = procuratorate.mismatches()
-    assert entry["peer"] == WATER and "not a recipient of the opening message" in entry["detail"]
+    assert entry["peer"] == WATER and "is no party of the case it names" in entry["detail"]
     # The police, who got the first version, are followed.
     procuratorate.receive(feedback(POLICE, [ECOLOGY, PROCURATORATE], first, "filed"))
     assert procuratorate.state(copy.message_id) == "filed"
@@ -181,7 +185,7 @@ def test_a_version_without_all_recipients_follows_nobody_by_version_of(
     procuratorate.receive(feedback(POLICE, [ECOLOGY, PROCURATORATE], first, "filed"))
     assert procuratorate.state(older.message_id) == "received"
     [entry] = procuratorate.mismatches()
-    assert "does not list all recipients (all_recipients)" in entry["detail"]
+    assert "is no party of the case it names; nothing moved" in entry["detail"]
 
 
 def test_one_version_to_both_the_copy_follows_the_police_not_a_stranger(
@@ -218,7 +222,7 @@ def test_a_case_this_node_opened_is_answered_by_its_addressee_only(
     ecology.receive(feedback(WATER, [ECOLOGY], case, "filed"))
     assert ecology.state(case, POLICE) == "received"
     [entry] = ecology.mismatches()
-    assert "this node opened it with 140400/police, who alone answers it" in entry["detail"]
+    assert f"{WATER} is no party of the case it names" in entry["detail"]
     ecology.receive(feedback(POLICE, [ECOLOGY], case, "filed"))
     assert ecology.state(case, POLICE) == "filed"
 

@@ -89,5 +89,5 @@ def test_the_peer_port_limits_are_read_and_checked(tmp_path: Path) -> None:
     assert limits.peer_calls == Limits().peer_calls
     with pytest.raises(ConfigError, match=r"'limits\.peer_calls' must be at least 1"):
         load_config(write(tmp_path, base + "peer_calls = 0\n"))
-    with pytest.raises(ConfigError, match=r"'limits\.max_partial_upload_bytes' must be at least"):
-        load_config(write(tmp_path, base + "max_partial_upload_bytes = 1000\n"))
+    with pytest.raises(ConfigError, match=r"'limits\.max_pending_upload_bytes' must be at least"):
+        load_config(write(tmp_path, base + "max_pending_upload_bytes = 1000\n"))
