@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Callable
+from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -111,15 +113,16 @@ def attachment_message(
     return message, digest
 
 
-def anonymous_credentials(setup: NodeSetup) -> grpc.ChannelCredentials:
+def anonymous_credentials(setup: NodeSetup, uri: str | None = None) -> grpc.ChannelCredentials:
     """TLS client credentials issued by the federation CA (so TLS accepts them) for a
-    certificate that names no agency: a caller that is no member."""
+    certificate of no member: with no subjectAltName, or with the URI SAN `uri` (say, a
+    malformed one, or one naming an agency that is not in the registry)."""
     operator = setup.directory.parent / "operator"
     ca_key = serialization.load_pem_private_key((operator / "ca.key").read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate((operator / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anonymous")]))
         .issuer_name(ca_cert.subject)
@@ -127,8 +130,12 @@ def anonymous_credentials(setup: NodeSetup) -> grpc.ChannelCredentials:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
+    if uri is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     return grpc.ssl_channel_credentials(
         root_certificates=(operator / "ca.crt").read_bytes(),
         private_key=key.private_bytes(
@@ -138,3 +145,23 @@ def anonymous_credentials(setup: NodeSetup) -> grpc.ChannelCredentials:
         ),
         certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
     )
+
+
+def serve_as(setup: NodeSetup, add_servicer: Callable[[grpc.Server], None]) -> grpc.Server:
+    """A fake peer on `setup`'s endpoint with its certificate and key: real mutual TLS.
+    `add_servicer` registers the fake's servicers (e.g. a lying Exchange or Audit)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    add_servicer(server)
+    credentials = grpc.ssl_server_credentials(
+        [
+            (
+                (setup.directory / "keys" / "tls.key").read_bytes(),
+                (setup.directory / "tls.crt").read_bytes(),
+            )
+        ],
+        root_certificates=(setup.directory / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    server.add_secure_port(setup.endpoint, credentials)
+    server.start()
+    return server

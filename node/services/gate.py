@@ -163,7 +163,8 @@ class _Requests:
             else self._limits.first_message_seconds
         )
         try:
-            request = await asyncio.wait_for(anext(self._source), limit)
+            async with asyncio.timeout(limit):  # no task per request, unlike wait_for
+                request = await anext(self._source)
         except TimeoutError:
             if not self._started:
                 raise ExchangeError(

@@ -15,9 +15,9 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from node.federation_setup import NodeSetup
 from tests.conftest import ECOLOGY, PROCURATORATE, NodeProcess, wait_for
 from tests.integration.test_audit_log import rewrite_bundle, verify
 from tests.integration.test_exchange import cli
-from tests.peer import audit_events, database_rows, signing_key
+from tests.peer import audit_events, database_rows, serve_as, signing_key
 from tests.unit.test_receipts import make_proof, make_receipt, received_entry
 
 MakeFederation = Callable[..., dict[str, NodeProcess]]
@@ -156,22 +156,7 @@ class FakeReceiver(exchange_pb2_grpc.ExchangeServicer):
 
 def serve(fake: FakeReceiver) -> grpc.Server:
     """The fake on the procuratorate's endpoint, with its certificate: real mutual TLS."""
-    setup = fake.setup
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    exchange_pb2_grpc.add_ExchangeServicer_to_server(fake, server)
-    credentials = grpc.ssl_server_credentials(
-        [
-            (
-                (setup.directory / "keys" / "tls.key").read_bytes(),
-                (setup.directory / "tls.crt").read_bytes(),
-            )
-        ],
-        root_certificates=(setup.directory / "ca.crt").read_bytes(),
-        require_client_auth=True,
-    )
-    server.add_secure_port(setup.endpoint, credentials)
-    server.start()
-    return server
+    return serve_as(fake.setup, partial(exchange_pb2_grpc.add_ExchangeServicer_to_server, fake))
 
 
 @pytest.fixture

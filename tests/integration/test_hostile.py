@@ -18,15 +18,10 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -42,6 +37,7 @@ from node.exchange.errors import MAX_REASON
 from node.federation_setup import NodeSetup, create_federation
 from tests.conftest import ECOLOGY, POLICE, PROCURATORATE, NodeProcess, wait_for
 from tests.peer import (
+    anonymous_credentials,
     attachment_message,
     audit_events,
     clue_message,
@@ -103,40 +99,7 @@ def member_credentials(setup: NodeSetup) -> grpc.ChannelCredentials:
 
 def stranger_credentials(target: NodeSetup, uri: str | None) -> grpc.ChannelCredentials:
     """A certificate the federation CA issued (so TLS accepts it) with the given URI SAN."""
-    operator = target.directory.parent / "operator"
-    ca_key = serialization.load_pem_private_key((operator / "ca.key").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate((operator / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-    )
-    if uri is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
-        )
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    return grpc.ssl_channel_credentials(
-        root_certificates=(operator / "ca.crt").read_bytes(),
-        private_key=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
-    )
+    return anonymous_credentials(target, uri)
 
 
 def channel(fed: Federation, caller: str | grpc.ChannelCredentials = POLICE) -> grpc.Channel:

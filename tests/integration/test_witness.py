@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from concurrent import futures
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -28,7 +28,7 @@ from tests.integration.test_audit_log import (
     verify,
 )
 from tests.integration.test_exchange import cli
-from tests.peer import audit_events, database_rows, signing_key
+from tests.peer import audit_events, database_rows, serve_as, signing_key
 
 MakeFederation = Callable[..., dict[str, NodeProcess]]
 
@@ -126,24 +126,6 @@ class SplitViewPeer(audit_pb2_grpc.AuditServicer):
         return audit_pb2.ConsistencyProof(hashes=[bytes(32)] * 3)  # proves nothing
 
 
-def serve_as(setup: NodeSetup, servicer: audit_pb2_grpc.AuditServicer) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    audit_pb2_grpc.add_AuditServicer_to_server(servicer, server)
-    credentials = grpc.ssl_server_credentials(
-        [
-            (
-                (setup.directory / "keys" / "tls.key").read_bytes(),
-                (setup.directory / "tls.crt").read_bytes(),
-            )
-        ],
-        root_certificates=(setup.directory / "ca.crt").read_bytes(),
-        require_client_auth=True,
-    )
-    server.add_secure_port(setup.endpoint, credentials)
-    server.start()
-    return server
-
-
 def witness_health(setup: NodeSetup) -> int:
     with grpc.insecure_channel(f"unix:{setup.admin_socket}") as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(
@@ -177,7 +159,9 @@ def test_a_split_view_raises_the_alarm(
     forked = sign_note(
         Checkpoint(origin, size + grown, bytes(32)).body(), origin, signing_key(police)
     )
-    fake = serve_as(police, SplitViewPeer(forked))
+    fake = serve_as(
+        police, partial(audit_pb2_grpc.add_AuditServicer_to_server, SplitViewPeer(forked))
+    )
     try:
         wait_for(
             lambda: any(e["event"] == "split_view" for e in audit_events(ecology.setup)),
