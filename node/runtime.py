@@ -29,6 +29,7 @@ from node.audit.check import LogMismatch, check_log
 from node.audit.checkpoint import log_origin
 from node.audit.export import LogIdentity
 from node.audit.log import AuditEvent
+from node.audit.refusals import FLUSH_SECONDS
 from node.audit.service import AuditLog
 from node.audit.tree import TreeSequencer
 from node.audit.witness import Witness, split_views
@@ -71,7 +72,6 @@ log = structlog.get_logger(__name__)
 REGISTRY_SERIAL_KEY = "registry_serial"
 HEALTH_INTERVAL_SECONDS = 5.0
 PENDING_SWEEP_SECONDS = 3600.0
-REFUSAL_FLUSH_SECONDS = 5.0
 # Health service that says whether every peer has shown this node one consistent history.
 WITNESS_HEALTH = "liandong.v1.Witness"
 
@@ -625,7 +625,7 @@ class Node:
         """Refusals past a caller's audit budget are counted; each kind's count is written
         as one entry every few seconds (node.audit.refusals)."""
         while True:
-            await asyncio.sleep(REFUSAL_FLUSH_SECONDS)
+            await asyncio.sleep(FLUSH_SECONDS)
             await self._flush_refusal_counts()
 
     async def _flush_refusal_counts(self) -> None:

@@ -82,7 +82,7 @@ from hypothesis.strategies import SearchStrategy
 from node._pb.liandong.v1 import audit_pb2, envelope_pb2, exchange_pb2, exchange_pb2_grpc
 from node.audit.checkpoint import log_origin
 from node.audit.note import split_note
-from node.audit.refusals import COUNTED
+from node.audit.refusals import COUNTED, FLUSH_SECONDS
 from node.envelope import (
     MESSAGE_PAYLOAD_TYPE,
     RECEIPT_PAYLOAD_TYPE,
@@ -2228,6 +2228,12 @@ def _count_entries(setup: NodeSetup) -> int:
     return int(database_rows(setup, "SELECT count(*) FROM audit_entries")[0][0])
 
 
+def _count_refusal_entries(setup: NodeSetup) -> int:
+    """Refusal entries so far (the bystander's probes go on adding others meanwhile)."""
+    query = "SELECT count(*) FROM audit_entries WHERE event IN ('rejected', 'audit_query')"
+    return int(database_rows(setup, query)[0][0])
+
+
 def _refusals_in(entry: dict[str, Any]) -> int:
     """How many refusals an entry stands for: one, or a summary's count (past a caller's
     audit budget the node counts refusals of a kind: node.audit.refusals)."""
@@ -2246,14 +2252,14 @@ def _refusal_entries(setup: NodeSetup, start: int) -> list[dict[str, Any]]:
 
 def _settle(setup: NodeSetup, seconds: float = 60.0) -> None:
     """Wait until the audit log stops growing (the last refusals are written after the
-    answers went out)."""
+    answers went out, and those past a caller's budget only at the node's next flush)."""
     deadline = time.monotonic() + seconds
     last, stable_since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        now = _count_entries(setup)
+        now = _count_refusal_entries(setup)
         if now != last:
             last, stable_since = now, time.monotonic()
-        elif time.monotonic() - stable_since >= 1.5:
+        elif time.monotonic() - stable_since >= FLUSH_SECONDS + 1.5:
             return
         time.sleep(0.25)
 

@@ -23,6 +23,7 @@ from node.exchange.errors import cut
 
 BURST = 100
 PER_SECOND = 10.0
+FLUSH_SECONDS = 5.0  # how often the node writes what was counted (node.runtime)
 # The detail of a summary entry; auditors (and tests) read N from it.
 COUNTED = re.compile(r"^counted: (\d+) refusals ")
 
